@@ -1,0 +1,59 @@
+"""Multi-memory attention: each token reads, per bank, the slots of the S blocks before its own.
+
+Token t in block j attends over the slots of blocks j-S .. j-1 (never its own unfinished
+block: the recurrence covers that) plus an always-present null slot whose value is zero, so a
+token with no visible slot reads zeros instead of NaN. A learnable per-bank bias on slot age,
+-slope_k * (age - 1), lets banks specialise in different time scales. Cost per token:
+O(S * m) per bank, independent of the sequence length.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from mm_rec.config import MMRecConfig
+from mm_rec.core.hds import Hierarchy
+
+
+class MultiMemoryAttention(nn.Module):
+    """Block-causal reads of the HDS slot timeline (levels 1 and 3)."""
+
+    def __init__(self, config: MMRecConfig):
+        super().__init__()
+        K = config.num_memories
+        self.memory_size = config.memory_size_M
+        self.scale = 1.0 / math.sqrt(config.mem_dim)
+        # ALiBi-like geometric spread of slopes: bank 0 favours recent blocks, bank K-1 is flat-ish.
+        self.log_age_slope = nn.Parameter(torch.empty(K))
+        self.null_logit = nn.Parameter(torch.zeros(K))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        K = self.log_age_slope.numel()
+        with torch.no_grad():
+            self.log_age_slope.copy_(-(torch.arange(K, dtype=torch.float32) + 1) * (8.0 / K) * math.log(2))
+            self.null_logit.zero_()
+
+    def forward(self, hierarchy: Hierarchy) -> torch.Tensor:
+        """Returns the slot read [B, T, K, m] for every token and bank."""
+        q = hierarchy.queries.transpose(1, 2)  # [B, K, T, m]
+        keys = hierarchy.slot_keys.to(q.dtype)
+        values = hierarchy.slot_values.to(q.dtype)
+        acc = torch.promote_types(q.dtype, torch.float32)  # softmax in fp32 (float64 stays)
+        scores = torch.matmul(q, keys.transpose(-1, -2)).to(acc) * self.scale  # [B, K, T, N]
+
+        age = hierarchy.token_block[:, None, :, None] - hierarchy.slot_block[:, None, None, :]  # [B, 1, T, N]
+        visible = (age >= 1) & (age <= self.memory_size) & hierarchy.slot_valid[:, None, None, :]
+        slope = self.log_age_slope.to(acc).exp().view(1, -1, 1, 1)
+        scores = (scores - slope * (age - 1)).masked_fill(~visible, float("-inf"))
+
+        null = self.null_logit.to(acc).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores, null], dim=-1), dim=-1)[..., :-1]  # null value is 0
+        read = torch.matmul(probs.to(values.dtype), values)  # [B, K, T, m]
+        return read.transpose(1, 2)
+
+
+HDSAttention = MultiMemoryAttention

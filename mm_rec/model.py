@@ -1,0 +1,250 @@
+"""MMRecModel: token embeddings, a stack of MM-Rec blocks, final RMSNorm and the LM head.
+
+    out = model(input_ids, state=None, labels=None)
+    out.logits [B, T, V]; out.loss (mean cross entropy over labels != -100); out.state
+
+`labels[b, t]` is the target for position t, i.e. the token that follows input_ids[b, t]
+(already shifted), so a stream cut into segments loses no prediction at the cuts. The state
+carries everything needed to continue the stream: forward over a whole sequence equals forward
+over consecutive segments with the state passed along (DESIGN.md I4), and generation feeds one
+token at a time through the same state (I5).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mm_rec.blocks.layers import RMSNorm
+from mm_rec.blocks.mm_rec_block import MMRecBlock
+from mm_rec.config import MMRecConfig
+from mm_rec.core.memory_state import MemoryState
+
+IGNORE_INDEX = -100
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class MMRecOutput:
+    logits: torch.Tensor | None
+    loss: torch.Tensor | None
+    state: MemoryState
+
+
+class MMRecModel(nn.Module):
+    def __init__(self, config: MMRecConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_dim)
+        self.blocks = nn.ModuleList(MMRecBlock(config) for _ in range(config.num_layers))
+        self.final_norm = RMSNorm(config.hidden_dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.hidden_dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.gradient_checkpointing = False  # per-segment recomputation for long inputs
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+    def reset_parameters(self) -> None:
+        """Initialisation (why each choice):
+
+        * embeddings and projections: N(0, init_std), GPT-2 style;
+        * the two projections that write into the residual stream (mixer out_proj, FFN down):
+          N(0, init_std / sqrt(2 * num_layers)), so the residual variance stays O(1) with depth;
+        * W_g: N(0, 1/d^2): gate pre-activations start O(0.1-1) even though h accumulates
+          ~1/(1-gamma) inputs, and the Jacobian dh_t/dh_{t-1} stays close to diag(gamma);
+        * decay bias beta = logit(decay_init), gate bias b_g = 0 (gates start at 1/2);
+        * the age-bias slopes spread geometrically over banks (2^(-8k/K)) and the level-2
+          time constants over C * 2^k tokens, so banks start on different time scales;
+        * null-slot logits and level weights start at zero (no preference).
+        """
+        cfg = self.config
+        std = cfg.init_std
+        residual_std = std / math.sqrt(2 * cfg.num_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_residual_write = name.endswith("mixer.out_proj") or name.endswith("ffn.down")
+                nn.init.normal_(module.weight, 0.0, residual_std if is_residual_write else std)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        for block in self.blocks:
+            mixer = block.mixer
+            nn.init.normal_(mixer.W_g, 0.0, 1.0 / cfg.head_dim)
+            nn.init.zeros_(mixer.b_g)
+            mixer.decay.reset_parameters()
+            mixer.hds.reset_parameters()
+            mixer.attention.reset_parameters()
+            nn.init.zeros_(mixer.integration.level_logits)
+
+    # ------------------------------------------------------------------ state
+    def init_state(self, batch_size: int, device=None) -> MemoryState:
+        """A fresh (all-zero) state for `batch_size` streams, fp32 (float64 for a float64 model)."""
+        param = self.embed.weight
+        dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+        return MemoryState.zeros(self.config, batch_size, device=device or param.device, dtype=dtype)
+
+    def set_recurrence_backend(self, backend: str) -> None:
+        """Force "torch", "triton" or "sequential" for every block's core recurrence."""
+        for block in self.blocks:
+            block.mixer.recurrence_backend = backend
+
+    # ------------------------------------------------------------------ forward
+    def _check_inputs(self, input_ids: torch.Tensor, labels: torch.Tensor | None, state: MemoryState | None) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be a [B, T] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
+        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids is empty (T = 0)")
+        V = self.config.vocab_size
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= V:
+            raise ValueError(f"token ids must lie in [0, {V}) (vocab_size), got values in [{lo}, {hi}]")
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
+            bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= V))
+            if bool(bad.any()):
+                raise ValueError(f"labels must lie in [0, {V}) or be {IGNORE_INDEX}")
+        if state is not None:
+            if state.batch_size != input_ids.shape[0] or state.num_layers != self.config.num_layers:
+                raise ValueError(f"state is for batch {state.batch_size} x {state.num_layers} layers, "
+                                 f"input is batch {input_ids.shape[0]} for a {self.config.num_layers}-layer model")
+
+    def _forward_segment(self, input_ids: torch.Tensor, state: MemoryState) -> tuple[torch.Tensor, MemoryState]:
+        """input_ids [B, T] -> final hidden states [B, T, D] and the state after the segment."""
+        x = self.embed(input_ids)
+        banks = []
+        for block, bank in zip(self.blocks, state.banks):
+            x, new_bank = block(x, bank, state.position)
+            banks.append(new_bank)
+        return self.final_norm(x), MemoryState(banks, state.position + input_ids.shape[1])
+
+    def forward(self, input_ids: torch.Tensor, state: MemoryState | None = None,
+                labels: torch.Tensor | None = None, return_logits: bool = True) -> MMRecOutput:
+        """Run the model over input_ids [B, T] from `state` (a fresh stream when None).
+
+        Inputs longer than `config.max_chunk_len` run as consecutive segments with the state
+        carried; with gradients enabled each segment is recomputed in backward
+        (activation checkpointing), so activation memory does not grow with T.
+        """
+        self._check_inputs(input_ids, labels, state)
+        if state is None:
+            state = self.init_state(input_ids.shape[0], device=input_ids.device)
+        input_ids = input_ids.long()
+        T = input_ids.shape[1]
+        seg_len = self.config.max_chunk_len
+        recompute = torch.is_grad_enabled() and (self.gradient_checkpointing or T > seg_len)
+        logits_parts, loss_sum, count = [], None, 0
+        for start in range(0, T, seg_len):
+            ids = input_ids[:, start:start + seg_len]
+            if recompute:
+                hidden, state = checkpoint(self._forward_segment, ids, state, use_reentrant=False)
+            else:
+                hidden, state = self._forward_segment(ids, state)
+            logits = self.lm_head(hidden)
+            if labels is not None:
+                seg_labels = labels[:, start:start + seg_len]
+                seg_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), seg_labels.reshape(-1),
+                                           ignore_index=IGNORE_INDEX, reduction="sum")
+                loss_sum = seg_loss if loss_sum is None else loss_sum + seg_loss
+                count += int((seg_labels != IGNORE_INDEX).sum())
+            if return_logits:
+                logits_parts.append(logits)
+        loss = loss_sum / max(count, 1) if labels is not None else None
+        logits = (logits_parts[0] if len(logits_parts) == 1 else torch.cat(logits_parts, 1)) if return_logits else None
+        return MMRecOutput(logits=logits, loss=loss, state=state)
+
+    # ------------------------------------------------------------------ generation
+    @torch.inference_mode()
+    def generate_stream(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                        top_k: int | None = None, top_p: float | None = None, state: MemoryState | None = None,
+                        generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+        """Yield the next token [B] for each of `max_new_tokens` steps.
+
+        The prompt runs in one forward; then every new token is fed alone through the carried
+        state, so memory per generated token is constant. temperature == 0 means greedy.
+        """
+        if max_new_tokens < 0:
+            raise ValueError("max_new_tokens must be >= 0")
+        if temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if top_k is not None and top_k < 1:
+            raise ValueError("top_k must be >= 1")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError("top_p must lie in (0, 1]")
+        out = self(input_ids, state=state)
+        logits, state = out.logits[:, -1], out.state
+        for _ in range(max_new_tokens):
+            token = sample_next_token(logits, temperature, top_k, top_p, generator)
+            yield token
+            out = self(token[:, None], state=state)
+            logits, state = out.logits[:, -1], out.state
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, state: MemoryState | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Return [B, T + max_new_tokens]: the prompt followed by the generated tokens."""
+        new = list(self.generate_stream(input_ids, max_new_tokens, temperature, top_k, top_p, state, generator))
+        return torch.cat([input_ids.long()] + [t[:, None] for t in new], dim=1)
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write config.json and model.safetensors into `directory`."""
+        from safetensors.torch import save_model
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.save(directory / CONFIG_NAME)
+        save_model(self, str(directory / WEIGHTS_NAME))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device=None) -> MMRecModel:
+        from safetensors.torch import load_model
+
+        directory = Path(directory)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory / name} not found (expected a save_pretrained directory)")
+        try:
+            config = MMRecConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{directory / CONFIG_NAME} is not valid JSON: {err}") from err
+        model = cls(config)
+        try:
+            load_model(model, str(directory / WEIGHTS_NAME), strict=True, device=str(device or "cpu"))
+        except Exception as err:
+            raise ValueError(f"could not load weights from {directory / WEIGHTS_NAME}: {err}") from err
+        return model.to(device) if device is not None else model
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                      top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]; greedy when temperature == 0 or top_k == 1."""
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
