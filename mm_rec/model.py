@@ -156,8 +156,9 @@ class MMRecModel(nn.Module):
             logits = self.lm_head(hidden)
             if labels is not None:
                 seg_labels = labels[:, start:start + seg_len]
-                seg_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), seg_labels.reshape(-1),
-                                           ignore_index=IGNORE_INDEX, reduction="sum")
+                flat = logits.reshape(-1, logits.shape[-1])
+                flat = flat.to(torch.promote_types(flat.dtype, torch.float32))  # loss in fp32 at least
+                seg_loss = F.cross_entropy(flat, seg_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
                 loss_sum = seg_loss if loss_sum is None else loss_sum + seg_loss
                 count += int((seg_labels != IGNORE_INDEX).sum())
             if return_logits:

@@ -1,0 +1,36 @@
+# MM-Rec developer commands. Every target sets up .venv first (CPU PyTorch).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+EXTRAS ?= dev,bpe,plot
+
+.PHONY: setup demo test test-gpu lint bench-cpu clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Train the tiny preset on the embedded corpus (Python's own standard library), then sample.
+demo: setup
+	$(VENV)/bin/mmrec train
+
+# The CPU test suite (Triton kernels run through TRITON_INTERPRET=1; GPU tests are skipped).
+test: setup
+	$(PY) -m pytest -q
+
+# On a CUDA machine: the GPU-marked tests only.
+test-gpu:
+	python3 -m pytest -q -m gpu tests
+
+lint: setup
+	$(VENV)/bin/ruff check mm_rec tests benchmarks
+
+bench-cpu: setup
+	$(PY) benchmarks/bench_cpu.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
