@@ -108,7 +108,7 @@ class MMRecModel(nn.Module):
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids is empty (T = 0)")
         V = self.config.vocab_size
-        lo, hi = int(input_ids.min()), int(input_ids.max())
+        lo, hi = (int(v) for v in torch.aminmax(input_ids))  # one device sync
         if lo < 0 or hi >= V:
             raise ValueError(f"token ids must lie in [0, {V}) (vocab_size), got values in [{lo}, {hi}]")
         if labels is not None:
@@ -160,10 +160,10 @@ class MMRecModel(nn.Module):
                 flat = flat.to(torch.promote_types(flat.dtype, torch.float32))  # loss in fp32 at least
                 seg_loss = F.cross_entropy(flat, seg_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
                 loss_sum = seg_loss if loss_sum is None else loss_sum + seg_loss
-                count += int((seg_labels != IGNORE_INDEX).sum())
+                count = count + (seg_labels != IGNORE_INDEX).sum()  # a tensor: no device sync
             if return_logits:
                 logits_parts.append(logits)
-        loss = loss_sum / max(count, 1) if labels is not None else None
+        loss = loss_sum / count.clamp_min(1) if labels is not None else None
         logits = (logits_parts[0] if len(logits_parts) == 1 else torch.cat(logits_parts, 1)) if return_logits else None
         return MMRecOutput(logits=logits, loss=loss, state=state)
 
