@@ -10,7 +10,7 @@ import functools
 import os
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     """True when Triton imports and can run here (a CUDA GPU, or TRITON_INTERPRET=1)."""
     try:
