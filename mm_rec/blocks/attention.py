@@ -37,11 +37,14 @@ class MultiMemoryAttention(nn.Module):
             self.log_age_slope.copy_(-(torch.arange(K, dtype=torch.float32) + 1) * (8.0 / K) * math.log(2))
             self.null_logit.zero_()
 
-    def forward(self, hierarchy: Hierarchy) -> torch.Tensor:
-        """Returns the slot read [B, T, K, m] for every token and bank."""
+    def slot_probabilities(self, hierarchy: Hierarchy) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of every token over the slot timeline.
+
+        Returns probs [B, K, T, N + 1] (the last column is the null slot) in fp32, and the slot
+        ages [B, 1, T, N] in blocks (token block minus slot block; only 1..S are visible).
+        """
         q = hierarchy.queries.transpose(1, 2)  # [B, K, T, m]
         keys = hierarchy.slot_keys.to(q.dtype)
-        values = hierarchy.slot_values.to(q.dtype)
         acc = torch.promote_types(q.dtype, torch.float32)  # softmax in fp32 (float64 stays)
         scores = torch.matmul(q, keys.transpose(-1, -2)).to(acc) * self.scale  # [B, K, T, N]
 
@@ -51,9 +54,14 @@ class MultiMemoryAttention(nn.Module):
         scores = (scores - slope * (age - 1)).masked_fill(~visible, float("-inf"))
 
         null = self.null_logit.to(acc).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
-        probs = torch.softmax(torch.cat([scores, null], dim=-1), dim=-1)[..., :-1]  # null value is 0
-        read = torch.matmul(probs.to(values.dtype), values)  # [B, K, T, m]
-        return read.transpose(1, 2)
+        return torch.softmax(torch.cat([scores, null], dim=-1), dim=-1), age
+
+    def forward(self, hierarchy: Hierarchy) -> torch.Tensor:
+        """Returns the slot read [B, T, K, m] for every token and bank."""
+        probs, _ = self.slot_probabilities(hierarchy)
+        values = hierarchy.slot_values.to(hierarchy.queries.dtype)
+        read = torch.matmul(probs[..., :-1].to(values.dtype), values)  # the null slot's value is 0
+        return read.transpose(1, 2)  # [B, T, K, m]
 
 
 HDSAttention = MultiMemoryAttention
