@@ -1,0 +1,117 @@
+"""A small training loop on synthetic task batches (MQAR, passkey): `mmrec eval --task ... --train`.
+
+AdamW (weight decay on matrices only), linear warmup then cosine decay to 10% of the peak rate,
+gradient clipping, bf16 autocast on CUDA. The loop knows nothing of the task: `next_batch()`
+returns (input_ids, labels) with labels already shifted, and `evaluate(model)` returns an
+accuracy, called every `eval_every` steps and after the last one; the result is that curve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TaskTrainConfig:
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    time_budget_s: float | None = None  # stop early (then evaluate) once training took this long
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_every"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
+                raise ValueError(f"TaskTrainConfig.{name}={getattr(self, name)!r}: must be a positive integer")
+        if not (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0):
+            raise ValueError(f"TaskTrainConfig.warmup_steps={self.warmup_steps!r}: must be a non-negative integer")
+        if not self.lr > 0:
+            raise ValueError(f"TaskTrainConfig.lr={self.lr!r}: must be > 0")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TaskTrainConfig:
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - valid)
+        if unknown:
+            raise ValueError(f"unknown train key(s) {unknown}; valid keys: {sorted(valid)}")
+        return cls(**values)
+
+
+@dataclass
+class CurvePoint:
+    step: int
+    loss: float  # mean training loss since the previous point
+    accuracy: float
+    seconds: float  # wall time since the start of training, evaluations included
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA, nothing elsewhere (CPU runs stay fp32 and bit-reproducible)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def cosine_schedule(step: int, steps: int, warmup_steps: int) -> float:
+    """Learning-rate multiplier: linear warmup to 1, then cosine decay to 0.1 at `steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_on_task(model: nn.Module, next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+                  evaluate: Callable[[nn.Module], float], config: TaskTrainConfig,
+                  log: Callable[[str], None] | None = print) -> list[CurvePoint]:
+    """Train `model` in place on its device; return the accuracy curve."""
+    device = next(model.parameters()).device
+    matrices = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    others = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    optimizer = torch.optim.AdamW([dict(params=matrices, weight_decay=config.weight_decay),
+                                   dict(params=others, weight_decay=0.0)], lr=config.lr, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: cosine_schedule(step, config.steps, config.warmup_steps))
+
+    def record(step: int, mean_loss: float) -> CurvePoint:
+        model.eval()
+        with autocast(device):
+            accuracy = evaluate(model)
+        model.train()
+        point = CurvePoint(step, mean_loss, accuracy, time.perf_counter() - start)
+        if log is not None:
+            log(f"step {point.step:6d}  loss {point.loss:.4f}  accuracy {point.accuracy:.4f}  {point.seconds:7.1f} s")
+        return point
+
+    curve: list[CurvePoint] = []
+    start = time.perf_counter()
+    loss_sum, loss_count = torch.zeros((), device=device), 0  # summed on the device: no sync per step
+    model.train()
+    for step in range(1, config.steps + 1):
+        input_ids, labels = next_batch()
+        with autocast(device):
+            loss = model(input_ids.to(device), labels=labels.to(device), return_logits=False).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        loss_sum, loss_count = loss_sum + loss.detach().float(), loss_count + 1
+        out_of_time = config.time_budget_s is not None and time.perf_counter() - start > config.time_budget_s
+        if step % config.eval_every == 0 or step == config.steps or out_of_time:
+            curve.append(record(step, (loss_sum / loss_count).item()))
+            loss_sum, loss_count = torch.zeros((), device=device), 0
+        if out_of_time:
+            if log is not None:
+                log(f"time budget of {config.time_budget_s} s reached after {step} of {config.steps} steps")
+            break
+    return curve

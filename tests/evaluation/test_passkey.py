@@ -1,0 +1,155 @@
+"""Passkey: the key sits where the generator says, depth is honoured, seeds decide everything, and
+the scorer gives 1.0 to an oracle, chance to a constant, and the same accuracy in both modes."""
+
+import argparse
+import json
+import random
+
+import pytest
+import torch
+
+from mm_rec import MMRecConfig, MMRecModel
+from mm_rec.evaluation import add_eval_task_arguments, run_eval_task
+from mm_rec.evaluation.passkey import (
+    FILLER_SENTENCES,
+    INTRO,
+    NEEDLE,
+    QUESTION,
+    make_passkey_batch,
+    min_length,
+    passkey_grid,
+    score_passkey,
+)
+
+NEEDLE_TAIL = NEEDLE[NEEDLE.index("{key}") + len("{key}"):]  # text between the key and the rest of the filler
+LONGEST_SENTENCE = max(len(s) for s in FILLER_SENTENCES) + 1
+
+
+def tiny_model() -> MMRecModel:
+    return MMRecModel(MMRecConfig(vocab_size=256, hidden_dim=32, num_layers=2, num_heads=2, ffn_dim=64,
+                                  num_memories=2, mem_dim=8, memory_size_M=8, chunk_size=16))
+
+
+def text(row: torch.Tensor) -> str:
+    return bytes(row.tolist()).decode("utf-8")
+
+
+@pytest.mark.parametrize("length,depth,digits", [(min_length(5), 0.5, 5), (300, 0.0, 5), (1000, 0.37, 3),
+                                                 (4096, 1.0, 7), (777, None, 5)])
+def test_key_is_where_the_generator_says(length, depth, digits):
+    batch = make_passkey_batch(length, 6, seed=2, depth=depth, num_digits=digits)
+    assert batch.input_ids.shape == batch.labels.shape == (6, length + digits)
+    assert batch.prompt_length == length
+    assert torch.equal(batch.answer_positions[0], torch.arange(length - 1, length + digits - 1))
+    for i, key in enumerate(batch.keys):
+        row = batch.input_ids[i]
+        prompt = text(row[:length])
+        assert len(key) == digits and key[0] != "0" and key.isdigit()
+        assert prompt.startswith(INTRO) and prompt.endswith(QUESTION)
+        assert [c for c in prompt if c.isdigit()] == list(key)  # the key is the only number, once
+        needle = batch.needle_positions[i].item()
+        assert text(row[needle:needle + digits]) == key
+        assert text(row[length:]) == key  # the answer follows the prompt
+    assert torch.equal(batch.answers, batch.input_ids[:, length:])
+    label_mask = batch.labels != -100
+    assert label_mask.sum() == 6 * digits
+    assert torch.equal(batch.labels[label_mask].view(6, digits), batch.input_ids[:, length:])
+
+
+def test_depth_places_the_needle():
+    length, digits = 3000, 5
+    head = len(INTRO) + len(" The pass key is ")
+    positions = []
+    for depth in (0.0, 0.25, 0.5, 0.75, 1.0):
+        batch = make_passkey_batch(length, 1, seed=9, depth=depth, num_digits=digits)
+        needle = batch.needle_positions[0].item()
+        filler = length - min_length(digits)
+        placed = (needle - head) / filler  # fraction of the filler before the needle
+        assert abs(placed - depth) <= LONGEST_SENTENCE / filler
+        positions.append(needle)
+    assert positions == sorted(positions) and len(set(positions)) == 5
+    assert positions[0] - head < LONGEST_SENTENCE  # depth 0: at most one sentence after the intro
+    question_start = length - len(QUESTION)
+    assert positions[-1] + digits + len(NEEDLE_TAIL) == question_start  # depth 1: right before the question
+
+
+def test_deterministic_by_seed():
+    a, b = make_passkey_batch(500, 4, seed=1), make_passkey_batch(500, 4, seed=1)
+    assert torch.equal(a.input_ids, b.input_ids) and a.keys == b.keys and a.depths == b.depths
+    assert not torch.equal(a.input_ids, make_passkey_batch(500, 4, seed=2).input_ids)
+    stream = random.Random(1)
+    first, second = make_passkey_batch(500, 4, stream), make_passkey_batch(500, 4, stream)
+    assert torch.equal(first.input_ids, a.input_ids) and not torch.equal(second.input_ids, a.input_ids)
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="too short"):
+        make_passkey_batch(min_length(5) - 1, 1, seed=0)
+    with pytest.raises(ValueError, match="depth"):
+        make_passkey_batch(500, 1, seed=0, depth=1.5)
+    with pytest.raises(ValueError, match="method"):
+        score_passkey(torch.zeros(1, 505, 256), make_passkey_batch(500, 1, seed=0), method="beam")
+
+
+def test_oracle_scores_one_and_constant_scores_chance():
+    batch = make_passkey_batch(min_length(5), 2000, seed=4)
+    oracle = torch.zeros(*batch.input_ids.shape, 256)
+    oracle.scatter_(2, batch.labels.clamp_min(0)[..., None], 1.0)
+    score = score_passkey(oracle, batch)
+    assert score.accuracy == 1.0 and score.digit_accuracy == 1.0 and score.num_samples == 2000
+
+    constant = torch.zeros(*batch.input_ids.shape, 256)
+    constant[..., ord("7")] = 1.0
+    score = score_passkey(constant, batch)
+    expected = (1 / 9 + 4 / 10) / 5  # the first digit is never 0
+    assert abs(score.digit_accuracy - expected) < 0.015
+    assert score.accuracy <= 0.002
+
+
+def test_greedy_and_teacher_forced_agree():
+    """Replace each key by the model's own greedy continuation: both modes then score 1.0; change
+    one digit after the first and both score that row as wrong."""
+    torch.manual_seed(0)
+    model = tiny_model().double()
+    batch = make_passkey_batch(180, 4, seed=3, num_digits=4)
+    L = batch.prompt_length
+    continuation = model.generate(batch.input_ids[:, :L], 4, temperature=0.0)[:, L:]
+    batch.input_ids[:, L:] = continuation
+    batch.labels.scatter_(1, batch.answer_positions, continuation)
+    for method in ("teacher_forced", "greedy"):
+        assert score_passkey(model, batch, method, batch_size=3).accuracy == 1.0
+    batch.input_ids[0, L + 2] = (batch.input_ids[0, L + 2] + 1) % 256
+    batch.labels[0, L + 1] = batch.input_ids[0, L + 2]
+    for method in ("teacher_forced", "greedy"):
+        assert score_passkey(model, batch, method, batch_size=3).accuracy == 0.75
+
+
+def test_grid_cells_are_independent_and_deterministic():
+    model = tiny_model()
+    small = passkey_grid(model, [180], [0.0, 1.0], num_samples=2, seed=5)
+    both = passkey_grid(model, [180, 240], [0.0, 1.0], num_samples=2, seed=5)
+    assert [(r["length"], r["depth"]) for r in both] == [(180, 0.0), (180, 1.0), (240, 0.0), (240, 1.0)]
+    assert both[:2] == small
+    assert all(0.0 <= r["accuracy"] <= r["digit_accuracy"] <= 1.0 and r["num_samples"] == 2 for r in both)
+
+
+def test_cli_evaluates_a_checkpoint_and_trains(tmp_path, capsys):
+    torch.manual_seed(0)
+    tiny_model().save_pretrained(tmp_path / "model")
+    parser = argparse.ArgumentParser()
+    add_eval_task_arguments(parser)
+    args = parser.parse_args(["--task", "passkey", "--checkpoint", str(tmp_path / "model"), "--lengths", "180,200",
+                              "--depths", "0,1", "--samples", "2", "--out", str(tmp_path / "eval")])
+    assert run_eval_task(args) == 0
+    report = json.loads((tmp_path / "eval" / "passkey_results.json").read_text())
+    assert [(r["length"], r["depth"]) for r in report["results"]] == [(180, 0.0), (180, 1.0), (200, 0.0), (200, 1.0)]
+    assert report["curve"] is None and report["decode"] == "teacher_forced"
+
+    args = parser.parse_args(["--task", "passkey", "--checkpoint", str(tmp_path / "model"), "--train", "--steps", "2",
+                              "--train-length", "180", "--lengths", "180", "--depths", "0.5", "--samples", "2",
+                              "--decode", "greedy", "--out", str(tmp_path / "trained")])
+    assert run_eval_task(args) == 0
+    report = json.loads((tmp_path / "trained" / "passkey_results.json").read_text())
+    assert [p["step"] for p in report["curve"]] == [2] and report["train_length"] == 180
+    assert (tmp_path / "trained" / "model.safetensors").is_file()
+    assert "length" in capsys.readouterr().out
