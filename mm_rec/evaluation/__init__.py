@@ -77,9 +77,9 @@ def build_model(recipe: str | Path) -> nn.Module:
     if model_type == "mmrec":
         return MMRecModel(MMRecConfig.from_file(recipe))
     if model_type == "transformer":
-        from mm_rec.baselines.transformer import TransformerConfig, TransformerModel
+        from mm_rec.baselines.transformer import TransformerModel
 
-        return TransformerModel(TransformerConfig.from_file(recipe))
+        return TransformerModel(MMRecConfig.from_file(recipe))  # same sizes, attention instead of memory
     raise ValueError(f"{recipe}: unknown model_type {model_type!r}; use 'mmrec' or 'transformer'")
 
 
