@@ -1,0 +1,200 @@
+"""One MM-Rec layer against one Llama-style Transformer layer, forward and forward+backward.
+
+DESIGN.md section 6: at D = 4096 an MM-Rec layer must be no slower than a Transformer layer with
+FlashAttention at T = 2K (B = 4) and at least 2x faster at T = 32K (B = 1). Both layers are
+built from the same preset (hidden_dim, num_heads, ffn_dim; MM-Rec adds its memory), with bf16
+parameters and activations (as under FSDP's bf16 mixed precision), the MM-Rec recurrent state
+in fp32 and its recurrence on the fused Triton kernel; the Transformer attends through
+F.scaled_dot_product_attention(is_causal=True). Measured in the same run, on the same input:
+
+  * forward (with autograd recording, as in training) and forward+backward, median ms;
+  * FLOPs of forward+backward (FlopCounterMode; attention counts the whole T x T matrix) and
+    the rate they were executed at;
+  * peak memory of one forward+backward above the layer's parameters and input.
+
+    python benchmarks/bench_layer.py [--preset 7b] [--shapes 4x2048,1x8192,1x32768]
+                                     [--iters 10] [--warmup 3] [--compile] [--sdpa auto]
+                                     [--json results.json]
+
+Prints a Markdown table (and the MM-Rec / Transformer time ratio per shape) at the end. A shape
+that does not fit in memory is reported as OOM and the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import sys
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from mm_rec import MMRecConfig, MMRecModel
+from mm_rec.baselines.transformer import TransformerModel, rope_tables
+from mm_rec.core.memory_state import MemoryState
+from mm_rec.distributed import init_model_on_device
+from mm_rec.utils.profiling import count_flops, peak_memory, reset_peak_memory, time_fn
+
+LAYERS = {"mmrec": ("MM-Rec layer", MMRecModel), "transformer": ("Transformer layer", TransformerModel)}
+SDPA_BACKENDS = {
+    "flash": [SDPBackend.FLASH_ATTENTION],
+    "cudnn": [SDPBackend.CUDNN_ATTENTION],
+    "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+}
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    shapes = []
+    for item in text.split(","):
+        try:
+            batch, seq = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"--shapes: {item!r} is not BxT (e.g. 4x2048)") from None
+        shapes.append((batch, seq))
+    return shapes
+
+
+def build_layer(kind: str, config: MMRecConfig, device: str) -> torch.nn.Module:
+    """Block 0 of a one-layer model, initialised as in training, with bf16 parameters."""
+    model = init_model_on_device(lambda: LAYERS[kind][1](config.replace(num_layers=1)), device)
+    return model.blocks[0].to(torch.bfloat16)
+
+
+def layer_inputs(kind: str, config: MMRecConfig, batch: int, seq: int, device: str) -> tuple:
+    """The positional arguments of the layer's forward; the first, x [B, T, D] bf16, needs grad."""
+    x = torch.randn(batch, seq, config.hidden_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+    if kind == "mmrec":
+        state = MemoryState.zeros(config.replace(num_layers=1), batch, device=device)  # fp32, fresh streams
+        return x, state.banks[0], state.position
+    cos, sin = rope_tables(seq, config.head_dim, x.device)
+    return x, cos, sin
+
+
+def measure(kind: str, config: MMRecConfig, batch: int, seq: int, args: argparse.Namespace) -> dict:
+    cuda = args.device == "cuda"
+    layer = build_layer(kind, config, args.device)
+    inputs = layer_inputs(kind, config, batch, seq, args.device)
+    x = inputs[0]
+    dy = torch.randn_like(x)
+    params = list(layer.parameters())
+
+    def forward() -> torch.Tensor:
+        out = layer(*inputs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def forward_backward() -> None:
+        for tensor in [x, *params]:
+            tensor.grad = None
+        torch.autograd.backward([forward()], [dy])
+
+    _, flops = count_flops(forward_backward)  # before compiling: compiled kernels are not counted
+    if args.compile:
+        layer.compile()
+    fwd = time_fn(forward, warmup=args.warmup, iters=args.iters, cuda=cuda)
+    both = time_fn(forward_backward, warmup=args.warmup, iters=args.iters, cuda=cuda)
+    peak_gib = None
+    if cuda:
+        for tensor in [x, *params]:
+            tensor.grad = None
+        gc.collect()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        reset_peak_memory("cuda")
+        forward_backward()
+        torch.cuda.synchronize()
+        peak_gib = peak_memory("cuda").allocated_gib - base / 2**30
+    return {
+        "layer": kind, "batch": batch, "seq_len": seq,
+        "params": sum(p.numel() for p in params),
+        "forward_ms": fwd.median_ms, "forward_backward_ms": both.median_ms,
+        "flops_forward_backward": flops,
+        "tflops_per_s": flops / (both.median_ms * 1e-3) / 1e12,
+        "peak_gib": peak_gib,
+    }
+
+
+def run_one(kind: str, config: MMRecConfig, batch: int, seq: int, args: argparse.Namespace) -> dict:
+    """`measure`, with an out-of-memory failure recorded instead of raised; memory freed after."""
+    try:
+        result = measure(kind, config, batch, seq, args)
+    except torch.cuda.OutOfMemoryError:
+        result = {"layer": kind, "batch": batch, "seq_len": seq, "error": "OOM"}
+    gc.collect()  # the failed attempt's tensors are garbage once the except block has ended
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def markdown(results: list[dict]) -> str:
+    lines = ["| layer | B x T | params (M) | forward ms | fwd+bwd ms | fwd+bwd TFLOP/s | peak GiB |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in results:
+        name = LAYERS[r["layer"]][0]
+        shape = f"{r['batch']} x {r['seq_len']}"
+        if "error" in r:
+            lines.append(f"| {name} | {shape} | | {r['error']} | {r['error']} | | |")
+            continue
+        lines.append(f"| {name} | {shape} | {r['params'] / 1e6:.1f} | {r['forward_ms']:.2f} | "
+                     f"{r['forward_backward_ms']:.2f} | {r['tflops_per_s']:.2f} | "
+                     f"{'' if r['peak_gib'] is None else format(r['peak_gib'], '.2f')} |")
+    lines += ["", "| B x T | MM-Rec / Transformer forward | MM-Rec / Transformer fwd+bwd |", "| --- | ---: | ---: |"]
+    by_shape: dict[tuple[int, int], dict[str, dict]] = {}
+    for r in results:
+        by_shape.setdefault((r["batch"], r["seq_len"]), {})[r["layer"]] = r
+    for (batch, seq), pair in by_shape.items():
+        m, t = pair.get("mmrec", {}), pair.get("transformer", {})
+        if "forward_ms" in m and "forward_ms" in t:
+            lines.append(f"| {batch} x {seq} | {m['forward_ms'] / t['forward_ms']:.2f} | "
+                         f"{m['forward_backward_ms'] / t['forward_backward_ms']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="7b", help="config preset giving D, H, ffn and the memory sizes")
+    parser.add_argument("--shapes", default="4x2048,1x8192,1x32768", help="comma-separated BxT")
+    parser.add_argument("--layers", default="mmrec,transformer", help="comma-separated subset of mmrec,transformer")
+    parser.add_argument("--iters", type=int, default=10, help="timed calls (median reported)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls first")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile both layers (FLOPs are counted before compiling)")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                        help="cpu: a smoke test of this script with a small preset (no memory column)")
+    parser.add_argument("--sdpa", choices=["auto", *SDPA_BACKENDS], default="auto",
+                        help="restrict the Transformer's attention kernel (auto: PyTorch's choice)")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA GPU visible (use --device cpu --preset tiny for a smoke test)")
+    config = MMRecConfig.from_preset(args.preset)
+    kinds = args.layers.split(",")
+    for kind in kinds:
+        if kind not in LAYERS:
+            raise SystemExit(f"--layers: unknown layer {kind!r}; choose from {sorted(LAYERS)}")
+    torch.manual_seed(0)
+    results = []
+    attention = sdpa_kernel(SDPA_BACKENDS[args.sdpa]) if args.sdpa != "auto" else contextlib.nullcontext()
+    with attention:
+        for batch, seq in parse_shapes(args.shapes):
+            for kind in kinds:
+                result = run_one(kind, config, batch, seq, args)
+                results.append(result)
+                print(json.dumps(result), flush=True)
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    header = (f"Device: {device_name}, torch {torch.__version__}, {datetime.date.today()}; "
+              f"preset {args.preset} (D={config.hidden_dim}, H={config.num_heads}, ffn={config.ffn_dim}, "
+              f"K={config.num_memories}, m={config.mem_dim}, S={config.memory_size_M}, C={config.chunk_size}); "
+              f"bf16; sdpa={args.sdpa}; compile={args.compile}\n"
+              f"Command: python {' '.join(sys.argv)}\n")
+    print("\n" + header)
+    print(markdown(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": header, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

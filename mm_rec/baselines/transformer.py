@@ -1,0 +1,218 @@
+"""A Llama-style Transformer language model built from an `MMRecConfig`: the baseline.
+
+    model = TransformerModel(MMRecConfig.from_preset("7b"))
+    out = model(input_ids, labels=labels)     # out.logits [B, T, V], out.loss, out.state (None)
+
+Pre-norm blocks x = x + Attention(RMSNorm(x)); x = x + SwiGLU(RMSNorm(x)), with rotary position
+embeddings and causal attention through `F.scaled_dot_product_attention(is_causal=True)`
+(FlashAttention on GPUs). It reads the sizes MM-Rec and the baseline share (hidden_dim,
+num_layers, num_heads, ffn_dim, vocab_size, tie_embeddings, norm_eps, init_std) and ignores
+the memory fields. The forward contract is MM-Rec's: labels are already shifted (labels[b, t]
+is the target of position t, -100 ignored) and the loss is the mean fp32 cross entropy; there
+is no recurrent state, so `state` must be None and `out.state` is None. Attribute names
+(`embed`, `blocks`, `final_norm`, `lm_head`) match MMRecModel's, so `mm_rec.distributed`
+parallelises both the same way. `save_pretrained` / `from_pretrained` use MM-Rec's folder layout
+(config.json with `"model_type": "transformer"`, model.safetensors); `generate` samples like
+MM-Rec's but re-reads the whole context for every new token (no KV cache: a baseline, not a
+server).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mm_rec.blocks.layers import RMSNorm, SwiGLU
+from mm_rec.config import MMRecConfig
+from mm_rec.model import CONFIG_NAME, IGNORE_INDEX, WEIGHTS_NAME, sample_next_token
+
+ROPE_THETA = 10000.0
+MODEL_TYPE = "transformer"  # the config.json marker that tells loaders which class to build
+
+TransformerConfig = MMRecConfig
+"""The baseline's configuration is MM-Rec's: it reads the shared sizes and ignores the memory
+fields, so one recipe `model:` section describes either model."""
+
+
+@dataclass
+class TransformerOutput:
+    logits: torch.Tensor | None
+    loss: torch.Tensor | None
+    state: None = None
+
+
+def rope_tables(seq_len: int, head_dim: int, device: torch.device,
+                theta: float = ROPE_THETA) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, d/2] in fp32 of the angles t * theta^(-2i/d)."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, T, H, d] by position: pairs (x_i, x_{i+d/2}) turn by angle[t, i]; fp32 inside."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # each [B, T, H, d/2]
+    cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, d/2]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with RoPE; one fused q/k/v projection."""
+
+    def __init__(self, config: MMRecConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.qkv = nn.Linear(config.hidden_dim, 3 * config.hidden_dim, bias=False)
+        self.out_proj = nn.Linear(config.hidden_dim, config.hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).unbind(2)  # each [B, T, H, d]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True)  # [B, H, T, d]
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block: causal self-attention, then a SwiGLU FFN."""
+
+    def __init__(self, config: MMRecConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_dim, config.norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.ffn_norm = RMSNorm(config.hidden_dim, config.norm_eps)
+        self.ffn = SwiGLU(config.hidden_dim, config.ffn_dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B, T, D]; cos, sin [T, d/2] from `rope_tables` -> [B, T, D]."""
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class TransformerModel(nn.Module):
+    def __init__(self, config: MMRecConfig):
+        super().__init__()
+        if config.head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even head dim, got hidden_dim/num_heads = {config.head_dim}")
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_dim)
+        self.blocks = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_layers))
+        self.final_norm = RMSNorm(config.hidden_dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.hidden_dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """MM-Rec's scheme: N(0, init_std) for embeddings and projections, init_std / sqrt(2L)
+        for the two projections that write into the residual stream, norms at one."""
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.num_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_residual_write = name.endswith("attn.out_proj") or name.endswith("ffn.down")
+                nn.init.normal_(module.weight, 0.0, residual_std if is_residual_write else std)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def forward(self, input_ids: torch.Tensor, state: None = None, labels: torch.Tensor | None = None,
+                return_logits: bool = True) -> TransformerOutput:
+        """input_ids [B, T] -> logits [B, T, V] (None unless return_logits) and the loss over
+        `labels` [B, T] (already shifted; -100 ignored)."""
+        if state is not None:
+            raise ValueError("TransformerModel keeps no recurrent state: pass state=None")
+        self._check_inputs(input_ids, labels)
+        x = self.embed(input_ids.long())
+        cos, sin = rope_tables(input_ids.shape[1], self.config.head_dim, input_ids.device)
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        logits = self.lm_head(self.final_norm(x))
+        loss = None
+        if labels is not None:
+            flat = logits.reshape(-1, logits.shape[-1])
+            flat = flat.to(torch.promote_types(flat.dtype, torch.float32))  # loss in fp32 at least
+            loss_sum = F.cross_entropy(flat, labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+            loss = loss_sum / (labels != IGNORE_INDEX).sum().clamp_min(1)  # 0, not NaN, when all are ignored
+        return TransformerOutput(logits=logits if return_logits else None, loss=loss)
+
+    def _check_inputs(self, input_ids: torch.Tensor, labels: torch.Tensor | None) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            got = getattr(input_ids, "shape", type(input_ids))
+            raise ValueError(f"input_ids must be a non-empty [B, T] tensor, got {got}")
+        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        lo, hi = (int(v) for v in torch.aminmax(input_ids))
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}) (vocab_size), "
+                             f"got values in [{lo}, {hi}]")
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ generation
+    @torch.inference_mode()
+    def generate_stream(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                        top_k: int | None = None, top_p: float | None = None, state: None = None,
+                        generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+        """Yield the next token [B] for each of `max_new_tokens` steps (MMRecModel's signature;
+        `state` must be None). Every step runs the whole sequence so far."""
+        if max_new_tokens < 0:
+            raise ValueError("max_new_tokens must be >= 0")
+        ids = input_ids.long()
+        for _ in range(max_new_tokens):
+            logits = self(ids, state=state).logits[:, -1]
+            token = sample_next_token(logits, temperature, top_k, top_p, generator)
+            yield token
+            ids = torch.cat([ids, token[:, None]], dim=1)
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, state: None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Return [B, T + max_new_tokens]: the prompt followed by the generated tokens."""
+        new = list(self.generate_stream(input_ids, max_new_tokens, temperature, top_k, top_p, state, generator))
+        return torch.cat([input_ids.long()] + [t[:, None] for t in new], dim=1)
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write config.json (the config plus `"model_type": "transformer"`) and model.safetensors."""
+        from safetensors.torch import save_model
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        values = {"model_type": MODEL_TYPE, **self.config.to_dict()}
+        (directory / CONFIG_NAME).write_text(json.dumps(values, indent=2) + "\n")
+        save_model(self, str(directory / WEIGHTS_NAME))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device=None) -> TransformerModel:
+        from safetensors.torch import load_model
+
+        directory = Path(directory)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory / name} not found (expected a save_pretrained directory)")
+        try:
+            values = json.loads((directory / CONFIG_NAME).read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{directory / CONFIG_NAME} is not valid JSON: {err}") from err
+        model_type = values.pop("model_type", None)
+        if model_type != MODEL_TYPE:
+            raise ValueError(f"{directory} holds a {model_type or 'mmrec'!r} model, not a {MODEL_TYPE!r} one")
+        model = cls(MMRecConfig.from_dict(values))
+        try:
+            load_model(model, str(directory / WEIGHTS_NAME), strict=True, device=str(device or "cpu"))
+        except Exception as err:
+            raise ValueError(f"could not load weights from {directory / WEIGHTS_NAME}: {err}") from err
+        return model.to(device) if device is not None else model

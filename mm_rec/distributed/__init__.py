@@ -1,0 +1,39 @@
+"""Multi-GPU training: FSDP2 or DDP, activation checkpointing and torch.compile applied per
+block from outside the model, torchrun process groups, and resharding distributed checkpoints.
+
+    from mm_rec.distributed import ParallelConfig, apply_parallelism, init_distributed
+    info = init_distributed()                     # under torchrun: one process per GPU
+    model = init_model_on_device(lambda: MMRecModel(cfg), info.device)
+    model = apply_parallelism(model, ParallelConfig(mode="fsdp", activation_checkpointing=True))
+
+See docs/distributed.md for launching.
+"""
+
+from mm_rec.distributed.checkpoint import load_distributed_checkpoint, save_distributed_checkpoint
+from mm_rec.distributed.parallelize import (
+    ParallelConfig,
+    apply_activation_checkpointing,
+    apply_compile,
+    apply_fsdp,
+    apply_parallelism,
+    init_model_on_device,
+    run_forward_under_autocast,
+)
+from mm_rec.distributed.runtime import (
+    DistributedInfo,
+    all_reduce_max,
+    all_reduce_mean,
+    barrier,
+    cleanup_distributed,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    is_main_process,
+)
+
+__all__ = [
+    "DistributedInfo", "ParallelConfig", "all_reduce_max", "all_reduce_mean", "apply_activation_checkpointing",
+    "apply_compile", "apply_fsdp", "apply_parallelism", "barrier", "cleanup_distributed", "get_rank",
+    "get_world_size", "init_distributed", "init_model_on_device", "is_main_process", "load_distributed_checkpoint",
+    "run_forward_under_autocast", "save_distributed_checkpoint",
+]

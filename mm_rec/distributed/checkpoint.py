@@ -1,0 +1,92 @@
+"""Distributed checkpoints (`torch.distributed.checkpoint`, DCP) that resume on any number of
+processes.
+
+Each process writes only its own shards; the checkpoint's metadata records the global shape of
+every tensor, so a run saved by 4 FSDP processes loads into 2, into 8, into a DDP run or into a
+single process without a process group (DCP reshards on load). Model and optimizer state go
+through `torch.distributed.checkpoint.state_dict`, which names them by the plain model's
+parameter names (no FSDP, DDP, checkpoint-wrapper or compile prefixes), so the wrapping may
+differ between save and load too.
+
+Layout of a checkpoint directory:
+    .metadata, __*_*.distcp   DCP's files: {"model": ..., "optimizer": ...}
+    extra.pt                  `extra`, written by rank 0 with torch.save (step, data position, ...)
+
+Saves are atomic: everything is written to `<dir>.partial` and renamed into place once all
+processes have finished, so an interrupted save never leaves a truncated `<dir>`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from mm_rec.distributed.runtime import barrier, is_main_process
+
+EXTRA_NAME = "extra.pt"
+METADATA_NAME = ".metadata"
+
+
+def save_distributed_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                                extra: dict[str, Any] | None = None) -> Path:
+    """Save model (and optimizer) state into `directory`, replacing what is there. Collective:
+    every process of the group must call it.
+
+    `extra` holds what the caller needs to resume beyond the tensors (step, scheduler state,
+    data position, RNG states): tensors, numbers, strings, and lists/tuples/dicts of them
+    (loaded back with `torch.load(weights_only=True)`). Rank 0's copy is written, so give it
+    the same value on every process, or key per-process values by rank.
+    """
+    directory = Path(directory)
+    partial = directory.with_name(directory.name + ".partial")
+    if is_main_process():
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    barrier()
+    state = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    dcp.save(state, checkpoint_id=str(partial))
+    if is_main_process():
+        torch.save(extra or {}, partial / EXTRA_NAME)
+        previous = directory.with_name(directory.name + ".old")
+        if directory.exists():
+            shutil.rmtree(previous, ignore_errors=True)
+            directory.rename(previous)
+        partial.rename(directory)
+        shutil.rmtree(previous, ignore_errors=True)
+    barrier()
+    return directory
+
+
+def load_distributed_checkpoint(directory: str | Path, model: nn.Module,
+                                optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Load a checkpoint written by `save_distributed_checkpoint` into `model` (and `optimizer`),
+    whatever the number of processes and the wrapping of either run; returns its `extra`.
+    Collective under a process group. Build the optimizer over the wrapped model's parameters
+    before calling (for FSDP: after `apply_parallelism`).
+    """
+    directory = Path(directory)
+    if not (directory / METADATA_NAME).is_file():
+        raise FileNotFoundError(f"{directory} is not a complete distributed checkpoint (no {METADATA_NAME}); "
+                                "an interrupted save leaves only a '.partial' directory")
+    state = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    dcp.load(state, checkpoint_id=str(directory))
+    set_model_state_dict(model, state["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    extra_path = directory / EXTRA_NAME
+    return torch.load(extra_path, weights_only=True) if extra_path.is_file() else {}
