@@ -116,7 +116,14 @@ def rel_diff(a: list[float], b: list[float]) -> float:
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_fsdp_and_ddp_match_one_process_and_resume_on_another_world_size(tmp_path):
-    spawn(_worker, (free_port(), str(tmp_path)), WORLD_SIZE)
+    try:
+        spawn(_worker, (free_port(), str(tmp_path)), WORLD_SIZE)
+    except mp.ProcessExitedException as err:
+        # gloo can abort at process teardown on a loaded 2-core machine ("terminate called
+        # without an active exception"); a signal is not a wrong result, so try once more.
+        if err.exit_code is not None and err.exit_code >= 0:
+            raise
+        spawn(_worker, (free_port(), str(tmp_path)), WORLD_SIZE)
     losses = torch.load(tmp_path / "losses.pt")
 
     mmrec = build(MMRecModel, MMREC_CONFIG)

@@ -1,0 +1,224 @@
+"""GPU benchmark of the associative scan h_t = exp(log_a_t) * h_{t-1} + b_t (Triton kernels).
+
+Times, in one run, per shape [B, T, D] (b bf16, h_0 fp32; log_a fp32 as the model hands it
+over, and bf16):
+  * the Triton scan (`mm_rec.ops.scan_triton`), forward and forward+backward through autograd;
+  * a device-to-device copy moving the same bytes as the forward (log_a + b read, h written),
+    the bandwidth ceiling the forward is measured against;
+  * the PyTorch backend (`backend="torch"`), forward and forward+backward.
+Bandwidth counts the bytes each pass must move: forward log_a + b read and h written; backward
+dh, log_a and h read and db, d log_a written. Prints a Markdown table with the device and the
+date. `--variants` also times the raw kernels under several launch configurations and chunk
+counts along T, each checked against the default configuration's outputs.
+
+    python benchmarks/bench_scan.py [--shapes 8x2048x4096,1x32768x4096,4x8192x2048] [--variants]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+import triton
+
+from mm_rec.core.associative_scan import associative_scan_exponential
+from mm_rec.ops import scan_triton as st
+
+# Launch configurations tried by --variants (elements per thread, warps, steps loaded ahead,
+# L2 prefetch distance in steps).
+FWD_VARIANTS = [
+    {"EPT": 4, "num_warps": 1, "U": 16, "PF": 0},
+    {"EPT": 4, "num_warps": 1, "U": 32, "PF": 0},
+    {"EPT": 2, "num_warps": 1, "U": 32, "PF": 0},
+    {"EPT": 4, "num_warps": 2, "U": 16, "PF": 0},
+    {"EPT": 4, "num_warps": 1, "U": 16, "PF": 64},
+    {"EPT": 2, "num_warps": 1, "U": 32, "PF": 64},
+]
+BWD_VARIANTS = [
+    {"EPT": 4, "num_warps": 1, "U": 16, "PF": 0},
+    {"EPT": 2, "num_warps": 1, "U": 16, "PF": 0},
+    {"EPT": 2, "num_warps": 1, "U": 32, "PF": 0},
+    {"EPT": 1, "num_warps": 1, "U": 32, "PF": 0},
+    {"EPT": 2, "num_warps": 1, "U": 16, "PF": 64},
+]
+CHUNK_COUNTS = [1, 2, 4, 8, 16]
+
+
+def _compile_job(job: tuple) -> None:
+    """Run one pass once on a short input so that its kernels land in Triton's on-disk cache
+    (T is not specialised on, so the compiled kernels are those of the full-size runs)."""
+    pass_, D, la_dtype, cfg, n_chunks = job
+    log_a = -torch.rand(1, 64, D, device="cuda").to(la_dtype)
+    b = torch.randn(1, 64, D, device="cuda").bfloat16()
+    h0 = torch.randn(1, D, device="cuda")
+    h, _ = st.launch_fwd(log_a, b, h0, n_chunks, cfg if pass_ == "forward" else None)
+    if pass_ == "backward":
+        st.launch_bwd(torch.randn_like(b), torch.randn_like(h0), log_a, h, h0, n_chunks, cfg)
+    torch.cuda.synchronize()
+
+
+def precompile(jobs: list[tuple]) -> None:
+    """Compile the kernels of all jobs in parallel processes (each compile is single-threaded;
+    unrolling U steps makes a compile take seconds to minutes)."""
+    start = time.perf_counter()
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(16, os.cpu_count() or 1), mp_context=ctx) as pool:
+        for job, _ in zip(jobs, pool.map(_compile_job, jobs)):
+            print(f"compiled {job[0]} D={job[1]} {job[2]} {job[3]} chunks={job[4]}: "
+                  f"{time.perf_counter() - start:.0f} s", flush=True)
+
+
+def make_inputs(B: int, T: int, D: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log_a fp32 in [-2, 0], b bf16, h_0 fp32 (random: zeros could run faster than real data)."""
+    torch.manual_seed(0)
+    log_a = -torch.rand(B, T, D, device="cuda") * 2
+    return log_a, torch.randn(B, T, D, device="cuda").bfloat16(), torch.randn(B, D, device="cuda")
+
+
+def time_ms(fn, leaves=()) -> float:
+    """Median milliseconds of fn() (CUDA events, warm-up first)."""
+    return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=list(leaves), return_mode="median")
+
+
+def nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def copy_ms(n_bytes: int) -> float:
+    """A device-to-device copy that reads n_bytes / 2 and writes n_bytes / 2."""
+    src = torch.randn(n_bytes // 8, device="cuda")
+    dst = torch.empty_like(src)
+    return time_ms(lambda: dst.copy_(src))
+
+
+def time_scan(fn, log_a, b, h0) -> tuple[float, float]:
+    """(forward ms, forward+backward ms) of fn(log_a, b, h0) -> (h, final), the backward from a
+    random dh."""
+    with torch.no_grad():
+        fwd = time_ms(lambda: fn(log_a, b, h0))
+    leaves = [t.detach().clone().requires_grad_() for t in (log_a, b, h0)]
+    dh = torch.randn_like(b)
+
+    def step():
+        h, _ = fn(*leaves)
+        torch.autograd.backward([h], [dh])
+
+    return fwd, time_ms(step, leaves)
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def config_name(cfg: dict) -> str:
+    return f"EPT {cfg['EPT']}, {cfg['num_warps']} warp(s), U {cfg['U']}, PF {cfg['PF']}"
+
+
+def time_variants(log_a, b, h0) -> list[tuple[str, str, float, float, float]]:
+    """Raw kernels under each launch configuration (where the plan is one chunk) and each chunk
+    count (default configuration): (pass, name, ms, TB/s, rel. diff from the default outputs)."""
+    B, T, D = b.shape
+    configs = st.num_chunks(B, T, D, b.device) == 1
+    h_ref, final_ref = st.launch_fwd(log_a, b, h0)
+    dh, d_final = torch.randn_like(b), torch.randn_like(h0)
+    grads_ref = st.launch_bwd(dh, d_final, log_a, h_ref, h0)
+    fwd_bytes = nbytes(log_a, b, h_ref)
+    bwd_bytes = nbytes(dh, log_a, h_ref, *grads_ref[:2])
+    runs = [("forward", config_name(c), c, 1) for c in FWD_VARIANTS if configs]
+    runs += [("forward", f"default, {n} chunk(s)", None, n) for n in CHUNK_COUNTS if n <= T // 64]
+    runs += [("backward", config_name(c), c, 1) for c in BWD_VARIANTS if configs]
+    runs += [("backward", f"default, {n} chunk(s)", None, n) for n in CHUNK_COUNTS if n <= T // 64]
+    rows = []
+    for pass_, name, cfg, n in runs:
+        if pass_ == "forward":
+            h, final = st.launch_fwd(log_a, b, h0, n, cfg)
+            err = max(rel_err(h, h_ref), rel_err(final, final_ref))
+            ms = time_ms(lambda n=n, cfg=cfg: st.launch_fwd(log_a, b, h0, n, cfg))
+            rows.append((pass_, name, ms, fwd_bytes / ms / 1e9, err))
+        else:
+            grads = st.launch_bwd(dh, d_final, log_a, h_ref, h0, n, cfg)
+            err = max(rel_err(g, r) for g, r in zip(grads, grads_ref))
+            ms = time_ms(lambda n=n, cfg=cfg: st.launch_bwd(dh, d_final, log_a, h_ref, h0, n, cfg))
+            rows.append((pass_, name, ms, bwd_bytes / ms / 1e9, err))
+        print("measured:", *rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="8x2048x4096,1x32768x4096,4x8192x2048", help="comma-separated BxTxD")
+    parser.add_argument("--variants", action="store_true", help="also time the raw kernels per launch config")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch backend")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU")
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    jobs = set()
+    for B, T, D in shapes:
+        n = 1 if st.num_chunks(B, T, D, torch.device("cuda")) == 1 else 2  # what gets compiled: chunked or not
+        for pass_ in ("forward", "backward"):
+            jobs |= {(pass_, D, dt, None, n) for dt in (torch.float32, torch.bfloat16)}
+            if args.variants:
+                variants = FWD_VARIANTS if pass_ == "forward" else BWD_VARIANTS
+                jobs |= {(pass_, D, torch.float32, tuple(c.items()), 1) for c in variants if n == 1}
+                jobs |= {(pass_, D, torch.float32, None, min(k, 2)) for k in CHUNK_COUNTS}
+    # Longest compiles (most steps unrolled) first.
+    jobs = sorted(jobs, key=lambda job: (-dict(job[3] or st._FWD_CONFIG)["U"], str(job)))
+    precompile([(p, D, dt, dict(c) if c else None, n) for p, D, dt, c, n in jobs])
+
+    results = []
+    for B, T, D in shapes:
+        log_a, b, h0 = make_inputs(B, T, D)
+        shape = f"[{B}, {T}, {D}]"
+        methods = [("Triton", log_a, st.scan_triton), ("Triton", log_a.bfloat16(), st.scan_triton)]
+        if not args.no_torch:
+            methods.append(("PyTorch backend", log_a,
+                            lambda *x: associative_scan_exponential(*x, backend="torch")))
+        for name, la, fn in methods:
+            fwd_bytes = nbytes(la, b, b)  # h is written in b's dtype
+            # backward: dh, log_a, h read; db, d log_a written
+            both_bytes = fwd_bytes + nbytes(b, la, b, b, la)
+            copy = copy_ms(fwd_bytes)
+            fwd, both = time_scan(fn, la, b, h0)
+            dtypes = f"log_a {str(la.dtype)[6:]}, b bf16"
+            results.append((name, shape, dtypes, fwd, fwd_bytes / fwd / 1e9, copy, fwd_bytes / copy / 1e9,
+                            both, both_bytes / both / 1e9))
+            print("measured:", *results[-1], flush=True)
+        del log_a, b, h0
+        torch.cuda.empty_cache()
+    print_results(results)
+
+    if args.variants:
+        for B, T, D in shapes:
+            log_a, b, h0 = make_inputs(B, T, D)
+            variant_rows = [(f"[{B}, {T}, {D}]", *row) for row in time_variants(log_a, b, h0)]
+            print("\n| shape | pass | launch config | ms | TB/s | rel. diff from default |")
+            print("| --- | --- | --- | ---: | ---: | ---: |")
+            for shape, pass_, name, ms, tbs, err in variant_rows:
+                print(f"| {shape} | {pass_} | {name} | {ms:.3f} | {tbs:.2f} | {err:.1e} |")
+            del log_a, b, h0
+            torch.cuda.empty_cache()
+
+
+def print_results(results: list[tuple]) -> None:
+    """The Markdown table of the main measurements, with the device and the date."""
+    print(f"\nDevice: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}; "
+          f"{datetime.date.today().isoformat()}")
+    print("b bf16, h_0 fp32, h written in bf16, state fp32. Median times. TB/s counts log_a + b read and h "
+          "written (forward), plus dh, log_a, h read and db, d log_a written (backward). "
+          "% copy = forward TB/s over a device-to-device copy of the forward's bytes in the same run.\n")
+    print("| method | shape [B, T, D] | dtypes | forward (ms) | forward TB/s | copy (ms) | copy TB/s | % copy "
+          "| fwd+bwd (ms) | fwd+bwd TB/s |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, shape, dtypes, fwd, fwd_tbs, copy, copy_tbs, both, both_tbs in results:
+        print(f"| {name} | {shape} | {dtypes} | {fwd:.3f} | {fwd_tbs:.2f} | {copy:.3f} | {copy_tbs:.2f} | "
+              f"{100 * fwd_tbs / copy_tbs:.0f}% | {both:.3f} | {both_tbs:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""`python -m mm_rec ...` is `mmrec ...`."""
+
+import sys
+
+from mm_rec.cli import main
+
+sys.exit(main())

@@ -1,0 +1,133 @@
+"""Batches of (input_ids, labels) from a token range, in two modes.
+
+`RandomWindows` (data.carry_state: false): every row is a window of seq_len + 1 tokens at a
+uniformly random start (nanoGPT style); the model starts each batch from a fresh state. The
+sampler's position is the state of its own torch.Generator.
+
+`ContiguousStreams` (data.carry_state: true): the range is cut into one contiguous stretch per
+batch row, and each row reads its stretch window after window, so the memory state can be
+carried (detached) from one batch to the next: truncated backpropagation through time, which
+is how the long-term memory learns to span segments. A window never crosses a document
+boundary: it stops at the document's end (the rest of the row is padding with label -100) and
+the row's state is reset before the next document starts (`Batch.reset`). At the end of its
+stretch a row starts over (reset). The position is the per-row offsets.
+
+Labels are already shifted: labels[b, t] is the token after input_ids[b, t].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mm_rec.data.cache import TokenData
+
+IGNORE_INDEX = -100
+PAD_ID = 0
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T] int64
+    labels: torch.Tensor  # [B, T] int64, IGNORE_INDEX where there is no target
+    reset: torch.Tensor | None  # [B] bool: rows that start a new stream (ContiguousStreams only)
+
+
+class RandomWindows:
+    def __init__(self, data: TokenData, start: int, end: int, batch_size: int, seq_len: int, seed: int):
+        if end - start < seq_len + 1:
+            raise ValueError(f"the training split holds {end - start} tokens; a window needs seq_len + 1 = "
+                             f"{seq_len + 1} (use more data or a shorter training.seq_len)")
+        self.data, self.start, self.end = data, start, end
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next_batch(self) -> Batch:
+        T = self.seq_len
+        starts = torch.randint(self.start, self.end - T, (self.batch_size,), generator=self.generator)
+        rows = torch.stack([self.data.window(s, s + T + 1) for s in starts.tolist()])
+        return Batch(rows[:, :-1], rows[:, 1:], None)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+class ContiguousStreams:
+    """`rows` streams over [start, end); this process reads rows [first_row, first_row + batch_size).
+
+    With `wrap=False` (evaluation) each row reads its stretch once; `exhausted` says when every row
+    is done (finished rows yield padding)."""
+
+    def __init__(self, data: TokenData, start: int, end: int, batch_size: int, seq_len: int,
+                 rows: int | None = None, first_row: int = 0, wrap: bool = True):
+        rows = rows or batch_size
+        length = (end - start) // rows
+        if length < 2 or (wrap and length < seq_len + 1):
+            need = rows * (seq_len + 1 if wrap else 2)
+            raise ValueError(f"the split holds {end - start} tokens; {rows} streams of seq_len + 1 = {seq_len + 1} "
+                             f"need {need} (use more data, a smaller training.batch_size or a shorter seq_len)")
+        bounds = [start + length * r for r in range(rows + 1)]
+        self.data, self.seq_len, self.wrap = data, seq_len, wrap
+        self.row_start = torch.tensor(bounds[first_row:first_row + batch_size], dtype=torch.int64)
+        self.row_end = torch.tensor(bounds[first_row + 1:first_row + batch_size + 1], dtype=torch.int64)
+        self.offset = self.row_start.clone()  # next token each row reads
+        self.fresh = torch.ones(batch_size, dtype=torch.bool)  # the row's next window starts a stream
+        self.doc_starts = data.doc_starts
+
+    @property
+    def exhausted(self) -> bool:
+        return bool((self.offset >= self.row_end - 1).all())
+
+    def _limit(self, r: int) -> int:
+        """End of the document (or stretch) that offset[r] lies in."""
+        p = int(self.offset[r])
+        i = int(torch.searchsorted(self.doc_starts, torch.tensor(p), right=True))
+        doc_end = int(self.doc_starts[i]) if i < self.doc_starts.shape[0] else len(self.data)
+        return min(doc_end, int(self.row_end[r]))
+
+    def _advance_to_window(self, r: int) -> int | None:
+        """Move row r to the next position with at least one target; return its limit (None: done)."""
+        for _ in range(self.doc_starts.shape[0] + 2):
+            limit = self._limit(r)
+            if limit - int(self.offset[r]) >= 2:
+                return limit
+            self.fresh[r] = True  # the rest of this document has no target: next document
+            self.offset[r] = limit
+            if limit >= int(self.row_end[r]):
+                if not self.wrap:
+                    return None
+                self.offset[r] = self.row_start[r]
+        raise ValueError("no document of two or more tokens in a stream: the data is too fragmented")
+
+    def next_batch(self) -> Batch:
+        B, T = self.offset.shape[0], self.seq_len
+        input_ids = torch.full((B, T), PAD_ID, dtype=torch.int64)
+        labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.int64)
+        reset = torch.zeros(B, dtype=torch.bool)
+        for r in range(B):
+            limit = self._advance_to_window(r)
+            if limit is None:
+                continue
+            p = int(self.offset[r])
+            n = min(T, limit - p)  # inputs p .. p+n-1; targets p+1 .. p+n, those < limit
+            window = self.data.window(p, p + n + 1 if p + n < limit else p + n)
+            input_ids[r, :n] = window[:n]
+            labels[r, :window.shape[0] - 1] = window[1:]
+            reset[r] = self.fresh[r]
+            self.fresh[r] = p + n == limit  # the document (or stretch) ends here: the next window starts anew
+            self.offset[r] = p + n
+        return Batch(input_ids, labels, reset)
+
+    def state_dict(self) -> dict:
+        return {"offset": self.offset.clone(), "fresh": self.fresh.clone(),
+                "row_start": self.row_start.clone(), "row_end": self.row_end.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not (torch.equal(state["row_start"], self.row_start) and torch.equal(state["row_end"], self.row_end)):
+            raise ValueError("the saved stream positions were made for another data split or batch size")
+        self.offset = state["offset"].clone()
+        self.fresh = state["fresh"].clone()

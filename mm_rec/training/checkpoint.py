@@ -1,0 +1,293 @@
+"""Atomic training checkpoints: OUT/checkpoints/step_XXXXXXXX/.
+
+    config.json, model.safetensors    the model (a save_pretrained directory: from_pretrained reads it)
+    optimizer.pt                      AdamW state
+    trainer_state.pt                  step, tokens seen, scheduler, grad scaler, counters
+    rank_00000.pt                     per process: RNG states, data position, carried memory state
+    recipe.json                       the full run configuration
+    tokenizer_config.json (+ tokenizer.json for BPE)
+    manifest.json                     format version, step and the size of every file; written last
+
+A checkpoint is written under a temporary name, every file fsync'ed, and renamed into place,
+so a folder named step_XXXXXXXX is complete; a damaged one (truncated file, size mismatch,
+unreadable content) is detected on load and `--resume auto` falls back to the previous one.
+Only the newest `keep_last` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+FORMAT_VERSION = 1
+CHECKPOINTS = "checkpoints"
+PREFIX = "step_"
+MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
+MODEL_CONFIG = "config.json"
+OPTIMIZER = "optimizer.pt"
+TRAINER_STATE = "trainer_state.pt"
+RECIPE = "recipe.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, damaged, or does not fit the run."""
+
+
+def rank_file(rank: int) -> str:
+    return f"rank_{rank:05d}.pt"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoint folders of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (path / MANIFEST).is_file() or (path / TRAINER_STATE).is_file()
+
+
+def save_checkpoint(run_dir: str | Path, step: int, write_shared: Callable[[Path], None],
+                    write_local: Callable[[Path], None], keep_last: int, rank: int = 0,
+                    barrier: Callable[[], None] = lambda: None) -> Path:
+    """Write checkpoint `step` atomically; every process calls this.
+
+    `write_shared(folder)` (main process) writes the model, optimizer and trainer files;
+    `write_local(folder)` (every process) writes its own rank file.
+    """
+    root = Path(run_dir) / CHECKPOINTS
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f".tmp-{final.name}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    try:
+        barrier()
+        write_local(tmp)
+        barrier()
+        if rank == 0:
+            write_shared(tmp)
+            _commit(tmp, final, step)
+            for stale in list_checkpoints(run_dir)[:-keep_last]:
+                shutil.rmtree(stale, ignore_errors=True)
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoints stay as they were
+        raise
+    barrier()
+    return final
+
+
+def _commit(tmp: Path, final: Path, step: int) -> None:
+    """Manifest, fsync everything, rename the folder into place."""
+    files = {}
+    for f in sorted(tmp.iterdir()):
+        _fsync_file(f)
+        files[f.name] = f.stat().st_size
+    (tmp / MANIFEST).write_text(json.dumps(dict(format=FORMAT_VERSION, step=step, files=files), indent=2) + "\n")
+    _fsync_file(tmp / MANIFEST)
+    _fsync_dir(tmp)
+    old = final.with_name(f".old-{final.name}")
+    if final.exists():  # e.g. a damaged checkpoint of the same step from an earlier attempt
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read into memory (all but the weights, which are verified and read on apply)."""
+
+    path: Path
+    step: int
+    recipe: dict[str, Any]
+    model_config: dict[str, Any]
+    trainer_state: dict[str, Any]
+    optimizer: dict[str, Any]
+    local: dict[str, Any]  # this process's rank file
+
+
+def load_checkpoint(path: str | Path, rank: int = 0) -> Checkpoint:
+    """Read and check a checkpoint folder; raises CheckpointError naming what is wrong."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        expected = manifest["files"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {path} has no readable {MANIFEST} (incomplete or damaged): {err}") from None
+    if manifest.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format {manifest.get('format')}, "
+                              f"this mm_rec reads {FORMAT_VERSION}")
+    for name, size in expected.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path} is damaged: {name} is missing")
+        if f.stat().st_size != size:
+            raise CheckpointError(f"checkpoint {path} is damaged: {name} is {f.stat().st_size} bytes, "
+                                  f"the manifest says {size}")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path / WEIGHTS), framework="pt"):  # parses the header, checks the length
+            pass
+        recipe = json.loads((path / RECIPE).read_text())
+        model_config = json.loads((path / MODEL_CONFIG).read_text())
+        trainer_state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
+        optimizer = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
+        local_path = path / rank_file(rank)
+        if not local_path.is_file():
+            raise CheckpointError(f"checkpoint {path} has no {local_path.name}: it was written by "
+                                  f"{trainer_state.get('world_size')} process(es)")
+        local = torch.load(local_path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except Exception as err:  # unpickling / JSON / safetensors errors: the content is damaged
+        raise CheckpointError(f"checkpoint {path} is damaged: {type(err).__name__}: {err}") from None
+    return Checkpoint(path, int(trainer_state["step"]), recipe, model_config, trainer_state, optimizer, local)
+
+
+def resolve_resume(run_dir: str | Path, resume: str, rank: int = 0,
+                   warn: Callable[[str], None] = print) -> Checkpoint | None:
+    """`--resume auto`: the newest readable checkpoint of the run (None when there is none),
+    skipping damaged ones with a warning. `--resume PATH`: that checkpoint, or the newest of the
+    run folder PATH; any damage is an error."""
+    if resume != "auto":
+        path = Path(resume)
+        if path.is_dir() and not is_checkpoint(path):
+            found = list_checkpoints(path)
+            if not found:
+                raise CheckpointError(f"no checkpoint in {path}")
+            path = found[-1]
+        return load_checkpoint(path, rank)
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return load_checkpoint(path, rank)
+        except CheckpointError as err:
+            warn(f"warning: skipping {err}")
+    return None
+
+
+def find_model_dir(path: str | Path) -> Path:
+    """A folder holding config.json + model.safetensors: `path` itself, or the newest checkpoint
+    of the run folder `path`."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if (path / MODEL_CONFIG).is_file():
+        return path
+    found = list_checkpoints(path)
+    if not found:
+        raise FileNotFoundError(f"{path} holds neither a model ({MODEL_CONFIG}, {WEIGHTS}) nor checkpoints/")
+    return found[-1]
+
+
+# ---------------------------------------------------------------------- model and optimizer state
+def _aliases(model: nn.Module) -> dict[str, str]:
+    """Tied parameters: alias name -> the name first holding the same tensor (lm_head -> embed)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+def model_state(model: nn.Module, raw: nn.Module, distributed: bool) -> dict[str, torch.Tensor]:
+    """Full weights (tied parameters once), gathered on every process when distributed."""
+    if distributed:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        state = raw.state_dict()
+    aliases = _aliases(raw)
+    return {k: v.detach().contiguous() for k, v in state.items() if k not in aliases}
+
+
+def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+def load_weights(model: nn.Module, raw: nn.Module, path: Path, distributed: bool) -> None:
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except Exception as err:
+        raise CheckpointError(f"could not read {path}: {err}") from None
+    for alias, name in _aliases(raw).items():  # tied weights are stored once, under either name
+        if name in state or alias in state:
+            state[alias] = state[name] = state.get(name, state.get(alias))
+    if distributed:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+        return
+    expected = raw.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(f"{path} does not fit the model: {name} is {tuple(tensor.shape)}, "
+                                  f"the model has {tuple(expected[name].shape)}")
+    raw.load_state_dict(state, strict=True)
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, distributed: bool) -> dict:
+    if distributed:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                   cpu_offload=True))
+    return optimizer.state_dict()
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, distributed: bool) -> None:
+    if distributed:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        return
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise CheckpointError(f"the optimizer state does not fit the model: {err}") from None
+
+
+# ---------------------------------------------------------------------- durability
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not every platform opens directories
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

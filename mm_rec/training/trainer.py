@@ -1,0 +1,644 @@
+"""The training loop behind `mmrec train`.
+
+    result = train(RunConfig.load("configs/tiny.yaml"), out_dir="runs/tiny", resume="auto")
+
+One optimizer step (`Trainer.step`): `grad_accum_steps` micro-batches (forward, backward of
+loss / accum), then unscale (fp16), clip, a finite check, AdamW, the schedule. With
+`data.carry_state` the memory state runs on from one micro-batch to the next (detached:
+truncated backpropagation through time) and rows are reset at document boundaries. A step whose
+loss or gradient norm is NaN/Inf is skipped (no update; the carried state is reset) and counted;
+`max_nonfinite_steps` of them in a row stop the run with `NonFiniteError`.
+
+Exact resume (DESIGN.md I6): a checkpoint holds everything the next step depends on (weights,
+AdamW moments, schedule position, every RNG, the data position, the carried state), so N steps,
+save, resume in a fresh process, N more steps give the same losses bit for bit on CPU as 2N
+steps in one run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mm_rec.core.memory_state import MemoryState
+from mm_rec.data.batching import ContiguousStreams, RandomWindows
+from mm_rec.data.cache import prepare_tokens
+from mm_rec.data.corpus import Source, iter_documents, resolve_source
+from mm_rec.data.tokenizers import HF_FILE, BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer
+from mm_rec.training import checkpoint as ckpt
+from mm_rec.training.config import RunConfig
+from mm_rec.training.evaluate import EvalResult, evaluate
+from mm_rec.training.metrics import MetricsLogger
+from mm_rec.training.optim import WarmupCosine, build_optimizer
+from mm_rec.utils.debugging import NonFiniteDetector, format_gradient_flow, gradient_flow
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped after too many non-finite steps in a row."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    train_loss: float | None  # loss of the last step
+    eval: EvalResult | None  # the last evaluation
+    checkpoint: Path | None  # the last checkpoint written
+    sample: str | None
+    interrupted: bool = False
+
+
+def train(config: RunConfig, out_dir: str | Path, resume: str | None = None, debug: bool = False,
+          log=print) -> TrainResult:
+    """Train per `config`, writing metrics.jsonl and checkpoints into `out_dir`.
+
+    resume: None (a fresh run; refused when out_dir already holds checkpoints), "auto" (the
+    newest good checkpoint of out_dir, or a fresh run when there is none) or a checkpoint path.
+    debug: NaN/Inf hooks that name the first module producing one, gradient-flow reports.
+    """
+    try:
+        return Trainer(config, out_dir, resume, debug, log).fit()
+    finally:
+        if config.distributed.parallel != "none":
+            from mm_rec.distributed import cleanup_distributed
+
+            cleanup_distributed()
+
+
+# ---------------------------------------------------------------------- building blocks
+def build_model(config: RunConfig) -> nn.Module:
+    """MMRecModel, or the Transformer baseline (same config fields, same forward contract)."""
+    model_config = config.model_config()
+    if config.model_type == "transformer":
+        try:
+            from mm_rec.baselines.transformer import TransformerModel
+        except ImportError as err:
+            raise ValueError(f"model_type=transformer needs mm_rec.baselines.transformer: {err}") from None
+        return TransformerModel(model_config)
+    from mm_rec.model import MMRecModel
+
+    return MMRecModel(model_config)
+
+
+def build_tokenizer(config: RunConfig, source: Source, vocab_size: int, cache_dir: Path, log=print) -> Tokenizer:
+    """data.tokenizer: byte, bpe (trained once on the data and cached) or a tokenizer.json path."""
+    spec = config.data.tokenizer
+    if spec == "byte":
+        return ByteTokenizer()
+    if spec == "bpe":
+        if source.kind == "bin":
+            raise ValueError("data.tokenizer=bpe trains on text; for a .bin give the tokenizer.json it was made with")
+        size = config.data.bpe_vocab_size or vocab_size
+        path = cache_dir / f"bpe-{source.fingerprint()}-{size}" / HF_FILE
+        if path.is_file():
+            return BPETokenizer.from_file(path)
+        log(f"training a BPE tokenizer (vocabulary {size}) on {source.description} ...")
+        docs = iter_documents(source, config.data.document_separator)
+        tokenizer = BPETokenizer.train((d.decode("utf-8", errors="replace") for d in docs), size)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tokenizer.tokenizer.save(str(path))
+        return tokenizer
+    if not Path(spec).is_file():
+        raise FileNotFoundError(f"data.tokenizer={spec!r}: use byte, bpe or the path of a tokenizer.json")
+    return BPETokenizer.from_file(spec)
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but no CUDA device is available")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast for fp32 (none), bf16 or fp16 ("auto": bf16 on CUDA, fp32 on CPU)."""
+    precision = resolve_precision(precision, device)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the process has (torch CPU and CUDA, Python, NumPy when installed)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+    except ImportError:
+        return state
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state["numpy"] = [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        try:
+            import numpy as np
+        except ImportError:
+            return
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        import numpy as np
+    except ImportError:
+        return
+    np.random.seed(seed % 2**32)
+
+
+def check_resume(config: RunConfig, checkpoint: ckpt.Checkpoint, model_config: dict, world_size: int) -> None:
+    """Refuse a checkpoint that does not fit this run: another model or vocabulary, other batching."""
+    saved = {k: v for k, v in checkpoint.model_config.items() if k != "model_type"}
+    diff = sorted(k for k in set(saved) | set(model_config) if saved.get(k) != model_config.get(k))
+    if diff:
+        details = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, recipe {model_config.get(k)!r}" for k in diff[:6])
+        what = "vocabulary" if "vocab_size" in diff else "model configuration"
+        raise ckpt.CheckpointError(f"checkpoint {checkpoint.path} does not match this run's {what} ({details})")
+    recipe = checkpoint.recipe
+    fixed = [("model_type", recipe.get("model_type"), config.model_type)]
+    # the data itself is compared by the digest of its tokens, once tokenized
+    for section, keys in (("data", ("tokenizer", "carry_state", "val_fraction", "document_separator")),
+                          ("training", ("batch_size", "seq_len"))):
+        for key in keys:
+            fixed.append((f"{section}.{key}", recipe.get(section, {}).get(key), getattr(getattr(config, section), key)))
+    changed = [f"{name}: checkpoint {old!r}, now {new!r}" for name, old, new in fixed if old != new]
+    if changed:
+        raise ckpt.CheckpointError(f"cannot resume {checkpoint.path}: the data or batching changed ("
+                                   + "; ".join(changed) + "); start a new run with another --out")
+    if checkpoint.trainer_state.get("world_size", 1) != world_size:
+        raise ckpt.CheckpointError(f"checkpoint {checkpoint.path} was written by "
+                                   f"{checkpoint.trainer_state.get('world_size')} process(es); "
+                                   f"this run has {world_size}")
+
+
+def load_for_inference(path: str | Path, device: torch.device) -> tuple[nn.Module, Tokenizer, Path]:
+    """(model in eval mode, its tokenizer, the model folder) from a run, checkpoint or save_pretrained folder."""
+    model_dir = ckpt.find_model_dir(path)
+    recipe_path = model_dir / ckpt.RECIPE
+    config_values = _read_json(model_dir / ckpt.MODEL_CONFIG)
+    model_type = config_values.pop("model_type", None) or (
+        _read_json(recipe_path).get("model_type", "mmrec") if recipe_path.is_file() else "mmrec")
+    config = RunConfig(model_type=model_type, model=config_values)
+    model = build_model(config)
+    try:
+        from safetensors.torch import load_model
+
+        load_model(model, str(model_dir / ckpt.WEIGHTS), strict=True)
+    except Exception as err:  # a missing, truncated or foreign weights file
+        raise ValueError(f"could not load weights from {model_dir / ckpt.WEIGHTS}: {err}") from None
+    model.to(device).eval()
+    vocab_size = model.config.vocab_size
+    tokenizer = load_tokenizer(model_dir)
+    if tokenizer is None:
+        if vocab_size < 256:
+            raise ValueError(f"{model_dir} holds no tokenizer and its vocab_size {vocab_size} is too small for bytes")
+        tokenizer = ByteTokenizer()
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"{model_dir}: the tokenizer has {tokenizer.vocab_size} tokens, the model only {vocab_size}")
+    return model, tokenizer, model_dir
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is damaged: {err}") from None
+
+
+def generate_text(model: nn.Module, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, temperature: float,
+                  top_k: int | None, seed: int, device: torch.device, autocast=None, top_p: float | None = None,
+                  echo: bool = False) -> str:
+    """Sample a continuation of `prompt` (empty: a newline); with `echo` stream it to stdout."""
+    ids = tokenizer.encode((prompt or "\n").encode("utf-8"))
+    if not ids:
+        raise ValueError("the prompt encodes to no tokens")
+    generator = torch.Generator(device=device).manual_seed(seed)
+    decoder = tokenizer.stream_decoder()
+    pieces: list[str] = []
+
+    def emit(piece: str) -> None:
+        pieces.append(piece)
+        if echo and piece:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+    emit(prompt)
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast or contextlib.nullcontext():
+            for token in model.generate_stream(torch.tensor([ids], device=device), max_new_tokens, temperature,
+                                               top_k, top_p, generator=generator):
+                emit(decoder.push(int(token[0])))
+        emit(decoder.flush())
+    finally:
+        model.train(was_training)
+    if echo:
+        sys.stdout.write("\n")
+    return "".join(pieces)
+
+
+# ---------------------------------------------------------------------- the trainer
+class Trainer:
+    """Builds everything a run needs (in `__init__`), then `fit()` runs the loop."""
+
+    def __init__(self, config: RunConfig, out_dir: str | Path, resume: str | None = None, debug: bool = False,
+                 log=print):
+        self.config, self.debug = config, debug
+        tc, dc = config.training, config.data
+        self.run_dir = Path(out_dir)
+        self._init_distributed()
+        self.log = log if self.is_main else (lambda *_: None)
+
+        # resume point: read before anything is written into the run folder
+        if resume is None and ckpt.list_checkpoints(self.run_dir):
+            raise ckpt.CheckpointError(f"{self.run_dir} already holds checkpoints; pass --resume auto to continue "
+                                       "that run, or choose another --out")
+        checkpoint = ckpt.resolve_resume(self.run_dir, resume, self.rank, warn=self.log) if resume else None
+
+        # model: initialised from the seed (a checkpoint overwrites the weights below)
+        seed_everything(tc.seed)
+        self.raw = self._build_model()
+        model_config = self.raw.config.to_dict()
+        if checkpoint is not None:
+            check_resume(config, checkpoint, model_config, self.world_size)
+        self.vocab_size = model_config["vocab_size"]
+
+        self._prepare_data(checkpoint)
+
+        # parallelism, then the optimizer over the (possibly sharded) parameters
+        self.model = self._parallelize()
+        self.optimizer = build_optimizer(self.model, tc, self.device)
+        self.scheduler = WarmupCosine(self.optimizer, tc)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.carry = dc.carry_state and hasattr(self.raw, "init_state")
+        self.state: MemoryState | None = self._fresh_state()
+        self.step_count, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        self.tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum_steps * self.world_size
+        self.resumed_from = checkpoint.path if checkpoint is not None else None
+
+    # ---- setup
+    def _init_distributed(self) -> None:
+        self.rank, self.world_size = 0, 1
+        parallel = self.config.distributed.parallel
+        if parallel == "none":
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise ValueError("started by torchrun with several processes but distributed.parallel is none; "
+                                 "add --parallel ddp or --parallel fsdp")
+            self.device = resolve_device(self.config.training.device)
+            return
+        from mm_rec.distributed import init_distributed
+
+        device_type = None if self.config.training.device == "auto" else torch.device(self.config.training.device).type
+        info = init_distributed(device_type)
+        self.rank, self.world_size, self.device = info.rank, info.world_size, info.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.config.distributed.parallel != "none"
+
+    def barrier(self) -> None:
+        if self.distributed and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    @property
+    def precision(self) -> str:
+        return resolve_precision(self.config.training.precision, self.device)
+
+    def _build_model(self) -> nn.Module:
+        if self.distributed and self.device.type == "cuda":  # a 7B model never exists in CPU memory
+            from mm_rec.distributed import init_model_on_device
+
+            return init_model_on_device(lambda: build_model(self.config), self.device)
+        return build_model(self.config).to(self.device)
+
+    def _prepare_data(self, checkpoint: ckpt.Checkpoint | None) -> None:
+        tc, dc = self.config.training, self.config.data
+        cache_dir = Path(dc.cache_dir) if dc.cache_dir else self.run_dir / "data"
+        source = resolve_source(dc.path)
+        if checkpoint is not None:
+            self.tokenizer = load_tokenizer(checkpoint.path) or ByteTokenizer()
+        else:  # a BPE tokenizer is trained once, by the main process; the others load it from the cache
+            self.tokenizer = self._main_first(
+                lambda: build_tokenizer(self.config, source, self.vocab_size, cache_dir, self.log))
+        if self.tokenizer.vocab_size > self.vocab_size:
+            raise ValueError(f"the {self.tokenizer.kind} tokenizer has {self.tokenizer.vocab_size} tokens but the "
+                             f"model's vocab_size is {self.vocab_size}; set model.vocab_size >= "
+                             f"{self.tokenizer.vocab_size}")
+        self.data = self._main_first(
+            lambda: prepare_tokens(source, self.tokenizer, cache_dir, dc.document_separator, dc.bin_dtype, self.log))
+        self.data.check_vocab(self.vocab_size)
+        if checkpoint is not None and checkpoint.trainer_state.get("data_digest") != self.data.digest:
+            raise ckpt.CheckpointError(f"the data changed since checkpoint {checkpoint.path} was written; "
+                                       "start a new run with another --out")
+        self.split = self.data.split_point(dc.val_fraction)
+        if dc.carry_state:
+            self.batcher = ContiguousStreams(self.data, 0, self.split, tc.batch_size, tc.seq_len,
+                                             rows=tc.batch_size * self.world_size, first_row=self.rank * tc.batch_size)
+        else:
+            self.batcher = RandomWindows(self.data, 0, self.split, tc.batch_size, tc.seq_len,
+                                         seed=tc.seed + 7919 * self.rank)
+        padding = [1] * (self.vocab_size - self.tokenizer.vocab_size)
+        self.token_bytes = torch.tensor(self.tokenizer.token_bytes() + padding)
+
+    def _main_first(self, fn):
+        """fn() on the main process, then on the others (which find its cached result)."""
+        if self.is_main:
+            result = fn()
+        self.barrier()
+        if not self.is_main:
+            result = fn()
+        return result
+
+    def _parallelize(self) -> nn.Module:
+        """Activation checkpointing, then DDP/FSDP (mm_rec.distributed, torchtitan's order)."""
+        tc, dist_cfg = self.config.training, self.config.distributed
+        if not self.distributed:
+            if hasattr(self.raw, "gradient_checkpointing"):
+                self.raw.gradient_checkpointing = tc.activation_checkpointing
+            return self.raw
+        from mm_rec.distributed import ParallelConfig, apply_parallelism
+
+        if self.precision == "fp16":
+            raise ValueError("multi-GPU runs support precision bf16 or fp32, not fp16")
+        parallel = ParallelConfig(mode=dist_cfg.parallel, activation_checkpointing=tc.activation_checkpointing,
+                                  ac_policy=dist_cfg.ac_policy, compile=dist_cfg.compile,
+                                  mixed_precision="bf16" if self.precision == "bf16" else "fp32",
+                                  reshard_after_forward=dist_cfg.reshard_after_forward)
+        return apply_parallelism(self.raw, parallel)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.distributed:  # apply_parallelism already runs the forward in the compute dtype
+            return contextlib.nullcontext()
+        return autocast_for(self.precision, self.device)
+
+    def _fresh_state(self) -> MemoryState | None:
+        return self.raw.init_state(self.config.training.batch_size, device=self.device) if self.carry else None
+
+    # ---- checkpoints
+    def _restore(self, checkpoint: ckpt.Checkpoint) -> None:
+        ckpt.load_weights(self.model, self.raw, checkpoint.path / ckpt.WEIGHTS, self.distributed)
+        ckpt.load_optimizer_state(self.model, self.optimizer, checkpoint.optimizer, self.distributed)
+        ts = checkpoint.trainer_state
+        self.scheduler.load_state_dict(ts["scheduler"])
+        if ts.get("scaler"):
+            self.scaler.load_state_dict(ts["scaler"])
+        self.step_count, self.tokens_seen = int(ts["step"]), int(ts["tokens_seen"])
+        self.elapsed_before = float(ts.get("elapsed_s", 0.0))
+        try:
+            self.batcher.load_state_dict(checkpoint.local["data"])
+        except (KeyError, ValueError) as err:
+            raise ckpt.CheckpointError(f"checkpoint {checkpoint.path}: the data position does not fit: {err}") from None
+        if self.carry and checkpoint.local.get("memory_state"):
+            self.state = MemoryState.from_state_dict(checkpoint.local["memory_state"]).to(self.device)
+        set_rng_state(checkpoint.local["rng"])
+
+    def save(self) -> Path:
+        """Write a checkpoint of the current step (every process calls this)."""
+        weights = ckpt.model_state(self.model, self.raw, self.distributed)
+        optimizer = ckpt.optimizer_state(self.model, self.optimizer, self.distributed)
+        trainer_state = dict(step=self.step_count, tokens_seen=self.tokens_seen, scheduler=self.scheduler.state_dict(),
+                             scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                             elapsed_s=self.elapsed, world_size=self.world_size, data_digest=self.data.digest)
+
+        def write_shared(folder: Path) -> None:
+            ckpt.save_weights(weights, folder / ckpt.WEIGHTS)
+            model_config = self.raw.config.to_dict()
+            if self.config.model_type != "mmrec":  # the save_pretrained layout of the baseline
+                model_config = {"model_type": self.config.model_type, **model_config}
+            (folder / ckpt.MODEL_CONFIG).write_text(json.dumps(model_config, indent=2) + "\n")
+            torch.save(optimizer, folder / ckpt.OPTIMIZER)
+            torch.save(trainer_state, folder / ckpt.TRAINER_STATE)
+            (folder / ckpt.RECIPE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+            self.tokenizer.save(folder)
+
+        def write_local(folder: Path) -> None:
+            memory = None if self.state is None else {k: v.cpu() for k, v in self.state.state_dict().items()}
+            local = dict(rng=rng_state(), data=self.batcher.state_dict(), memory_state=memory)
+            torch.save(local, folder / ckpt.rank_file(self.rank))
+
+        return ckpt.save_checkpoint(self.run_dir, self.step_count, write_shared, write_local,
+                                    self.config.training.keep_last, self.rank, self.barrier)
+
+    # ---- one step, one evaluation
+    def step(self) -> tuple[float, float, bool]:
+        """One optimizer step; returns (loss, gradient norm, applied)."""
+        tc = self.config.training
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(tc.grad_accum_steps):
+            batch = self.batcher.next_batch()
+            ids, labels = batch.input_ids.to(self.device), batch.labels.to(self.device)
+            if self.carry:
+                self.state.reset(batch.reset.to(self.device))
+            with _grad_sync(self.model, micro == tc.grad_accum_steps - 1), self._autocast():
+                out = self.model(ids, state=self.state, labels=labels, return_logits=False)
+            self.scaler.scale(out.loss / tc.grad_accum_steps).backward()
+            loss_sum += out.loss.detach().float()
+            if self.carry:
+                self.state = out.state.detach()
+        loss = loss_sum / tc.grad_accum_steps
+        if self.distributed and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG)
+        self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else math.inf)
+        # fp16: a non-finite gradient means the loss scale was too high, and the scaler skips the step itself
+        applied = bool(torch.isfinite(loss)) and (self.scaler.is_enabled() or bool(torch.isfinite(grad_norm)))
+        if applied:
+            self.scaler.step(self.optimizer)
+        elif self.carry:
+            self.state = self._fresh_state()  # do not carry NaN into the next batch
+        self.scaler.update()
+        if self.debug and self.is_main and (self.step_count == 0 or (self.step_count + 1) % tc.eval_interval == 0):
+            self.log(format_gradient_flow(gradient_flow(self.raw), f"gradient flow at step {self.step_count + 1}"))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step_count += 1
+        self.tokens_seen += self.tokens_per_step
+        return float(loss), float(grad_norm), applied
+
+    def evaluate(self) -> EvalResult:
+        tc = self.config.training
+        end = min(len(self.data), self.split + tc.eval_tokens)
+        return evaluate(self.model, self.data, self.split, end, tc.batch_size, tc.seq_len,
+                        self.raw.init_state if self.carry else None, self.token_bytes, self.device, self._autocast())
+
+    @property
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.start_time
+
+    # ---- the loop
+    def fit(self) -> TrainResult:
+        tc = self.config.training
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "recipe.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        logger = (MetricsLogger(self.run_dir, tc.tensorboard, self.step_count if self.resumed_from else None)
+                  if self.is_main else None)
+        self._describe()
+        detector = NonFiniteDetector(self.raw) if self.debug else None
+        if detector is not None:
+            detector.attach()
+        interrupted = threading.Event()
+        previous_handler = _on_sigint(interrupted, self.log)
+        bar = _progress(tc.max_steps, self.step_count) if self.is_main else None
+        last_loss, last_eval, last_checkpoint, nonfinite_run = None, None, None, 0
+        self.start_time = time.perf_counter()
+        try:
+            self.model.train()
+            while self.step_count < tc.max_steps and not interrupted.is_set():
+                t0 = time.perf_counter()
+                if detector is not None:
+                    detector.reset()
+                lr = self.scheduler.current_lr()
+                last_loss, grad_norm, applied = self.step()
+                step = self.step_count
+                row = dict(step=step, loss=last_loss, lr=lr, grad_norm=grad_norm, tokens=self.tokens_seen,
+                           tokens_per_s=self.tokens_per_step / (time.perf_counter() - t0), elapsed_s=self.elapsed)
+                nonfinite_run = 0 if applied else nonfinite_run + 1
+                if not applied:
+                    row["skipped"] = True
+                    where = detector.report() if detector is not None else "run with --debug to find the first module"
+                    _write(bar, f"step {step}: non-finite loss or gradient, update skipped "
+                                f"({nonfinite_run} in a row); {where}", self.log)
+                if logger is not None:
+                    logger.log(row)
+                _progress_update(bar, row, tc.log_interval, tc.max_steps, self.log)
+                if nonfinite_run >= tc.max_nonfinite_steps:
+                    raise NonFiniteError(
+                        f"training stopped at step {step}: {nonfinite_run} non-finite steps in a row "
+                        f"(loss {last_loss}). Lower training.lr, lengthen warmup, use precision bf16 or fp32, or run "
+                        "with --debug to find the first module producing NaN/Inf. The last good checkpoint stays in "
+                        f"{self.run_dir / ckpt.CHECKPOINTS}")
+                if step % tc.eval_interval == 0 or step == tc.max_steps:
+                    last_eval = self.evaluate()
+                    if logger is not None:
+                        logger.log(dict(step=step, **last_eval.as_row()))
+                    _write(bar, f"step {step}: val loss {last_eval.loss:.4f} | ppl {last_eval.perplexity:.2f} | "
+                                f"{last_eval.bits_per_byte:.4f} bits/byte", self.log)
+                if step % tc.save_interval == 0 or step == tc.max_steps or interrupted.is_set():
+                    last_checkpoint = self.save()
+        finally:
+            for closer in (bar, logger):
+                if closer is not None:
+                    closer.close()
+            if detector is not None:
+                detector.detach()
+            if previous_handler is not None:
+                signal.signal(signal.SIGINT, previous_handler)
+        if interrupted.is_set():
+            self.log(f"stopped at step {self.step_count}; checkpoint {last_checkpoint}; continue with --resume auto")
+        sample = None
+        if (self.is_main and tc.sample_tokens > 0 and not interrupted.is_set() and self.step_count > 0
+                and hasattr(self.raw, "generate_stream")):
+            self.log(f"sample ({tc.sample_tokens} tokens, temperature {tc.sample_temperature}, "
+                     f"top-k {tc.sample_top_k}):")
+            sample = generate_text(self.raw, self.tokenizer, tc.sample_prompt, tc.sample_tokens, tc.sample_temperature,
+                                   tc.sample_top_k, tc.seed, self.device, self._autocast(), echo=True)
+            (self.run_dir / "sample.txt").write_text(sample)
+        return TrainResult(self.run_dir, self.step_count, last_loss, last_eval, last_checkpoint, sample,
+                           interrupted.is_set())
+
+    def _describe(self) -> None:
+        tc, dc = self.config.training, self.config.data
+        n = sum(p.numel() for p in self.raw.parameters())
+        self.log(f"model: {type(self.raw).__name__}, {n / 1e6:.2f}M parameters | device {self.device} | "
+                 f"precision {self.precision} | processes {self.world_size}")
+        self.log(f"data: {self.data.description}: {len(self.data):,} {self.tokenizer.kind} tokens "
+                 f"({self.split:,} train, {len(self.data) - self.split:,} validation) | "
+                 f"{'contiguous streams, state carried' if dc.carry_state else 'random windows'} | "
+                 f"{self.tokens_per_step:,} tokens per step")
+        if self.resumed_from is not None:
+            self.log(f"resumed from {self.resumed_from} at step {self.step_count} ({self.tokens_seen:,} tokens seen)")
+        if self.step_count >= tc.max_steps:
+            self.log(f"already at step {self.step_count} >= max_steps {tc.max_steps}: nothing to train")
+
+
+# ---------------------------------------------------------------------- small helpers
+def _grad_sync(model: nn.Module, sync: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch (DDP no_sync / FSDP2)."""
+    if hasattr(model, "no_sync") and not sync:
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+def _on_sigint(flag: threading.Event, log):
+    """Ctrl-C finishes the current step, saves a checkpoint and stops; a second Ctrl-C aborts."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        if flag.is_set():
+            raise KeyboardInterrupt
+        flag.set()
+        log("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to abort)")
+
+    return signal.signal(signal.SIGINT, handler)
+
+
+def _progress(total: int, initial: int):
+    """A tqdm bar on an interactive terminal; None elsewhere (log lines instead)."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+
+def _progress_update(bar, row: dict, log_interval: int, max_steps: int, log) -> None:
+    due = row["step"] % log_interval == 0 or row["step"] == max_steps
+    if bar is not None:
+        bar.update(1)
+        if due:
+            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:,.0f}")
+    elif due:
+        log(f"step {row['step']}/{max_steps} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
+            f"{row['tokens_per_s']:,.0f} tok/s | {row['elapsed_s']:.0f} s")
+
+
+def _write(bar, text: str, log) -> None:
+    if bar is not None:
+        bar.write(text)
+    else:
+        log(text)
