@@ -28,7 +28,13 @@ EXIT_INTERRUPTED = 130
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+    """Examples kept as written; defaults shown where there is one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        default = action.default
+        if default is None or default is False or default is argparse.SUPPRESS or default in ("", []):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 # ---------------------------------------------------------------------- train
@@ -307,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="carry the memory state across windows (default: as in training)")
     p.add_argument("--bin-dtype", default="uint16", choices=["uint8", "uint16", "int32", "uint32"],
                    help="element type of a .bin file")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast dtype; auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     from mm_rec.evaluation import add_eval_task_arguments
 
@@ -318,12 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="  mmrec generate --checkpoint runs/x --prompt 'def ' --max-new-tokens 200 --seed 0")
     p.add_argument("--checkpoint", required=True, help="run folder (its newest checkpoint) or checkpoint folder")
     p.add_argument("--prompt", default="", help="text to continue (empty: a newline)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens")
     p.add_argument("--top-p", type=float, help="nucleus sampling threshold")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast dtype; auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     p.set_defaults(func=cmd_generate)
 
