@@ -70,13 +70,6 @@ def _yaml_value(value: object) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from mm_rec.training.trainer import NonFiniteError, train
 
-    config = _recipe(args, {"data.path": args.data, "training.seed": args.seed, "training.max_steps": args.max_steps,
-                            "training.device": args.device, "distributed.parallel": args.parallel})
-    if args.print_config:
-        import yaml
-
-        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
-        return 0
     out = args.out
     if out is None and args.resume == "auto":
         raise ValueError("--resume auto needs --out RUN_DIR (the run to continue)")
@@ -86,6 +79,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if out is None:
         name = Path(args.config).stem if args.config else "tiny"
         out = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.resume is not None and args.config is None:  # continue with the recipe the run was started with
+        args.config = _run_recipe(Path(out), args.resume)
+    config = _recipe(args, {"data.path": args.data, "training.seed": args.seed, "training.max_steps": args.max_steps,
+                            "training.device": args.device, "distributed.parallel": args.parallel})
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        return 0
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
     say = print if main_process else (lambda *_: None)
     say(f"run folder: {out}")
@@ -111,6 +113,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_INTERRUPTED if result.interrupted else 0
 
 
+def _run_recipe(run_dir: Path, resume: str) -> str | None:
+    """recipe.json of the checkpoint to resume (newest first for auto), else of the run folder."""
+    from mm_rec.training.checkpoint import RECIPE, is_checkpoint, list_checkpoints
+
+    path = Path(resume)
+    folders = [path] if resume != "auto" and is_checkpoint(path) else list_checkpoints(run_dir)[::-1]
+    for folder in [*folders, run_dir]:
+        if (folder / RECIPE).is_file():
+            return str(folder / RECIPE)
+    return None
+
+
 # ---------------------------------------------------------------------- eval
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.task:
@@ -119,12 +133,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return run_eval_task(args)
     if not args.checkpoint:
         raise ValueError("mmrec eval needs --checkpoint DIR (and --data PATH), or --task mqar|passkey")
-    import torch
 
     from mm_rec.data.cache import tokenize_in_memory
     from mm_rec.data.corpus import resolve_source
     from mm_rec.training.evaluate import evaluate
-    from mm_rec.training.trainer import autocast_for, load_for_inference, resolve_device
+    from mm_rec.training.trainer import autocast_for, load_for_inference, resolve_device, token_bytes_table
 
     device = resolve_device(args.device or "auto")
     model, tokenizer, model_dir = load_for_inference(args.checkpoint, device)
@@ -151,7 +164,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     batch_size = args.batch_size or train_cfg.get("batch_size", 8)
     carry = args.carry_state if args.carry_state is not None else data_cfg.get("carry_state", True)
     autocast = autocast_for(args.precision, device)
-    token_bytes = torch.tensor(tokenizer.token_bytes() + [1] * (vocab_size - tokenizer.vocab_size))
+    token_bytes = token_bytes_table(tokenizer, vocab_size)
     init_state = model.init_state if carry and hasattr(model, "init_state") else None
     result = evaluate(model, data, start, end, batch_size, seq_len, init_state, token_bytes, device, autocast)
     print(f"{model_dir} on {what}: {result.tokens:,} tokens ({result.bytes:,} bytes), "

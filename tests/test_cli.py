@@ -221,3 +221,28 @@ def test_nonfinite_run_exits_with_1(text_file, tmp_path, capsys, monkeypatch):
 
 def test_resume_auto_needs_the_run_folder(capsys):
     assert_one_line_error(*run(capsys, "train", "--resume", "auto")[::2], "--resume auto needs --out")
+
+
+def test_resume_without_config_uses_the_runs_recipe(trained, capsys):
+    code, out, err = run(capsys, "train", "--out", trained, "--resume", "auto", "--max-steps", 5)
+    assert code == 0, err
+    assert "resumed from" in out and [r["step"] for r in read_metrics(trained) if "loss" in r] == [1, 2, 3, 4, 5]
+    checkpoint = ckpt.list_checkpoints(trained)[0]
+    code, out, err = run(capsys, "train", "--resume", checkpoint, "--max-steps", 3)  # rewind to step 2, out inferred
+    assert code == 0 and f"resumed from {checkpoint}" in out, err
+    assert [p.name for p in ckpt.list_checkpoints(trained)] == ["step_00000002", "step_00000003"]  # one timeline
+
+
+def test_small_byte_vocabulary_for_ascii_text(tmp_path, capsys):
+    ascii_text = tmp_path / "ascii.txt"
+    ascii_text.write_text("the quick brown fox jumps over the lazy dog\n" * 100)
+    code, _, err = run(capsys, *train_args(ascii_text, tmp_path / "r", 2), "model.vocab_size=128")
+    assert code == 0, err
+    code, out, err = run(capsys, "generate", "--checkpoint", tmp_path / "r", "--prompt", "fox", "--max-new-tokens", 5)
+    assert code == 0 and out.startswith("fox"), err
+    assert_one_line_error(*run(capsys, "generate", "--checkpoint", tmp_path / "r", "--prompt", "fuchs ü")[::2],
+                          "token ids must lie in [0, 128)")
+    latin = tmp_path / "latin.txt"
+    latin.write_text("grüße " * 200)
+    assert_one_line_error(*run(capsys, *train_args(latin, tmp_path / "r2", 2), "model.vocab_size=128")[::2],
+                          "token id 195")

@@ -11,7 +11,8 @@
 A checkpoint is written under a temporary name, every file fsync'ed, and renamed into place,
 so a folder named step_XXXXXXXX is complete; a damaged one (truncated file, size mismatch,
 unreadable content) is detected on load and `--resume auto` falls back to the previous one.
-Only the newest `keep_last` checkpoints are kept.
+Only the newest `keep_last` checkpoints are kept, and a run resumed from an older checkpoint
+drops the newer ones of the abandoned attempt when it writes its first checkpoint.
 """
 
 from __future__ import annotations
@@ -52,7 +53,11 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    return sorted(found, key=_step)
+
+
+def _step(path: Path) -> int:
+    return int(path.name[len(PREFIX):])
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -81,7 +86,9 @@ def save_checkpoint(run_dir: str | Path, step: int, write_shared: Callable[[Path
         if rank == 0:
             write_shared(tmp)
             _commit(tmp, final, step)
-            for stale in list_checkpoints(run_dir)[:-keep_last]:
+            found = list_checkpoints(run_dir)
+            abandoned = [p for p in found if _step(p) > step]  # a run resumed from an older checkpoint
+            for stale in abandoned + [p for p in found if _step(p) <= step][:-keep_last]:
                 shutil.rmtree(stale, ignore_errors=True)
     except BaseException:
         if rank == 0:

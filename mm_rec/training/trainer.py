@@ -116,6 +116,12 @@ def build_tokenizer(config: RunConfig, source: Source, vocab_size: int, cache_di
     return BPETokenizer.from_file(spec)
 
 
+def token_bytes_table(tokenizer: Tokenizer, vocab_size: int) -> torch.Tensor:
+    """[vocab_size] bytes of text per token id (ids the tokenizer never makes count 1)."""
+    table = tokenizer.token_bytes()[:vocab_size]
+    return torch.tensor(table + [1] * (vocab_size - len(table)))
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
@@ -219,12 +225,8 @@ def load_for_inference(path: str | Path, device: torch.device) -> tuple[nn.Modul
         raise ValueError(f"could not load weights from {model_dir / ckpt.WEIGHTS}: {err}") from None
     model.to(device).eval()
     vocab_size = model.config.vocab_size
-    tokenizer = load_tokenizer(model_dir)
-    if tokenizer is None:
-        if vocab_size < 256:
-            raise ValueError(f"{model_dir} holds no tokenizer and its vocab_size {vocab_size} is too small for bytes")
-        tokenizer = ByteTokenizer()
-    if tokenizer.vocab_size > vocab_size:
+    tokenizer = load_tokenizer(model_dir) or ByteTokenizer()  # bytes: a small vocabulary may still fit ASCII
+    if tokenizer.kind != "byte" and tokenizer.vocab_size > vocab_size:
         raise ValueError(f"{model_dir}: the tokenizer has {tokenizer.vocab_size} tokens, the model only {vocab_size}")
     return model, tokenizer, model_dir
 
@@ -360,7 +362,8 @@ class Trainer:
         else:  # a BPE tokenizer is trained once, by the main process; the others load it from the cache
             self.tokenizer = self._main_first(
                 lambda: build_tokenizer(self.config, source, self.vocab_size, cache_dir, self.log))
-        if self.tokenizer.vocab_size > self.vocab_size:
+        # a byte-level model may have fewer than 256 ids (ASCII text): the data's largest id is checked below
+        if self.tokenizer.kind != "byte" and self.tokenizer.vocab_size > self.vocab_size:
             raise ValueError(f"the {self.tokenizer.kind} tokenizer has {self.tokenizer.vocab_size} tokens but the "
                              f"model's vocab_size is {self.vocab_size}; set model.vocab_size >= "
                              f"{self.tokenizer.vocab_size}")
@@ -377,8 +380,7 @@ class Trainer:
         else:
             self.batcher = RandomWindows(self.data, 0, self.split, tc.batch_size, tc.seq_len,
                                          seed=tc.seed + 7919 * self.rank)
-        padding = [1] * (self.vocab_size - self.tokenizer.vocab_size)
-        self.token_bytes = torch.tensor(self.tokenizer.token_bytes() + padding)
+        self.token_bytes = token_bytes_table(self.tokenizer, self.vocab_size)
 
     def _main_first(self, fn):
         """fn() on the main process, then on the others (which find its cached result)."""
@@ -568,13 +570,16 @@ class Trainer:
         if interrupted.is_set():
             self.log(f"stopped at step {self.step_count}; checkpoint {last_checkpoint}; continue with --resume auto")
         sample = None
-        if (self.is_main and tc.sample_tokens > 0 and not interrupted.is_set() and self.step_count > 0
+        # FSDP forwards are collective: every process samples (the same tokens), the main one prints
+        sampling = self.is_main or self.config.distributed.parallel == "fsdp"
+        if (sampling and tc.sample_tokens > 0 and not interrupted.is_set() and self.step_count > 0
                 and hasattr(self.raw, "generate_stream")):
             self.log(f"sample ({tc.sample_tokens} tokens, temperature {tc.sample_temperature}, "
                      f"top-k {tc.sample_top_k}):")
             sample = generate_text(self.raw, self.tokenizer, tc.sample_prompt, tc.sample_tokens, tc.sample_temperature,
-                                   tc.sample_top_k, tc.seed, self.device, self._autocast(), echo=True)
-            (self.run_dir / "sample.txt").write_text(sample)
+                                   tc.sample_top_k, tc.seed, self.device, self._autocast(), echo=self.is_main)
+            if self.is_main:
+                (self.run_dir / "sample.txt").write_text(sample)
         return TrainResult(self.run_dir, self.step_count, last_loss, last_eval, last_checkpoint, sample,
                            interrupted.is_set())
 

@@ -1,0 +1,36 @@
+"""`mmrec train --parallel fsdp` under torchrun: two CPU processes (gloo), a save, a resume in a
+new launch, and a checkpoint that one process can evaluate (the weights are stored unsharded)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mm_rec.cli import main
+
+from .conftest import TINY, read_metrics
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def torchrun_train(data, out, steps, *extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mm_rec",
+           "train", "--parallel", "fsdp", "--data", str(data), "--max-steps", str(steps), "--out", str(out), *extra,
+           "--set", *TINY, "model.num_layers=2", "training.save_interval=2", "training.sample_tokens=8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_fsdp_training_resumes_and_saves_full_weights(text_file, tmp_path, capsys):
+    out = torchrun_train(text_file, tmp_path / "run", 2)
+    assert out.count("run folder:") == 1  # only rank 0 reports
+    out = torchrun_train(text_file, tmp_path / "run", 4, "--resume", "auto")
+    assert "resumed from" in out and "step_00000002" in out
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if "loss" in r] == [1, 2, 3, 4]
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--max-tokens", "500"]) == 0
+    assert "bits per byte" in capsys.readouterr().out
