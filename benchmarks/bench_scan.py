@@ -1,11 +1,13 @@
 """GPU benchmark of the associative scan h_t = exp(log_a_t) * h_{t-1} + b_t (Triton kernels).
 
 Times, in one run, per shape [B, T, D] (b bf16, h_0 fp32; log_a fp32 as the model hands it
-over, and bf16):
-  * the Triton scan (`mm_rec.ops.scan_triton`), forward and forward+backward through autograd;
+over, and bf16), forward and forward+backward:
+  * the Triton scan through autograd as eager code calls it (`mm_rec.ops.scan_triton`), through
+    the registered operator `mm_rec::scan_fwd` (what torch.compile graphs call), and the raw
+    kernel launches without autograd, with the host time each forward+backward takes to issue;
   * a device-to-device copy moving the same bytes as the forward (log_a + b read, h written),
     the bandwidth ceiling the forward is measured against;
-  * the PyTorch backend (`backend="torch"`), forward and forward+backward.
+  * the PyTorch backend (`backend="torch"`).
 Bandwidth counts the bytes each pass must move: forward log_a + b read and h written; backward
 dh, log_a and h read and db, d log_a written. Prints a Markdown table with the device and the
 date. `--variants` also times the raw kernels under several launch configurations and chunk
@@ -29,22 +31,18 @@ import triton
 from mm_rec.core.associative_scan import associative_scan_exponential
 from mm_rec.ops import scan_triton as st
 
-# Launch configurations tried by --variants (elements per thread, warps, steps loaded ahead,
-# L2 prefetch distance in steps).
+# Launch configurations tried by --variants (elements per thread, warps, steps loaded ahead).
 FWD_VARIANTS = [
-    {"EPT": 4, "num_warps": 1, "U": 16, "PF": 0},
-    {"EPT": 4, "num_warps": 1, "U": 32, "PF": 0},
-    {"EPT": 2, "num_warps": 1, "U": 32, "PF": 0},
-    {"EPT": 4, "num_warps": 2, "U": 16, "PF": 0},
-    {"EPT": 4, "num_warps": 1, "U": 16, "PF": 64},
-    {"EPT": 2, "num_warps": 1, "U": 32, "PF": 64},
+    {"EPT": 4, "num_warps": 1, "U": 16},
+    {"EPT": 4, "num_warps": 1, "U": 32},
+    {"EPT": 2, "num_warps": 1, "U": 32},
+    {"EPT": 4, "num_warps": 2, "U": 16},
 ]
 BWD_VARIANTS = [
-    {"EPT": 4, "num_warps": 1, "U": 16, "PF": 0},
-    {"EPT": 2, "num_warps": 1, "U": 16, "PF": 0},
-    {"EPT": 2, "num_warps": 1, "U": 32, "PF": 0},
-    {"EPT": 1, "num_warps": 1, "U": 32, "PF": 0},
-    {"EPT": 2, "num_warps": 1, "U": 16, "PF": 64},
+    {"EPT": 4, "num_warps": 1, "U": 16},
+    {"EPT": 2, "num_warps": 1, "U": 16},
+    {"EPT": 2, "num_warps": 1, "U": 32},
+    {"EPT": 1, "num_warps": 1, "U": 32},
 ]
 CHUNK_COUNTS = [1, 2, 4, 8, 16]
 
@@ -96,9 +94,22 @@ def copy_ms(n_bytes: int) -> float:
     return time_ms(lambda: dst.copy_(src))
 
 
-def time_scan(fn, log_a, b, h0) -> tuple[float, float]:
-    """(forward ms, forward+backward ms) of fn(log_a, b, h0) -> (h, final), the backward from a
-    random dh."""
+def host_ms(fn, leaves=(), calls: int = 10) -> float:
+    """Host (CPU) milliseconds to issue one fn() call, the GPU left to run behind."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        for leaf in leaves:
+            leaf.grad = None
+        fn()
+    ms = (time.perf_counter() - start) / calls * 1e3
+    torch.cuda.synchronize()
+    return ms
+
+
+def time_scan(fn, log_a, b, h0) -> tuple[float, float, float]:
+    """(forward ms, forward+backward ms, host ms per forward+backward) of fn(log_a, b, h0) ->
+    (h, final) through autograd, the backward from a random dh."""
     with torch.no_grad():
         fwd = time_ms(lambda: fn(log_a, b, h0))
     leaves = [t.detach().clone().requires_grad_() for t in (log_a, b, h0)]
@@ -108,7 +119,18 @@ def time_scan(fn, log_a, b, h0) -> tuple[float, float]:
         h, _ = fn(*leaves)
         torch.autograd.backward([h], [dh])
 
-    return fwd, time_ms(step, leaves)
+    return fwd, time_ms(step, leaves), host_ms(step, leaves)
+
+
+def time_kernels(log_a, b, h0) -> tuple[float, float, float]:
+    """time_scan's numbers for the raw kernel launches, without autograd."""
+    dh, d_final = torch.randn_like(b), torch.randn_like(h0)
+
+    def step():
+        h, _ = st.launch_fwd(log_a, b, h0)
+        st.launch_bwd(dh, d_final, log_a, h, h0)
+
+    return time_ms(lambda: st.launch_fwd(log_a, b, h0)), time_ms(step), host_ms(step)
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -116,7 +138,7 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def config_name(cfg: dict) -> str:
-    return f"EPT {cfg['EPT']}, {cfg['num_warps']} warp(s), U {cfg['U']}, PF {cfg['PF']}"
+    return f"EPT {cfg['EPT']}, {cfg['num_warps']} warp(s), U {cfg['U']}"
 
 
 def time_variants(log_a, b, h0) -> list[tuple[str, str, float, float, float]]:
@@ -168,26 +190,29 @@ def main() -> None:
                 jobs |= {(pass_, D, torch.float32, tuple(c.items()), 1) for c in variants if n == 1}
                 jobs |= {(pass_, D, torch.float32, None, min(k, 2)) for k in CHUNK_COUNTS}
     # Longest compiles (most steps unrolled) first.
-    jobs = sorted(jobs, key=lambda job: (-dict(job[3] or st._FWD_CONFIG)["U"], str(job)))
+    jobs = sorted(jobs, key=lambda job: (-dict(job[3] or st._BWD_CONFIG)["U"], str(job)))
     precompile([(p, D, dt, dict(c) if c else None, n) for p, D, dt, c, n in jobs])
 
     results = []
     for B, T, D in shapes:
         log_a, b, h0 = make_inputs(B, T, D)
         shape = f"[{B}, {T}, {D}]"
-        methods = [("Triton", log_a, st.scan_triton), ("Triton", log_a.bfloat16(), st.scan_triton)]
+        eager, operator = "Triton, eager (autograd.Function)", "Triton, registered operator (autograd)"
+        methods = [(eager, log_a, st.scan_triton),
+                   (operator, log_a, lambda *x: torch.ops.mm_rec.scan_fwd(*x)),
+                   ("Triton kernels alone (no autograd)", log_a, None),
+                   (eager, log_a.bfloat16(), st.scan_triton)]
         if not args.no_torch:
-            methods.append(("PyTorch backend", log_a,
-                            lambda *x: associative_scan_exponential(*x, backend="torch")))
+            methods.append(("PyTorch backend", log_a, lambda *x: associative_scan_exponential(*x, backend="torch")))
         for name, la, fn in methods:
             fwd_bytes = nbytes(la, b, b)  # h is written in b's dtype
             # backward: dh, log_a, h read; db, d log_a written
             both_bytes = fwd_bytes + nbytes(b, la, b, b, la)
             copy = copy_ms(fwd_bytes)
-            fwd, both = time_scan(fn, la, b, h0)
+            fwd, both, host = time_scan(fn, la, b, h0) if fn else time_kernels(la, b, h0)
             dtypes = f"log_a {str(la.dtype)[6:]}, b bf16"
             results.append((name, shape, dtypes, fwd, fwd_bytes / fwd / 1e9, copy, fwd_bytes / copy / 1e9,
-                            both, both_bytes / both / 1e9))
+                            both, both_bytes / both / 1e9, host))
             print("measured:", *results[-1], flush=True)
         del log_a, b, h0
         torch.cuda.empty_cache()
@@ -213,11 +238,11 @@ def print_results(results: list[tuple]) -> None:
           "written (forward), plus dh, log_a, h read and db, d log_a written (backward). "
           "% copy = forward TB/s over a device-to-device copy of the forward's bytes in the same run.\n")
     print("| method | shape [B, T, D] | dtypes | forward (ms) | forward TB/s | copy (ms) | copy TB/s | % copy "
-          "| fwd+bwd (ms) | fwd+bwd TB/s |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for name, shape, dtypes, fwd, fwd_tbs, copy, copy_tbs, both, both_tbs in results:
+          "| fwd+bwd (ms) | fwd+bwd TB/s | host ms per fwd+bwd |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, shape, dtypes, fwd, fwd_tbs, copy, copy_tbs, both, both_tbs, host in results:
         print(f"| {name} | {shape} | {dtypes} | {fwd:.3f} | {fwd_tbs:.2f} | {copy:.3f} | {copy_tbs:.2f} | "
-              f"{100 * fwd_tbs / copy_tbs:.0f}% | {both:.3f} | {both_tbs:.2f} |")
+              f"{100 * fwd_tbs / copy_tbs:.0f}% | {both:.3f} | {both_tbs:.2f} | {host:.3f} |")
 
 
 if __name__ == "__main__":

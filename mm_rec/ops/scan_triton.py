@@ -9,7 +9,8 @@ steps, the state in registers in the accumulation dtype (fp32; float64 for float
 * each step loads one contiguous [BLOCK_D] row segment per tensor (coalesced along D) and
   issues the loads `U` steps ahead of their use from a ring of register slots, so that
   ~U * BLOCK_D * (bytes per element) are in flight per program: the scan is bound by memory
-  latency times bytes in flight, not by its one FMA per element;
+  latency times bytes in flight, not by its one FMA per element (ptxas issues the U refills of
+  a group together, so each group's loads overlap the previous group's arithmetic);
 * only a = exp(log_a) <= 1 is ever formed, never a difference of cumulative logs, so every
   exponent is <= 0;
 * when B * D channels are too few to keep the GPU's memory system busy (B = 1 shapes), T is
@@ -26,38 +27,34 @@ b's dtype) and stores nothing else: no extra tensor is saved for it. The same ch
 with the chunks scanned right to left.
 
 T is a run-time argument the compiler does not specialise on: no recompilation when T changes.
-All element offsets are 64-bit (T up to 2^20 and beyond); the grid is (B * D-blocks, chunks).
+D is a compile-time constant (one compile per model width): the U row offsets u * D become
+immediates of the load instructions instead of 64-bit addresses held in registers, which halved
+the registers per thread (228 -> 122 at U = 16). Element offsets are 64-bit (T up to 2^20 and
+beyond); the grid is (B * D-blocks, chunks), far inside CUDA's limits.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-# Launch parameters: elements per thread (EPT), warps, steps loaded ahead (U) and L2 prefetch
-# distance in steps (PF, 0 = none); chosen by benchmarks/bench_scan.py on an H100.
-_FWD_CONFIG = {"EPT": 4, "num_warps": 1, "U": 16, "PF": 0}
-_BWD_CONFIG = {"EPT": 4, "num_warps": 1, "U": 16, "PF": 0}
-# Channel streams (B * D * n_chunks) per multiprocessor wanted before T is cut into chunks, and
-# the bounds on chunking (the carry kernel holds all chunks of a channel block in registers).
-_STREAMS_PER_SM = 128
+# Launch parameters: elements per thread (EPT), warps per program, steps loaded ahead (U); chosen
+# by benchmarks/bench_scan.py --variants on an H100 (docs/benchmarks.md).
+_FWD_CONFIG = {"EPT": 2, "num_warps": 1, "U": 32}
+_BWD_CONFIG = {"EPT": 2, "num_warps": 1, "U": 32}
+# Chunking along T (H100 measurements): a single pass keeps the memory system busy from about
+# 120 channel streams (B * D) per multiprocessor; below that, T is cut into chunks until there
+# are about 480 streams (B * D * n_chunks) per multiprocessor, in chunks of at least
+# _MIN_CHUNK_LEN steps and at most _MAX_CHUNKS (the carry kernel holds all chunks in registers).
+_SINGLE_PASS_STREAMS_PER_SM = 120
+_CHUNKED_STREAMS_PER_SM = 480
 _MIN_CHUNK_LEN = 512
 _MAX_CHUNKS = 64
 _CARRY_BLOCK_D = 64
 _ASSUMED_SMS = 132  # without a GPU (interpreter): an H100's count
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
-
-
-@triton.jit
-def _prefetch_l2(ptrs, mask):
-    """Hint that the lines at ptrs will be read soon (fills L2; no register waits on it)."""
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; }\n\tmov.u32 $0, 0;",
-        "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -71,7 +68,7 @@ def _scan_fwd_kernel(
     log_a_ptr, b_ptr, init_ptr,  # [B, T, D], [B, T, D], [B, n_chunks, D] state entering each chunk
     h_ptr, last_ptr, prod_ptr,  # outputs, see below
     T, chunk_len, n_chunks, first_chunk,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, U: tl.constexpr, PF: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, U: tl.constexpr,
     HAS_INIT: tl.constexpr, AGG: tl.constexpr, ACC: tl.constexpr,
 ):
     """Scan of chunk `first_chunk + program_id(1)` for BLOCK_D channels of one batch row.
@@ -92,7 +89,8 @@ def _scan_fwd_kernel(
         h = tl.load(init_ptr + chunk_off + d, mask=dmask, other=0.0).to(ACC)
     else:
         h = tl.zeros([BLOCK_D], ACC)
-    p = tl.full([BLOCK_D], 1.0, ACC)
+    if AGG:
+        p = tl.full([BLOCK_D], 1.0, ACC)  # decay product of the chunk
     row = (bidx.to(tl.int64) * T + t0) * D  # element offset of (bidx, t0, 0)
     pa = log_a_ptr + row  # scalar pointers to the current group of U steps
     pb = b_ptr + row
@@ -118,10 +116,6 @@ def _scan_fwd_kernel(
             m = dmask & (s0 + u + U < n_steps)
             las = las[:u] + (tl.load(pa + (u + U) * D + d, mask=m, other=0.0),) + las[u + 1:]
             bs = bs[:u] + (tl.load(pb + (u + U) * D + d, mask=m, other=0.0),) + bs[u + 1:]
-            if PF > 0:
-                m = dmask & (s0 + u + PF < n_steps)
-                _prefetch_l2(pa + (u + PF) * D + d, m)
-                _prefetch_l2(pb + (u + PF) * D + d, m)
         pa += U * D
         pb += U * D
         if not AGG:
@@ -139,7 +133,7 @@ def _scan_bwd_kernel(
     dh_ptr, log_a_ptr, h_ptr, h0_ptr, init_ptr,  # [B,T,D] x3, h_0 [B, D], [B, n_chunks, D] x entering
     db_ptr, dla_ptr, first_ptr, prod_ptr,  # outputs, see below
     T, chunk_len, n_chunks, first_chunk,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, U: tl.constexpr, PF: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, U: tl.constexpr,
     HAS_INIT: tl.constexpr, HAS_H0: tl.constexpr, AGG: tl.constexpr, ACC: tl.constexpr,
 ):
     """Reverse scan of chunk `first_chunk + program_id(1)`, x = a_{t+1} g_{t+1} entering from
@@ -162,7 +156,8 @@ def _scan_bwd_kernel(
         x = tl.load(init_ptr + chunk_off + d, mask=dmask, other=0.0).to(ACC)
     else:
         x = tl.zeros([BLOCK_D], ACC)
-    p = tl.full([BLOCK_D], 1.0, ACC)
+    if AGG:
+        p = tl.full([BLOCK_D], 1.0, ACC)  # decay product of the chunk
     if HAS_H0 and not AGG:
         h0 = tl.load(h0_ptr + bidx.to(tl.int64) * D + d, mask=dmask, other=0.0).to(ACC)
     else:
@@ -205,12 +200,6 @@ def _scan_bwd_kernel(
             if not AGG:
                 m = m & (last - i0 - u - U >= 1)
                 hps = hps[:u] + (tl.load(ph - (u + U) * D + d, mask=m, other=0.0),) + hps[u + 1:]
-            if PF > 0:
-                m = dmask & (i0 + u + PF < n_steps)
-                _prefetch_l2(pdh - (u + PF) * D + d, m)
-                _prefetch_l2(pla - (u + PF) * D + d, m)
-                if not AGG:
-                    _prefetch_l2(ph - (u + PF) * D + d, m & (last - i0 - u - PF >= 1))
         pdh -= U * D
         pla -= U * D
         if not AGG:
@@ -266,23 +255,20 @@ def _acc_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def num_chunks(B: int, T: int, D: int, device: torch.device) -> int:
-    """Chunks along T: enough for B * D * n_chunks to reach `_STREAMS_PER_SM` channel streams per
-    multiprocessor, with chunks of at least `_MIN_CHUNK_LEN` steps and at most `_MAX_CHUNKS`."""
+    """Chunks along T: one where B * D channel streams fill the GPU (the single pass reads the
+    inputs once), else enough for about `_CHUNKED_STREAMS_PER_SM` streams per multiprocessor."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else _ASSUMED_SMS
-    wanted = triton.cdiv(sms * _STREAMS_PER_SM, B * D)
+    if B * D >= sms * _SINGLE_PASS_STREAMS_PER_SM:
+        return 1
+    wanted = triton.cdiv(sms * _CHUNKED_STREAMS_PER_SM, B * D)
     return max(1, min(wanted, T // _MIN_CHUNK_LEN, _MAX_CHUNKS))
 
 
 def _launch_args(config: dict, D: int) -> tuple[int, dict]:
-    """(BLOCK_D, kernel meta-parameters) for a config {EPT, num_warps, U, PF}."""
+    """(BLOCK_D, kernel meta-parameters) for a config {EPT, num_warps, U}."""
     block_d = min(config["EPT"] * 32 * config["num_warps"], max(16, triton.next_power_of_2(D)))
-    meta = {"U": config["U"], "PF": 0 if _interpreted() else config["PF"], "num_warps": config["num_warps"]}
-    return block_d, meta
+    return block_d, {"U": config["U"], "num_warps": config["num_warps"]}
 
 
 def _chunking(B: int, T: int, D: int, device: torch.device, n_chunks: int | None) -> tuple[int, int]:
@@ -398,13 +384,35 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(log_a, h, h0)
 
 
-def _backward(ctx, dh, d_final):
+def _grads(ctx, dh, d_final, bwd):
     log_a, h, h0 = ctx.saved_tensors
-    d_log_a, db, dh0 = torch.ops.mm_rec.scan_bwd(dh, d_final, log_a, h, h0)
+    d_log_a, db, dh0 = bwd(dh, d_final, log_a, h, h0)
     return d_log_a, db, dh0.to(ctx.h0_dtype) if h0 is not None else None
 
 
+def _backward(ctx, dh, d_final):
+    return _grads(ctx, dh, d_final, torch.ops.mm_rec.scan_bwd)
+
+
 scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _ScanFunction(torch.autograd.Function):
+    """The operators' forward and backward without the custom-operator dispatch, for eager mode,
+    where host time shows: a forward+backward through autograd costs 0.6-1.2 ms of CPU time on
+    the H100 machine, as long as the kernels at [8, 2048, 4096]. The operator dispatch adds
+    ~0.1 ms of it (measured 183 against 69 us per call on a CPU, kernels stubbed out; 0.879
+    against 0.793 ms fwd+bwd at [4, 8192, 2048] on the H100, docs/benchmarks.md)."""
+
+    @staticmethod
+    def forward(ctx, log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None):
+        h, final = launch_fwd(log_a, b, h0)
+        _setup_context(ctx, (log_a, b, h0), (h, final))
+        return h, final
+
+    @staticmethod
+    def backward(ctx, dh: torch.Tensor, d_final: torch.Tensor):
+        return _grads(ctx, dh, d_final, launch_bwd)
 
 
 def scan_triton(
@@ -428,5 +436,11 @@ def scan_triton(
     B, T = b.shape[:2]
     features = b.shape[2:]
     flat_h0 = initial_state.reshape(B, -1) if initial_state is not None else None
-    h, final = torch.ops.mm_rec.scan_fwd(log_a.reshape(B, T, -1), b.reshape(B, T, -1), flat_h0)
+    args = (log_a.reshape(B, T, -1), b.reshape(B, T, -1), flat_h0)
+    # torch.compile sees the registered operators (opaque graph nodes); eager mode runs the same
+    # kernels through a plain autograd.Function, which costs less host time per call.
+    if torch.compiler.is_compiling():
+        h, final = torch.ops.mm_rec.scan_fwd(*args)
+    else:
+        h, final = _ScanFunction.apply(*args)
     return h.reshape(b.shape), final.reshape(B, *features)
