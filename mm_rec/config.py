@@ -43,6 +43,7 @@ class MMRecConfig:
     log_clamp_min: float = -50.0
     log_clamp_max: float = 0.0
     gate_input: str = "state"  # "state": sigma(h_{t-1} W_g); "input": sigma(z_t W_g) ablation
+    dropout: float = 0.0  # residual dropout on each branch's output (training only; small-data recipes)
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -81,6 +82,7 @@ class MMRecConfig:
              "log_clamp_min", f"must be < log_clamp_max={self.log_clamp_max}")
         need(math.log(self.decay_init) >= self.log_clamp_min, "decay_init",
              f"log(decay_init) must be >= log_clamp_min={self.log_clamp_min}")
+        need(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         need(self.gate_input in GATE_INPUTS, "gate_input", f"must be one of {GATE_INPUTS}")
         need(isinstance(self.tie_embeddings, bool), "tie_embeddings", "must be true or false")
         need(isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0, "norm_eps", "must be > 0")

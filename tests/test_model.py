@@ -84,6 +84,17 @@ def test_every_parameter_gets_a_gradient_I7():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def test_dropout_acts_in_training_only():
+    torch.manual_seed(0)
+    plain = small_model()
+    torch.manual_seed(0)
+    dropped = small_model(dropout=0.3)
+    ids = torch.randint(0, 37, (2, 13))
+    torch.testing.assert_close(dropped.eval()(ids).logits, plain(ids).logits, rtol=0, atol=0)
+    dropped.train()
+    assert not torch.allclose(dropped(ids).logits, plain(ids).logits), "dropout changes training forwards"
+
+
 def test_loss_is_mean_cross_entropy_with_ignore_index():
     model = small_model()
     ids = torch.randint(0, 37, (2, 9))

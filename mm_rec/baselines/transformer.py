@@ -90,11 +90,12 @@ class TransformerBlock(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ffn_norm = RMSNorm(config.hidden_dim, config.norm_eps)
         self.ffn = SwiGLU(config.hidden_dim, config.ffn_dim)
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [B, T, D]; cos, sin [T, d/2] from `rope_tables` -> [B, T, D]."""
-        x = x + self.attn(self.attn_norm(x), cos, sin)
-        return x + self.ffn(self.ffn_norm(x))
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin))
+        return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
 class TransformerModel(nn.Module):

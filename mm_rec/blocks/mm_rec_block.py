@@ -74,10 +74,11 @@ class MMRecBlock(nn.Module):
         self.mixer = MMRecMixer(config)
         self.ffn_norm = RMSNorm(config.hidden_dim, config.norm_eps)
         self.ffn = SwiGLU(config.hidden_dim, config.ffn_dim)
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, bank: MemoryBank, position: torch.Tensor) -> tuple[torch.Tensor, MemoryBank]:
         """x [B, T, D] at stream positions position[b] + t -> (x [B, T, D], new bank)."""
         mixed, new_bank = self.mixer(self.mixer_norm(x), bank, position)
-        x = x + mixed
-        x = x + self.ffn(self.ffn_norm(x))
+        x = x + self.dropout(mixed)
+        x = x + self.dropout(self.ffn(self.ffn_norm(x)))
         return x, new_bank

@@ -10,7 +10,9 @@ carried (detached) from one batch to the next: truncated backpropagation through
 is how the long-term memory learns to span segments. A window never crosses a document
 boundary: it stops at the document's end (the rest of the row is padding with label -100) and
 the row's state is reset before the next document starts (`Batch.reset`). At the end of its
-stretch a row starts over (reset). The position is the per-row offsets.
+stretch a row starts over (reset) at a random phase in [0, seq_len), so that later passes do not
+cut the text into the same windows as the first (which small corpora overfit to). The position
+is the per-row offsets and pass counts.
 
 Labels are already shifted: labels[b, t] is the token after input_ids[b, t].
 """
@@ -63,7 +65,7 @@ class ContiguousStreams:
     is done (finished rows yield padding)."""
 
     def __init__(self, data: TokenData, start: int, end: int, batch_size: int, seq_len: int,
-                 rows: int | None = None, first_row: int = 0, wrap: bool = True):
+                 rows: int | None = None, first_row: int = 0, wrap: bool = True, seed: int = 0):
         rows = rows or batch_size
         length = (end - start) // rows
         if length < 2 or (wrap and length < seq_len + 1):
@@ -77,10 +79,18 @@ class ContiguousStreams:
         self.offset = self.row_start.clone()  # next token each row reads
         self.fresh = torch.ones(batch_size, dtype=torch.bool)  # the row's next window starts a stream
         self.doc_starts = data.doc_starts
+        self.seed, self.first_row = seed, first_row
+        self.passes = torch.zeros(batch_size, dtype=torch.int64)  # completed passes over each row's stretch
 
     @property
     def exhausted(self) -> bool:
         return bool((self.offset >= self.row_end - 1).all())
+
+    def _phase(self, r: int) -> int:
+        """Start of row r's next pass, in [0, seq_len): a function of (seed, global row, pass), so
+        it does not depend on how the rows are split over processes."""
+        key = (self.seed * 1_000_003 + (self.first_row + r) * 10_007 + int(self.passes[r])) % (2**63 - 1)
+        return int(torch.randint(0, self.seq_len, (), generator=torch.Generator().manual_seed(key)))
 
     def _limit(self, r: int) -> int:
         """End of the document (or stretch) that offset[r] lies in."""
@@ -100,7 +110,8 @@ class ContiguousStreams:
             if limit >= int(self.row_end[r]):
                 if not self.wrap:
                     return None
-                self.offset[r] = self.row_start[r]
+                self.passes[r] += 1
+                self.offset[r] = self.row_start[r] + self._phase(r)
         raise ValueError("no document of two or more tokens in a stream: the data is too fragmented")
 
     def next_batch(self) -> Batch:
@@ -124,10 +135,13 @@ class ContiguousStreams:
 
     def state_dict(self) -> dict:
         return {"offset": self.offset.clone(), "fresh": self.fresh.clone(),
-                "row_start": self.row_start.clone(), "row_end": self.row_end.clone()}
+                "row_start": self.row_start.clone(), "row_end": self.row_end.clone(),
+                "passes": self.passes.clone()}
 
     def load_state_dict(self, state: dict) -> None:
         if not (torch.equal(state["row_start"], self.row_start) and torch.equal(state["row_end"], self.row_end)):
             raise ValueError("the saved stream positions were made for another data split or batch size")
         self.offset = state["offset"].clone()
         self.fresh = state["fresh"].clone()
+        if "passes" in state:  # absent in checkpoints written before the random phase
+            self.passes = state["passes"].clone()

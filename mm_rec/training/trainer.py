@@ -376,7 +376,8 @@ class Trainer:
         self.split = self.data.split_point(dc.val_fraction)
         if dc.carry_state:
             self.batcher = ContiguousStreams(self.data, 0, self.split, tc.batch_size, tc.seq_len,
-                                             rows=tc.batch_size * self.world_size, first_row=self.rank * tc.batch_size)
+                                             rows=tc.batch_size * self.world_size, first_row=self.rank * tc.batch_size,
+                                             seed=tc.seed)
         else:
             self.batcher = RandomWindows(self.data, 0, self.split, tc.batch_size, tc.seq_len,
                                          seed=tc.seed + 7919 * self.rank)

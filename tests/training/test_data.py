@@ -131,6 +131,30 @@ def test_contiguous_streams_resume_exactly():
         ContiguousStreams(data, 0, len(data), batch_size=2, seq_len=7).load_state_dict(a.state_dict())
 
 
+def test_contiguous_streams_restart_at_random_phases_independent_of_the_process_split():
+    """Later passes over a stretch start at a seeded phase in [0, seq_len), so epochs are not cut
+    into the same windows; the phases depend on the global row, not on how rows are split."""
+    data = make_data([list(range(1, 401))])
+    T, passes = 8, 12
+    whole = ContiguousStreams(data, 0, len(data), batch_size=4, seq_len=T, seed=3)
+    halves = [ContiguousStreams(data, 0, len(data), batch_size=2, seq_len=T, rows=4, first_row=2 * k, seed=3)
+              for k in range(2)]
+    starts: list[set[int]] = [set() for _ in range(4)]
+    for _ in range(passes * (100 // T + 1)):
+        batch = whole.next_batch()
+        split = [h.next_batch() for h in halves]
+        assert torch.equal(batch.input_ids, torch.cat([b.input_ids for b in split]))
+        for r in range(4):
+            if batch.reset[r]:
+                starts[r].add((int(batch.input_ids[r, 0]) - 1) % 100)
+    for r in range(4):
+        assert all(0 <= s < T for s in starts[r]), "a pass starts within the first window of its stretch"
+        assert len(starts[r]) >= 3, f"row {r} restarted at phases {starts[r]} only"
+    other = ContiguousStreams(data, 0, len(data), batch_size=4, seq_len=T, seed=4)
+    assert any(not torch.equal(whole.next_batch().input_ids, other.next_batch().input_ids)
+               for _ in range(passes * (100 // T + 1))), "the phases follow the seed"
+
+
 def test_too_little_data_is_refused():
     data = make_data([list(range(1, 20))])
     with pytest.raises(ValueError, match="seq_len"):
