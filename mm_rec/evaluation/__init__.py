@@ -20,7 +20,8 @@ section per task:
     mqar:    vocab_size, seq_len, num_pairs, num_queries, alpha   (MQARConfig; seq_len = training length)
              lengths: [...]  samples: N                            (evaluation: lengths, rows per length)
              train: {steps, batch_size, lr, ...}                   (TaskTrainConfig)
-    passkey: train_length, num_digits, lengths: [...], depths: [...], samples: N (prompts per cell)
+    passkey: train_length, train_lengths: [...] (optional curriculum: one drawn per batch),
+             num_digits, lengths: [...], depths: [...], samples: N (prompts per cell)
              train: {...}
 """
 
@@ -213,11 +214,15 @@ def _run_passkey(args: argparse.Namespace, recipe: dict) -> tuple[dict, nn.Modul
     from mm_rec.evaluation.passkey import make_passkey_batch, passkey_grid, score_passkey
 
     section = dict(recipe.get("passkey") or {})
-    known = {"train", "train_length", "num_digits", "lengths", "depths", "samples"}
+    known = {"train", "train_length", "train_lengths", "num_digits", "lengths", "depths", "samples"}
     if set(section) - known:
         raise ValueError(f"unknown passkey key(s) {sorted(set(section) - known)}; valid keys: {sorted(known)}")
     train_config = _train_config(section.get("train", {}), args)
     train_length = args.train_length or section.get("train_length", 2048)
+    # shorter prompts in the mix let the copy mechanism form before it must work at full length
+    train_lengths = [train_length] if args.train_length else section.get("train_lengths") or [train_length]
+    if max(train_lengths) > train_length:
+        raise ValueError(f"passkey.train_lengths {train_lengths} go beyond train_length {train_length}")
     digits = args.digits or section.get("num_digits", 5)
     lengths = args.lengths or section.get("lengths") or [train_length]
     depths = args.depths or section.get("depths") or [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -230,7 +235,8 @@ def _run_passkey(args: argparse.Namespace, recipe: dict) -> tuple[dict, nn.Modul
         held_out = make_passkey_batch(train_length, VALIDATION_ROWS, f"passkey-valid-{args.seed}", None, digits)
 
         def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
-            batch = make_passkey_batch(train_length, train_config.batch_size, stream, None, digits)
+            length = stream.choice(train_lengths)
+            batch = make_passkey_batch(length, train_config.batch_size, stream, None, digits)
             return batch.input_ids, batch.labels
 
         rows = max(1, TOKENS_PER_FORWARD // train_length)
@@ -246,7 +252,8 @@ def _run_passkey(args: argparse.Namespace, recipe: dict) -> tuple[dict, nn.Modul
     for length in lengths:
         row = [r["accuracy"] for r in records if r["length"] == length]
         print(f"{length:>8}" + "".join(f"{a:8.3f}" for a in row) + f"{sum(row) / len(row):8.3f}")
-    report = dict(task="passkey", num_digits=digits, train_length=train_length, decode=args.decode, results=records,
+    report = dict(task="passkey", num_digits=digits, train_length=train_length, train_lengths=train_lengths,
+                  decode=args.decode, results=records,
                   train=asdict(train_config) if args.train else None,
                   curve=[asdict(p) for p in curve] if curve else None)
     return report, model

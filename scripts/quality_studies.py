@@ -1,0 +1,334 @@
+"""Run the quality studies of docs/quality.md, then turn their results into its tables and plots.
+
+    python scripts/quality_studies.py lm      --data-dir DIR --out runs/quality   # study 1: 8 training runs
+    python scripts/quality_studies.py mqar    --out runs/quality                  # study 2: the MQAR grid
+    python scripts/quality_studies.py passkey --out runs/quality                  # study 3: passkey, 3 models
+    python scripts/quality_studies.py report  --out runs/quality --docs docs      # tables (stdout) and PNGs
+
+Each study is a list of `mmrec` commands (printed before they run, so every number can be
+reproduced one command at a time), run `--jobs` at a time; small models leave a GPU mostly idle,
+so several share it. `--job-timeout` interrupts a command (SIGINT: the trainer saves and its
+metrics so far stay); `--smoke` shrinks every run to a few steps for a check on a CPU.
+Every run writes into OUT/<study>/<run>/: metrics.jsonl (lm) or <task>_results.json, and log.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+@dataclass
+class Job:
+    name: str  # OUT/<study>/<name>
+    argv: list[str]  # after `python -m mm_rec`
+
+
+# ---------------------------------------------------------------------- study 1: language modelling
+# (dataset, recipe, data file); each dataset's four variants share the recipe's data, steps and schedule
+LM_DATASETS = {
+    "shakespeare": ("shakespeare_char.yaml", "tinyshakespeare.txt"),
+    "tinystories": ("tinystories_bpe.yaml", "tinystories_subset.txt"),
+}
+LM_VARIANTS = {  # name -> (recipe suffix, --set overrides)
+    "mmrec": ("", []),
+    "transformer": ("_transformer", []),
+    "mmrec_no_memory": ("", ["model.memory_size_M=0"]),
+    "mmrec_gate_input": ("", ["model.gate_input=input"]),
+}
+
+
+def lm_jobs(args: argparse.Namespace) -> list[Job]:
+    jobs = []
+    for dataset, (recipe, data_file) in LM_DATASETS.items():
+        for variant, (suffix, overrides) in LM_VARIANTS.items():
+            config = CONFIGS / recipe.replace(".yaml", f"{suffix}.yaml")
+            sets = list(overrides)
+            if args.smoke:
+                sets += ["training.max_steps=4", "training.eval_interval=2", "training.eval_tokens=4096",
+                         "training.batch_size=2", "training.sample_tokens=0", "training.device=cpu"]
+            argv = ["train", "--config", str(config), "--data", str(Path(args.data_dir) / data_file),
+                    "--seed", "0", "--out", str(Path(args.out) / "lm" / f"{dataset}_{variant}")]
+            jobs.append(Job(f"{dataset}_{variant}", argv + (["--set", *sets] if sets else [])))
+    return jobs
+
+
+# ---------------------------------------------------------------------- study 2: MQAR over lengths, pairs and widths
+MQAR_TASKS = [(64, 4), (128, 8), (256, 16), (512, 64), (1024, 256)]  # (sequence length, key-value pairs)
+MQAR_WIDTHS = [64, 128, 256]
+MQAR_VOCAB = 1024  # keys and values from disjoint halves: up to 512 pairs
+
+
+def mqar_model(width: int, model_type: str) -> dict:
+    """Two layers of `width`, as the published MQAR comparisons (Zoology); the memory's ring spans
+    S * C = 64 * 16 = 1024 tokens, the longest row."""
+    model = dict(vocab_size=MQAR_VOCAB, hidden_dim=width, num_layers=2, num_heads=max(1, width // 64),
+                 ffn_dim=2 * width, max_seq_len=1024, max_chunk_len=1024)
+    if model_type == "mmrec":
+        model.update(num_memories=2, mem_dim=min(64, width), memory_size_M=64, chunk_size=16, decay_rank=32)
+    else:
+        model["ffn_dim"] = matching_ffn_dim(model)
+    return model
+
+
+def matching_ffn_dim(transformer_model: dict) -> int:
+    """The Transformer FFN width (a multiple of 32) whose parameter count is closest to MM-Rec's with
+    the same other sizes and the default memory sizes of `mqar_model`."""
+    import torch
+
+    from mm_rec import MMRecConfig, MMRecModel
+    from mm_rec.baselines.transformer import TransformerModel
+
+    width = transformer_model["hidden_dim"]
+    with torch.device("meta"):
+        target = sum(p.numel() for p in MMRecModel(MMRecConfig(**mqar_model(width, "mmrec"))).parameters())
+        best = None
+        for ffn in range(32, 16 * width + 1, 32):
+            config = MMRecConfig(**{**transformer_model, "ffn_dim": ffn})
+            count = sum(p.numel() for p in TransformerModel(config).parameters())
+            if best is None or abs(count - target) < abs(best[1] - target):
+                best = (ffn, count)
+    return best[0]
+
+
+def mqar_jobs(args: argparse.Namespace) -> list[Job]:
+    recipes = Path(args.out) / "mqar" / "recipes"
+    recipes.mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for width in MQAR_WIDTHS:
+        for model_type in ("mmrec", "transformer"):
+            recipe = recipes / f"{model_type}_w{width}.yaml"
+            train = dict(steps=args.mqar_steps, batch_size=64, lr=1e-3, weight_decay=0.1, warmup_steps=100,
+                         eval_every=max(1, args.mqar_steps // 8))
+            if args.smoke:
+                train.update(steps=3, batch_size=4, eval_every=3, warmup_steps=1)
+            recipe.write_text(yaml.safe_dump(dict(model_type=model_type, model=mqar_model(width, model_type),
+                                                  mqar=dict(vocab_size=MQAR_VOCAB, alpha=1.0, train=train))))
+            for length, pairs in MQAR_TASKS:
+                name = f"{model_type}_w{width}_T{length}_P{pairs}"
+                argv = ["eval", "--task", "mqar", "--train", "--config", str(recipe), "--train-length", str(length),
+                        "--pairs", str(pairs), "--lengths", str(length), "--samples", "8" if args.smoke else "512",
+                        "--seed", "0", "--out", str(Path(args.out) / "mqar" / name)]
+                if args.mqar_time_budget:
+                    argv += ["--time-budget", str(args.mqar_time_budget)]
+                if args.smoke:
+                    argv += ["--device", "cpu"]
+                jobs.append(Job(name, argv))
+    return jobs
+
+
+# ---------------------------------------------------------------------- study 3: passkey
+def passkey_jobs(args: argparse.Namespace) -> list[Job]:
+    recipes = Path(args.out) / "passkey" / "recipes"
+    recipes.mkdir(parents=True, exist_ok=True)
+    no_memory = yaml.safe_load((CONFIGS / "mqar_mmrec.yaml").read_text())
+    no_memory["model"]["memory_size_M"] = 0
+    (recipes / "mmrec_no_memory.yaml").write_text(yaml.safe_dump(no_memory))
+    models = {"mmrec": CONFIGS / "mqar_mmrec.yaml", "mmrec_no_memory": recipes / "mmrec_no_memory.yaml",
+              "transformer": CONFIGS / "mqar_transformer.yaml"}
+    jobs = []
+    for name, recipe in models.items():
+        argv = ["eval", "--task", "passkey", "--train", "--config", str(recipe), "--seed", "0",
+                "--out", str(Path(args.out) / "passkey" / name)]
+        if args.passkey_steps:
+            argv += ["--steps", str(args.passkey_steps)]
+        if args.passkey_time_budget:
+            argv += ["--time-budget", str(args.passkey_time_budget)]
+        if args.smoke:
+            argv += ["--steps", "2", "--train-length", "256", "--lengths", "256,512", "--samples", "1", "--device", "cpu"]
+        jobs.append(Job(name, argv))
+    return jobs
+
+
+# ---------------------------------------------------------------------- running
+def run_jobs(jobs: list[Job], study_dir: Path, parallel: int, timeout: float | None) -> int:
+    """Run the jobs `parallel` at a time, each logging to study_dir/<name>/log.txt; returns the
+    number that failed."""
+    from tqdm import tqdm
+
+    pending, running, failed = list(jobs), [], 0
+    with tqdm(total=len(jobs), desc=study_dir.name, unit="run") as bar:
+        while pending or running:
+            while pending and len(running) < parallel:
+                job = pending.pop(0)
+                log_dir = study_dir / job.name
+                log_dir.mkdir(parents=True, exist_ok=True)
+                command = [sys.executable, "-m", "mm_rec", *job.argv]
+                bar.write(f"$ {shlex.join(['mmrec', *job.argv])}")
+                log = open(log_dir / "log.txt", "w")
+                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+                running.append((job, process, log, time.monotonic(), False))
+            time.sleep(0.5)
+            still = []
+            for job, process, log, started, interrupted in running:
+                if process.poll() is None:
+                    if timeout and not interrupted and time.monotonic() - started > timeout:
+                        process.send_signal(signal.SIGINT)
+                        interrupted = True
+                    still.append((job, process, log, started, interrupted))
+                    continue
+                log.close()
+                if process.returncode != 0 and not interrupted:
+                    failed += 1
+                    bar.write(f"FAILED ({process.returncode}): {job.name}, see {study_dir / job.name / 'log.txt'}")
+                bar.update(1)
+            running = still
+    return failed
+
+
+# ---------------------------------------------------------------------- report
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def lm_report(out: Path, docs: Path | None) -> None:
+    for dataset in LM_DATASETS:
+        curves = {}
+        for variant in LM_VARIANTS:
+            rows = _read_jsonl(out / "lm" / f"{dataset}_{variant}" / "metrics.jsonl")
+            curves[variant] = [(r["step"], r["val_loss"], r.get("val_bpb")) for r in rows if "val_loss" in r]
+        if not any(curves.values()):
+            continue
+        print(f"\n### {dataset}: validation loss (nats/token) by step\n")
+        steps = sorted({s for c in curves.values() for s, _, _ in c})
+        print("| step | " + " | ".join(LM_VARIANTS) + " |")
+        print("| ---: |" + " ---: |" * len(LM_VARIANTS))
+        for step in steps:
+            cells = [next((f"{v:.3f}" for s, v, _ in curves[n] if s == step), "") for n in LM_VARIANTS]
+            print(f"| {step} | " + " | ".join(cells) + " |")
+        best = {n: min(c, key=lambda r: r[1]) for n, c in curves.items() if c}
+        print("| best (step) | " + " | ".join(f"**{best[n][1]:.3f}** ({best[n][0]})" if n in best else ""
+                                              for n in LM_VARIANTS) + " |")
+        print("| best bits/byte | " + " | ".join(f"{best[n][2]:.3f}" if n in best and best[n][2] else ""
+                                                 for n in LM_VARIANTS) + " |")
+        if docs:
+            _plot(docs / f"quality_lm_{dataset}.png", f"{dataset}: validation loss",
+                  {n: ([s for s, _, _ in c], [v for _, v, _ in c]) for n, c in curves.items() if c},
+                  "step", "validation loss (nats/token)")
+
+
+def mqar_report(out: Path, docs: Path | None) -> None:
+    results = {}
+    for path in sorted((out / "mqar").glob("*/mqar_results.json")):
+        report = json.loads(path.read_text())
+        model_type, width, length, pairs = path.parent.name.split("_")
+        steps = report["curve"][-1]["step"] if report.get("curve") else None
+        results[(model_type, int(width[1:]), int(length[1:]), int(pairs[1:]))] = (report["results"][0]["accuracy"],
+                                                                                steps)
+    if not results:
+        return
+    print("\n### MQAR accuracy (steps done)\n")
+    print("| model | width | " + " | ".join(f"T={t}, P={p}" for t, p in MQAR_TASKS) + " |")
+    print("| --- | ---: |" + " ---: |" * len(MQAR_TASKS))
+    for model_type in ("mmrec", "transformer"):
+        for width in MQAR_WIDTHS:
+            cells = []
+            for length, pairs in MQAR_TASKS:
+                acc, steps = results.get((model_type, width, length, pairs), (None, None))
+                cells.append("" if acc is None else f"{acc:.3f} ({steps})")
+            print(f"| {model_type} | {width} | " + " | ".join(cells) + " |")
+    if docs:
+        series = {}
+        for model_type in ("mmrec", "transformer"):
+            for width in MQAR_WIDTHS:
+                points = [(t, results[(model_type, width, t, p)][0]) for t, p in MQAR_TASKS
+                          if (model_type, width, t, p) in results]
+                if points:
+                    series[f"{model_type} w{width}"] = ([t for t, _ in points], [a for _, a in points])
+        _plot(docs / "quality_mqar.png", "MQAR accuracy (pairs grow with the length: "
+              + ", ".join(f"{t}:{p}" for t, p in MQAR_TASKS) + ")", series, "sequence length", "accuracy", logx=True)
+
+
+def passkey_report(out: Path, docs: Path | None) -> None:
+    series = {}
+    for path in sorted((out / "passkey").glob("*/passkey_results.json")):
+        report = json.loads(path.read_text())
+        lengths = sorted({r["length"] for r in report["results"]})
+        means = [sum(r["accuracy"] for r in report["results"] if r["length"] == n)
+                 / sum(1 for r in report["results"] if r["length"] == n) for n in lengths]
+        steps = report["curve"][-1]["step"] if report.get("curve") else None
+        series[f"{path.parent.name} ({steps} steps)"] = (lengths, means)
+    if not series:
+        return
+    lengths = sorted({n for xs, _ in series.values() for n in xs})
+    print("\n### Passkey accuracy by context length (mean over depths)\n")
+    print("| model | " + " | ".join(f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths) + " |")
+    print("| --- |" + " ---: |" * len(lengths))
+    for name, (xs, ys) in series.items():
+        print(f"| {name} | " + " | ".join(f"{dict(zip(xs, ys)).get(n, math.nan):.3f}" for n in lengths) + " |")
+    if docs:
+        _plot(docs / "quality_passkey.png", "passkey accuracy (trained at 2K)", series, "context length (tokens)",
+              "accuracy", logx=True)
+
+
+def _plot(path: Path, title: str, series: dict, xlabel: str, ylabel: str, logx: bool = False) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, "o-", markersize=3, label=name)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"\n(wrote {path})")
+
+
+# ---------------------------------------------------------------------- command line
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("study", choices=["lm", "mqar", "passkey", "report"])
+    parser.add_argument("--out", default="runs/quality", help="folder of the runs (default: runs/quality)")
+    parser.add_argument("--data-dir", default="../shared/data", help="lm: folder with the two text files")
+    parser.add_argument("--jobs", type=int, default=4, help="commands run at the same time")
+    parser.add_argument("--only", help="run only the jobs whose name contains this string")
+    parser.add_argument("--job-timeout", type=float, help="interrupt a command after this many seconds")
+    parser.add_argument("--mqar-steps", type=int, default=2000, help="mqar: training steps per run")
+    parser.add_argument("--mqar-time-budget", type=float, help="mqar: stop each run's training after this many s")
+    parser.add_argument("--passkey-steps", type=int, help="passkey: training steps (default: the recipe's)")
+    parser.add_argument("--passkey-time-budget", type=float, help="passkey: stop training after this many s")
+    parser.add_argument("--docs", help="report: write the PNGs into this folder")
+    parser.add_argument("--smoke", action="store_true", help="a few steps per run on the CPU (a check, not a result)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if args.study == "report":
+        docs = Path(args.docs) if args.docs else None
+        lm_report(out, docs)
+        mqar_report(out, docs)
+        passkey_report(out, docs)
+        return 0
+    jobs = {"lm": lm_jobs, "mqar": mqar_jobs, "passkey": passkey_jobs}[args.study](args)
+    if args.only:
+        jobs = [job for job in jobs if args.only in job.name]
+    if args.dry_run:
+        for job in jobs:
+            print(shlex.join(["mmrec", *job.argv]))
+        return 0
+    failed = run_jobs(jobs, out / args.study, args.jobs, args.job_timeout)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
