@@ -153,3 +153,34 @@ def test_cli_evaluates_a_checkpoint_and_trains(tmp_path, capsys):
     assert [p["step"] for p in report["curve"]] == [2] and report["train_length"] == 180
     assert (tmp_path / "trained" / "model.safetensors").is_file()
     assert "length" in capsys.readouterr().out
+
+
+def test_training_lengths_curriculum(tmp_path, monkeypatch):
+    """passkey.train_lengths: one length drawn per batch, none beyond train_length."""
+    import mm_rec.evaluation.passkey as passkey_module
+
+    torch.manual_seed(0)
+    tiny_model().save_pretrained(tmp_path / "model")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("passkey:\n  train_length: 200\n  train_lengths: [160, 180, 200]\n")
+    drawn = []
+    make = passkey_module.make_passkey_batch
+
+    def recording(length, *args, **kwargs):
+        drawn.append(length)
+        return make(length, *args, **kwargs)
+
+    monkeypatch.setattr(passkey_module, "make_passkey_batch", recording)
+    parser = argparse.ArgumentParser()
+    add_eval_task_arguments(parser)
+    args = parser.parse_args(["--task", "passkey", "--checkpoint", str(tmp_path / "model"), "--config", str(recipe),
+                              "--train", "--steps", "12", "--lengths", "200", "--depths", "0.5", "--samples", "1",
+                              "--out", str(tmp_path / "trained")])
+    assert run_eval_task(args) == 0
+    training = drawn[1:13]  # drawn[0] is the held-out batch at train_length; the grid comes after training
+    assert drawn[0] == 200 and set(training) <= {160, 180, 200} and len(set(training)) >= 2, drawn
+    assert json.loads((tmp_path / "trained" / "passkey_results.json").read_text())["train_lengths"] == [160, 180, 200]
+
+    recipe.write_text("passkey:\n  train_length: 200\n  train_lengths: [160, 400]\n")
+    with pytest.raises(ValueError, match="beyond train_length"):
+        run_eval_task(args)

@@ -1,0 +1,87 @@
+"""scripts/quality_studies.py: the recipes it compares are fair, and its report reads the runs right."""
+
+import importlib.util
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mm_rec import MMRecConfig, MMRecModel
+from mm_rec.baselines.transformer import TransformerModel
+from mm_rec.training.config import RunConfig
+from mm_rec.training.trainer import build_model
+
+ROOT = Path(__file__).resolve().parents[2]
+spec = importlib.util.spec_from_file_location("quality_studies", ROOT / "scripts" / "quality_studies.py")
+studies = importlib.util.module_from_spec(spec)
+sys.modules["quality_studies"] = studies  # dataclasses look their module up
+spec.loader.exec_module(studies)
+
+
+def count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("dataset", list(studies.LM_DATASETS))
+def test_lm_pairs_match_in_size_tokens_and_schedule(dataset):
+    recipe, _ = studies.LM_DATASETS[dataset]
+    mmrec = RunConfig.load(studies.CONFIGS / recipe)
+    transformer = RunConfig.load(studies.CONFIGS / recipe.replace(".yaml", "_transformer.yaml"))
+    assert (mmrec.model_type, transformer.model_type) == ("mmrec", "transformer")
+    assert mmrec.training == transformer.training and mmrec.data == transformer.data
+    with torch.device("meta"):
+        n_mmrec, n_transformer = count(build_model(mmrec)), count(build_model(transformer))
+    assert abs(n_transformer - n_mmrec) / n_mmrec < 0.02, (n_mmrec, n_transformer)
+    for variant, (_, overrides) in studies.LM_VARIANTS.items():  # every ablation override is a valid recipe
+        RunConfig.load(studies.CONFIGS / recipe, overrides)
+
+
+@pytest.mark.parametrize("width", studies.MQAR_WIDTHS)
+def test_mqar_models_match_in_size(width):
+    with torch.device("meta"):
+        n_mmrec = count(MMRecModel(MMRecConfig(**studies.mqar_model(width, "mmrec"))))
+        n_transformer = count(TransformerModel(MMRecConfig(**studies.mqar_model(width, "transformer"))))
+    assert abs(n_transformer - n_mmrec) / n_mmrec < 0.02, (n_mmrec, n_transformer)
+    for length, pairs in studies.MQAR_TASKS:  # the ring spans every row; every task fits the vocabulary
+        config = studies.mqar_model(width, "mmrec")
+        assert config["memory_size_M"] * config["chunk_size"] >= length and 2 * pairs <= studies.MQAR_VOCAB
+
+
+def test_commands_are_listed(capsys, tmp_path):
+    for study, expected in (("lm", 8), ("mqar", 30), ("passkey", 3)):
+        assert studies.main([study, "--dry-run", "--out", str(tmp_path)]) == 0
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert len(lines) == expected and all(line.startswith("mmrec ") for line in lines)
+
+
+def test_report_reads_the_runs(tmp_path, capsys):
+    rng = random.Random(7)
+    best = {}
+    for variant in studies.LM_VARIANTS:  # random validation curves; the report must find each minimum
+        run = tmp_path / "lm" / f"shakespeare_{variant}"
+        run.mkdir(parents=True)
+        rows = [{"step": s, "val_loss": rng.uniform(1, 3), "val_bpb": rng.uniform(1, 3)} for s in (10, 20, 30)]
+        best[variant] = min(rows, key=lambda r: r["val_loss"])
+        run.joinpath("metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [{"step": 1, "loss": 9.0}, *rows]))
+    accuracy = rng.random()
+    run = tmp_path / "mqar" / "transformer_w128_T512_P64"
+    run.mkdir(parents=True)
+    run.joinpath("mqar_results.json").write_text(json.dumps(
+        {"results": [{"accuracy": accuracy}], "curve": [{"step": 5}, {"step": 17}]}))
+    run = tmp_path / "passkey" / "mmrec"
+    run.mkdir(parents=True)
+    cells = [{"length": n, "depth": d, "accuracy": rng.random()} for n in (1024, 2048) for d in (0.0, 1.0)]
+    run.joinpath("passkey_results.json").write_text(json.dumps({"results": cells, "curve": [{"step": 9}]}))
+
+    assert studies.main(["report", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    best_row = next(line for line in out.splitlines() if line.startswith("| best (step)"))
+    for variant in studies.LM_VARIANTS:
+        assert f"**{best[variant]['val_loss']:.3f}** ({best[variant]['step']})" in best_row
+    assert f"{accuracy:.3f} (17)" in out
+    mean_1k = (cells[0]["accuracy"] + cells[1]["accuracy"]) / 2
+    mean_2k = (cells[2]["accuracy"] + cells[3]["accuracy"]) / 2
+    assert f"| mmrec (9 steps) | {mean_1k:.3f} | {mean_2k:.3f} |" in out
