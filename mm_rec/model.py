@@ -40,7 +40,100 @@ class MMRecOutput:
     state: MemoryState
 
 
-class MMRecModel(nn.Module):
+class LanguageModel(nn.Module):
+    """What MMRecModel and the Transformer baseline share: the input checks, `generate` over the
+    subclass's `generate_stream`, and the save_pretrained folder (config.json, model.safetensors).
+
+    `model_type` is the config.json marker that tells loaders which class to build; MM-Rec's is
+    None (no marker), so its folders stay plain MMRecConfig JSON.
+    """
+
+    model_type: str | None = None
+    config: MMRecConfig
+
+    def _check_token_inputs(self, input_ids: torch.Tensor, labels: torch.Tensor | None) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be a [B, T] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
+        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids is empty (T = 0)")
+        V = self.config.vocab_size
+        lo, hi = (int(v) for v in torch.aminmax(input_ids))  # one device sync
+        if lo < 0 or hi >= V:
+            raise ValueError(f"token ids must lie in [0, {V}) (vocab_size), got values in [{lo}, {hi}]")
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
+            bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= V))
+            if bool(bad.any()):
+                raise ValueError(f"labels must lie in [0, {V}) or be {IGNORE_INDEX}")
+
+    def generate_stream(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                        top_k: int | None = None, top_p: float | None = None, state=None,
+                        generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+        raise NotImplementedError
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, state=None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Return [B, T + max_new_tokens]: the prompt followed by the generated tokens."""
+        new = list(self.generate_stream(input_ids, max_new_tokens, temperature, top_k, top_p, state, generator))
+        return torch.cat([input_ids.long()] + [t[:, None] for t in new], dim=1)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write config.json (the config, plus the `model_type` marker if any) and model.safetensors."""
+        from safetensors.torch import save_model
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        marker = {"model_type": self.model_type} if self.model_type else {}
+        (directory / CONFIG_NAME).write_text(json.dumps({**marker, **self.config.to_dict()}, indent=2) + "\n")
+        save_model(self, str(directory / WEIGHTS_NAME))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device=None):
+        """The model in a save_pretrained folder, on `device` (default: CPU). Raises FileNotFoundError
+        for a missing file and ValueError for a folder of another model type or unreadable contents."""
+        from safetensors.torch import load_model
+
+        directory = Path(directory)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory / name} not found (expected a save_pretrained directory)")
+        try:
+            values = json.loads((directory / CONFIG_NAME).read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{directory / CONFIG_NAME} is not valid JSON: {err}") from err
+        model_type = values.pop("model_type", None)
+        if model_type != cls.model_type:
+            found, wanted = model_type or "mmrec", cls.model_type or "mmrec"
+            raise ValueError(f"{directory} holds a {found!r} model, not a {wanted!r} one")
+        model = cls(MMRecConfig.from_dict(values))
+        try:
+            load_model(model, str(directory / WEIGHTS_NAME), strict=True, device=str(device or "cpu"))
+        except Exception as err:
+            raise ValueError(f"could not load weights from {directory / WEIGHTS_NAME}: {err}") from err
+        return model.to(device) if device is not None else model
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """ValueError for generation arguments that `sample_next_token` cannot honour."""
+    if max_new_tokens < 0:
+        raise ValueError("max_new_tokens must be >= 0")
+    if temperature < 0:
+        raise ValueError("temperature must be >= 0")
+    if top_k is not None and top_k < 1:
+        raise ValueError("top_k must be >= 1")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError("top_p must lie in (0, 1]")
+
+
+class MMRecModel(LanguageModel):
     def __init__(self, config: MMRecConfig):
         super().__init__()
         self.config = config
@@ -101,22 +194,7 @@ class MMRecModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _check_inputs(self, input_ids: torch.Tensor, labels: torch.Tensor | None, state: MemoryState | None) -> None:
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be a [B, T] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
-        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-        if input_ids.shape[1] == 0:
-            raise ValueError("input_ids is empty (T = 0)")
-        V = self.config.vocab_size
-        lo, hi = (int(v) for v in torch.aminmax(input_ids))  # one device sync
-        if lo < 0 or hi >= V:
-            raise ValueError(f"token ids must lie in [0, {V}) (vocab_size), got values in [{lo}, {hi}]")
-        if labels is not None:
-            if labels.shape != input_ids.shape:
-                raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
-            bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= V))
-            if bool(bad.any()):
-                raise ValueError(f"labels must lie in [0, {V}) or be {IGNORE_INDEX}")
+        self._check_token_inputs(input_ids, labels)
         if state is not None:
             if state.batch_size != input_ids.shape[0] or state.num_layers != self.config.num_layers:
                 raise ValueError(f"state is for batch {state.batch_size} x {state.num_layers} layers, "
@@ -177,14 +255,7 @@ class MMRecModel(nn.Module):
         The prompt runs in one forward; then every new token is fed alone through the carried
         state, so memory per generated token is constant. temperature == 0 means greedy.
         """
-        if max_new_tokens < 0:
-            raise ValueError("max_new_tokens must be >= 0")
-        if temperature < 0:
-            raise ValueError("temperature must be >= 0")
-        if top_k is not None and top_k < 1:
-            raise ValueError("top_k must be >= 1")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError("top_p must lie in (0, 1]")
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
         out = self(input_ids, state=state)
         logits, state = out.logits[:, -1], out.state
         for _ in range(max_new_tokens):
@@ -192,45 +263,6 @@ class MMRecModel(nn.Module):
             yield token
             out = self(token[:, None], state=state)
             logits, state = out.logits[:, -1], out.state
-
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, state: MemoryState | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Return [B, T + max_new_tokens]: the prompt followed by the generated tokens."""
-        new = list(self.generate_stream(input_ids, max_new_tokens, temperature, top_k, top_p, state, generator))
-        return torch.cat([input_ids.long()] + [t[:, None] for t in new], dim=1)
-
-    # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write config.json and model.safetensors into `directory`."""
-        from safetensors.torch import save_model
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.config.save(directory / CONFIG_NAME)
-        save_model(self, str(directory / WEIGHTS_NAME))
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, device=None) -> MMRecModel:
-        from safetensors.torch import load_model
-
-        directory = Path(directory)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory / name} not found (expected a save_pretrained directory)")
-        try:
-            config = MMRecConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{directory / CONFIG_NAME} is not valid JSON: {err}") from err
-        model = cls(config)
-        try:
-            load_model(model, str(directory / WEIGHTS_NAME), strict=True, device=str(device or "cpu"))
-        except Exception as err:
-            raise ValueError(f"could not load weights from {directory / WEIGHTS_NAME}: {err}") from err
-        return model.to(device) if device is not None else model
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,

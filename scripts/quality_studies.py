@@ -148,7 +148,8 @@ def passkey_jobs(args: argparse.Namespace) -> list[Job]:
         if args.passkey_time_budget:
             argv += ["--time-budget", str(args.passkey_time_budget)]
         if args.smoke:
-            argv += ["--steps", "2", "--train-length", "256", "--lengths", "256,512", "--samples", "1", "--device", "cpu"]
+            argv += ["--steps", "2", "--train-length", "256", "--lengths", "256,512", "--samples", "1",
+                     "--device", "cpu"]
         jobs.append(Job(name, argv))
     return jobs
 

@@ -19,11 +19,9 @@ server).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +29,7 @@ from torch import nn
 
 from mm_rec.blocks.layers import RMSNorm, SwiGLU
 from mm_rec.config import MMRecConfig
-from mm_rec.model import CONFIG_NAME, IGNORE_INDEX, WEIGHTS_NAME, sample_next_token
+from mm_rec.model import IGNORE_INDEX, LanguageModel, check_sampling, sample_next_token
 
 ROPE_THETA = 10000.0
 MODEL_TYPE = "transformer"  # the config.json marker that tells loaders which class to build
@@ -98,7 +96,9 @@ class TransformerBlock(nn.Module):
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
-class TransformerModel(nn.Module):
+class TransformerModel(LanguageModel):
+    model_type = MODEL_TYPE
+
     def __init__(self, config: MMRecConfig):
         super().__init__()
         if config.head_dim % 2:
@@ -132,7 +132,7 @@ class TransformerModel(nn.Module):
         `labels` [B, T] (already shifted; -100 ignored)."""
         if state is not None:
             raise ValueError("TransformerModel keeps no recurrent state: pass state=None")
-        self._check_inputs(input_ids, labels)
+        self._check_token_inputs(input_ids, labels)
         x = self.embed(input_ids.long())
         cos, sin = rope_tables(input_ids.shape[1], self.config.head_dim, input_ids.device)
         for block in self.blocks:
@@ -146,22 +146,6 @@ class TransformerModel(nn.Module):
             loss = loss_sum / (labels != IGNORE_INDEX).sum().clamp_min(1)  # 0, not NaN, when all are ignored
         return TransformerOutput(logits=logits if return_logits else None, loss=loss)
 
-    def _check_inputs(self, input_ids: torch.Tensor, labels: torch.Tensor | None) -> None:
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            got = getattr(input_ids, "shape", type(input_ids))
-            raise ValueError(f"input_ids must be a non-empty [B, T] tensor, got {got}")
-        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-        lo, hi = (int(v) for v in torch.aminmax(input_ids))
-        if lo < 0 or hi >= self.config.vocab_size:
-            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}) (vocab_size), "
-                             f"got values in [{lo}, {hi}]")
-        if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()
     def generate_stream(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -169,51 +153,10 @@ class TransformerModel(nn.Module):
                         generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
         """Yield the next token [B] for each of `max_new_tokens` steps (MMRecModel's signature;
         `state` must be None). Every step runs the whole sequence so far."""
-        if max_new_tokens < 0:
-            raise ValueError("max_new_tokens must be >= 0")
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
         ids = input_ids.long()
         for _ in range(max_new_tokens):
             logits = self(ids, state=state).logits[:, -1]
             token = sample_next_token(logits, temperature, top_k, top_p, generator)
             yield token
             ids = torch.cat([ids, token[:, None]], dim=1)
-
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, state: None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Return [B, T + max_new_tokens]: the prompt followed by the generated tokens."""
-        new = list(self.generate_stream(input_ids, max_new_tokens, temperature, top_k, top_p, state, generator))
-        return torch.cat([input_ids.long()] + [t[:, None] for t in new], dim=1)
-
-    # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write config.json (the config plus `"model_type": "transformer"`) and model.safetensors."""
-        from safetensors.torch import save_model
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        values = {"model_type": MODEL_TYPE, **self.config.to_dict()}
-        (directory / CONFIG_NAME).write_text(json.dumps(values, indent=2) + "\n")
-        save_model(self, str(directory / WEIGHTS_NAME))
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, device=None) -> TransformerModel:
-        from safetensors.torch import load_model
-
-        directory = Path(directory)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory / name} not found (expected a save_pretrained directory)")
-        try:
-            values = json.loads((directory / CONFIG_NAME).read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{directory / CONFIG_NAME} is not valid JSON: {err}") from err
-        model_type = values.pop("model_type", None)
-        if model_type != MODEL_TYPE:
-            raise ValueError(f"{directory} holds a {model_type or 'mmrec'!r} model, not a {MODEL_TYPE!r} one")
-        model = cls(MMRecConfig.from_dict(values))
-        try:
-            load_model(model, str(directory / WEIGHTS_NAME), strict=True, device=str(device or "cpu"))
-        except Exception as err:
-            raise ValueError(f"could not load weights from {directory / WEIGHTS_NAME}: {err}") from err
-        return model.to(device) if device is not None else model

@@ -35,7 +35,7 @@ def test_lm_pairs_match_in_size_tokens_and_schedule(dataset):
     with torch.device("meta"):
         n_mmrec, n_transformer = count(build_model(mmrec)), count(build_model(transformer))
     assert abs(n_transformer - n_mmrec) / n_mmrec < 0.02, (n_mmrec, n_transformer)
-    for variant, (_, overrides) in studies.LM_VARIANTS.items():  # every ablation override is a valid recipe
+    for _, overrides in studies.LM_VARIANTS.values():  # every ablation override is a valid recipe
         RunConfig.load(studies.CONFIGS / recipe, overrides)
 
 
@@ -65,7 +65,8 @@ def test_report_reads_the_runs(tmp_path, capsys):
         run.mkdir(parents=True)
         rows = [{"step": s, "val_loss": rng.uniform(1, 3), "val_bpb": rng.uniform(1, 3)} for s in (10, 20, 30)]
         best[variant] = min(rows, key=lambda r: r["val_loss"])
-        run.joinpath("metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [{"step": 1, "loss": 9.0}, *rows]))
+        lines = [json.dumps(r) + "\n" for r in [{"step": 1, "loss": 9.0}, *rows]]
+        run.joinpath("metrics.jsonl").write_text("".join(lines))
     accuracy = rng.random()
     run = tmp_path / "mqar" / "transformer_w128_T512_P64"
     run.mkdir(parents=True)
