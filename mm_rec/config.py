@@ -107,11 +107,7 @@ class MMRecConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> MMRecConfig:
-        valid = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - valid)
-        if unknown:
-            raise ValueError(f"unknown config key(s) {unknown}; valid keys: {sorted(valid)}")
-        return cls(**values)
+        return dataclass_from_dict(cls, values, "config")
 
     @classmethod
     def from_file(cls, path: str | Path) -> MMRecConfig:
@@ -132,6 +128,15 @@ class MMRecConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def dataclass_from_dict(cls: type, values: dict[str, Any], what: str):
+    """cls(**values), refusing unknown keys with a ValueError that lists the valid ones."""
+    valid = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - valid)
+    if unknown:
+        raise ValueError(f"unknown {what} key(s) {unknown}; valid keys: {sorted(valid)}")
+    return cls(**values)
 
 
 def load_mapping(path: str | Path) -> dict[str, Any]:

@@ -84,6 +84,20 @@ class LanguageModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def _init_linear_embedding_norm(self, residual_writes: tuple[str, ...]) -> None:
+        """N(0, init_std) for embeddings and projections; N(0, init_std / sqrt(2L)) for the
+        projections whose names end with one of `residual_writes` (they add into the residual
+        stream, whose variance then stays O(1) with depth); RMSNorm weights at one."""
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.num_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, residual_std if name.endswith(residual_writes) else std)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | Path) -> None:
         """Write config.json (the config, plus the `model_type` marker if any) and model.safetensors."""
@@ -161,16 +175,7 @@ class MMRecModel(LanguageModel):
         * null-slot logits and level weights start at zero (no preference).
         """
         cfg = self.config
-        std = cfg.init_std
-        residual_std = std / math.sqrt(2 * cfg.num_layers)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                is_residual_write = name.endswith("mixer.out_proj") or name.endswith("ffn.down")
-                nn.init.normal_(module.weight, 0.0, residual_std if is_residual_write else std)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, 0.0, std)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+        self._init_linear_embedding_norm(residual_writes=("mixer.out_proj", "ffn.down"))
         for block in self.blocks:
             mixer = block.mixer
             nn.init.normal_(mixer.W_g, 0.0, 1.0 / cfg.head_dim)

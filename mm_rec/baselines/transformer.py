@@ -19,7 +19,6 @@ server).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -115,16 +114,7 @@ class TransformerModel(LanguageModel):
     def reset_parameters(self) -> None:
         """MM-Rec's scheme: N(0, init_std) for embeddings and projections, init_std / sqrt(2L)
         for the two projections that write into the residual stream, norms at one."""
-        std = self.config.init_std
-        residual_std = std / math.sqrt(2 * self.config.num_layers)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                is_residual_write = name.endswith("attn.out_proj") or name.endswith("ffn.down")
-                nn.init.normal_(module.weight, 0.0, residual_std if is_residual_write else std)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, 0.0, std)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+        self._init_linear_embedding_norm(residual_writes=("attn.out_proj", "ffn.down"))
 
     def forward(self, input_ids: torch.Tensor, state: None = None, labels: torch.Tensor | None = None,
                 return_logits: bool = True) -> TransformerOutput:

@@ -24,11 +24,12 @@ token about 1 / (V - V//2).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from mm_rec.config import dataclass_from_dict
 from mm_rec.evaluation import predict_tokens
 
 IGNORE_INDEX = -100
@@ -79,11 +80,7 @@ class MQARConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> MQARConfig:
-        valid = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - valid)
-        if unknown:
-            raise ValueError(f"unknown MQAR key(s) {unknown}; valid keys: {sorted(valid)}")
-        return cls(**values)
+        return dataclass_from_dict(cls, values, "MQAR")
 
 
 @dataclass

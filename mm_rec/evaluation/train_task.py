@@ -12,10 +12,12 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from mm_rec.config import dataclass_from_dict
 
 
 @dataclass(frozen=True)
@@ -40,11 +42,7 @@ class TaskTrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> TaskTrainConfig:
-        valid = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - valid)
-        if unknown:
-            raise ValueError(f"unknown train key(s) {unknown}; valid keys: {sorted(valid)}")
-        return cls(**values)
+        return dataclass_from_dict(cls, values, "train")
 
 
 @dataclass
