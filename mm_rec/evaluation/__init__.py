@@ -85,11 +85,13 @@ def build_model(recipe: str | Path) -> nn.Module:
 
 
 def load_model(directory: str | Path) -> nn.Module:
-    """A model saved with `save_pretrained`: the Transformer baseline when its config.json says
-    `"model_type": "transformer"`, MM-Rec otherwise."""
-    config_path = Path(directory) / CONFIG_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found (expected a save_pretrained directory)")
+    """A model saved with `save_pretrained`, or the newest checkpoint of a training run folder:
+    the Transformer baseline when its config.json says `"model_type": "transformer"`, MM-Rec
+    otherwise."""
+    from mm_rec.training.checkpoint import find_model_dir
+
+    directory = find_model_dir(directory)
+    config_path = directory / CONFIG_NAME
     if json.loads(config_path.read_text()).get("model_type") == "transformer":
         from mm_rec.baselines.transformer import TransformerModel
 
@@ -128,7 +130,8 @@ def add_eval_task_arguments(parser: argparse.ArgumentParser) -> None:
     and --out are added only where the parser does not have them yet, so call this after the CLI
     has added its own (its --task also offering ppl). The task options below are always added."""
     _add_shared(parser, "--task", choices=["mqar", "passkey"], help="evaluation task")
-    _add_shared(parser, "--checkpoint", help="save_pretrained directory of the model (with --train: initial weights)")
+    _add_shared(parser, "--checkpoint", help="model folder (save_pretrained, or a run folder: its newest checkpoint); "
+                "with --train: the initial weights")
     _add_shared(parser, "--config", help="task recipe YAML: model section and mqar/passkey sections")
     _add_shared(parser, "--device", help="cuda or cpu (default: cuda when available)")
     _add_shared(parser, "--seed", type=int, default=0, help="seed of the model init and every task batch")
@@ -287,7 +290,8 @@ def run_eval_task(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- command line: mmrec inspect
 def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `mmrec inspect`."""
-    parser.add_argument("--checkpoint", required=True, help="save_pretrained directory of an MM-Rec model")
+    parser.add_argument("--checkpoint", required=True,
+                        help="MM-Rec model folder (save_pretrained, or a run folder: its newest checkpoint)")
     parser.add_argument("--text", required=True, help="text file whose bytes the model reads (byte-level models)")
     parser.add_argument("--max-tokens", type=int, default=8192, help="read at most this many bytes of the text")
     parser.add_argument("--out", default="memory.png", help="PNG to write; the numbers go beside it as .json")

@@ -125,3 +125,20 @@ def test_cli_inspect_without_matplotlib(tmp_path, monkeypatch, capsys):
     assert run_inspect(inspect_args(tmp_path)) == 1
     assert (tmp_path / "out" / "memory.json").is_file()
     assert "pip install" in capsys.readouterr().err
+
+
+def test_load_model_takes_a_run_folder(tmp_path):
+    """A training run folder loads its newest checkpoint, as `mmrec generate` does."""
+    from mm_rec.evaluation import load_model
+
+    config = MMRecConfig(vocab_size=256, hidden_dim=16, num_layers=1, num_heads=2, ffn_dim=24, num_memories=2,
+                         mem_dim=4, memory_size_M=3, chunk_size=4)
+    for step in (5, 12):
+        torch.manual_seed(step)
+        MMRecModel(config).save_pretrained(tmp_path / "run" / "checkpoints" / f"step_{step:08d}")
+    newest = MMRecModel.from_pretrained(tmp_path / "run" / "checkpoints" / "step_00000012")
+    loaded = load_model(tmp_path / "run")
+    for (name, a), b in zip(newest.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(FileNotFoundError, match="neither a model"):
+        load_model(tmp_path)
