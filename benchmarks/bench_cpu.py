@@ -7,7 +7,10 @@ Measures, in one run and on the same inputs:
 and, from one profiled step, the share of time spent in the core recurrence loop (forward and
 backward) and in the associative scan.
 
-    python benchmarks/bench_cpu.py [--batch 8] [--seq 256] [--steps 10] [--threads 2]
+    python benchmarks/bench_cpu.py [--batch 8] [--seq 256] [--steps 10] [--threads 2] [--config RECIPE]
+
+--config takes a recipe's model section instead of the tiny preset (e.g. configs/mqar_mmrec.yaml,
+S = 1024 slots, where the slot attention dominates).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import datetime
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -58,15 +62,17 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--config", help="recipe whose model section to use (default: the tiny preset)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    cfg = MMRecConfig.from_preset("tiny")
+    cfg = MMRecConfig.from_file(args.config) if args.config else MMRecConfig.from_preset("tiny")
+    label = Path(args.config).stem if args.config else "tiny"
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
     variants: list[tuple[str, torch.nn.Module]] = [
-        ("MM-Rec tiny (exact recurrence)", MMRecModel(cfg)),
-        ("MM-Rec tiny (gate_input: input, scan)", MMRecModel(cfg.replace(gate_input="input"))),
+        (f"MM-Rec {label} (exact recurrence)", MMRecModel(cfg)),
+        (f"MM-Rec {label} (gate_input: input, scan)", MMRecModel(cfg.replace(gate_input="input"))),
     ]
     try:
         from mm_rec.baselines.transformer import TransformerModel

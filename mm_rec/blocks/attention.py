@@ -43,22 +43,35 @@ class MultiMemoryAttention(nn.Module):
         Returns probs [B, K, T, N + 1] (the last column is the null slot) in fp32, and the slot
         ages [B, 1, T, N] in blocks (token block minus slot block; only 1..S are visible).
         """
+        age = hierarchy.token_block[:, None, :, None] - hierarchy.slot_block[:, None, None, :]
+        return self._probabilities(hierarchy), age
+
+    def _probabilities(self, hierarchy: Hierarchy) -> torch.Tensor:
+        """probs [B, K, T, N + 1] (fp32 at least), without materialising the ages.
+
+        The age bias -slope * (age - 1), age = token_block[t] - slot_block[n], splits into a slot
+        term slope * (slot_block[n] - ref) and a row term -slope * (token_block[t] - ref - 1); a
+        softmax row is unchanged when the row term moves, with the opposite sign, onto the null
+        slot's logit. So the [B, K, T, N] scores take one broadcast add instead of an age tensor
+        (ref = each row's first token block keeps both terms as small as the ages).
+        """
         q = hierarchy.queries.transpose(1, 2)  # [B, K, T, m]
         keys = hierarchy.slot_keys.to(q.dtype)
         acc = torch.promote_types(q.dtype, torch.float32)  # softmax in fp32 (float64 stays)
-        scores = torch.matmul(q, keys.transpose(-1, -2)).to(acc) * self.scale  # [B, K, T, N]
-
-        age = hierarchy.token_block[:, None, :, None] - hierarchy.slot_block[:, None, None, :]  # [B, 1, T, N]
-        visible = (age >= 1) & (age <= self.memory_size) & hierarchy.slot_valid[:, None, None, :]
-        slope = self.log_age_slope.to(acc).exp().view(1, -1, 1, 1)
-        scores = (scores - slope * (age - 1)).masked_fill(~visible, float("-inf"))
-
-        null = self.null_logit.to(acc).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
-        return torch.softmax(torch.cat([scores, null], dim=-1), dim=-1), age
+        token_block, slot_block = hierarchy.token_block, hierarchy.slot_block  # [B, T], [B, N]
+        ref = token_block[:, :1]
+        slope = self.log_age_slope.to(acc).exp().view(1, -1, 1, 1)  # [1, K, 1, 1]
+        slot_bias = slope * (slot_block - ref).to(acc)[:, None, None, :]  # [B, K, 1, N]
+        scores = torch.matmul(q * self.scale, keys.transpose(-1, -2)).to(acc) + slot_bias  # [B, K, T, N]
+        tb, sb = token_block[:, None, :, None], slot_block[:, None, None, :]
+        hidden = (sb >= tb) | (sb < tb - self.memory_size) | ~hierarchy.slot_valid[:, None, None, :]  # [B, 1, T, N]
+        scores = scores.masked_fill(hidden, float("-inf"))
+        null = self.null_logit.to(acc).view(1, -1, 1, 1) + slope * (token_block - ref - 1).to(acc)[:, None, :, None]
+        return torch.softmax(torch.cat([scores, null], dim=-1), dim=-1)
 
     def forward(self, hierarchy: Hierarchy) -> torch.Tensor:
         """Returns the slot read [B, T, K, m] for every token and bank."""
-        probs, _ = self.slot_probabilities(hierarchy)
+        probs = self._probabilities(hierarchy)
         values = hierarchy.slot_values.to(hierarchy.queries.dtype)
         read = torch.matmul(probs[..., :-1].to(values.dtype), values)  # the null slot's value is 0
         return read.transpose(1, 2)  # [B, T, K, m]
