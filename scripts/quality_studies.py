@@ -94,11 +94,11 @@ def matching_ffn_dim(transformer_model: dict) -> int:
 
     width = transformer_model["hidden_dim"]
     with torch.device("meta"):
-        target = sum(p.numel() for p in MMRecModel(MMRecConfig(**mqar_model(width, "mmrec"))).parameters())
+        target = MMRecModel(MMRecConfig(**mqar_model(width, "mmrec"))).num_parameters()
         best = None
         for ffn in range(32, 16 * width + 1, 32):
             config = MMRecConfig(**{**transformer_model, "ffn_dim": ffn})
-            count = sum(p.numel() for p in TransformerModel(config).parameters())
+            count = TransformerModel(config).num_parameters()
             if best is None or abs(count - target) < abs(best[1] - target):
                 best = (ffn, count)
     return best[0]

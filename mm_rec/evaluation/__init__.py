@@ -99,10 +99,6 @@ def load_model(directory: str | Path) -> nn.Module:
     return MMRecModel.from_pretrained(directory)
 
 
-def _num_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 # ---------------------------------------------------------------------- command line: mmrec eval --task mqar|passkey
 def _length(text: str) -> int:
     """'512' -> 512, '32k' or '32K' -> 32768."""
@@ -195,7 +191,7 @@ def _run_mqar(args: argparse.Namespace, recipe: dict) -> tuple[dict, nn.Module]:
         curve = train_on_task(model, next_batch, lambda m: score_mqar(m, held_out, rows).accuracy, train_config)
 
     model.eval()
-    print(f"MQAR: {type(model).__name__} ({_num_parameters(model) / 1e6:.2f}M parameters), vocab {task.vocab_size}, "
+    print(f"MQAR: {type(model).__name__} ({model.num_parameters() / 1e6:.2f}M parameters), vocab {task.vocab_size}, "
           f"{task.num_pairs} pairs, {task.queries} queries, alpha {task.alpha}, chance {chance_accuracy(task):.4f}")
     print(f"{'seq_len':>8}  {'accuracy':>8}  by key-to-query distance in tokens (accuracy/queries)")
     results = []
@@ -249,7 +245,7 @@ def _run_passkey(args: argparse.Namespace, recipe: dict) -> tuple[dict, nn.Modul
     model.eval()
     with autocast(device):
         records = passkey_grid(model, lengths, depths, samples, args.seed, digits, args.decode, TOKENS_PER_FORWARD)
-    print(f"passkey: {type(model).__name__} ({_num_parameters(model) / 1e6:.2f}M parameters), {digits} digits, "
+    print(f"passkey: {type(model).__name__} ({model.num_parameters() / 1e6:.2f}M parameters), {digits} digits, "
           f"{samples} prompts per cell, {args.decode}; accuracy by length (rows) and depth (columns)")
     print(f"{'length':>8}" + "".join(f"{d:>8.2f}" for d in depths) + f"{'mean':>8}")
     for length in lengths:
@@ -278,7 +274,7 @@ def run_eval_task(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        report.update(model=type(model).__name__, parameters=_num_parameters(model), checkpoint=args.checkpoint,
+        report.update(model=type(model).__name__, parameters=model.num_parameters(), checkpoint=args.checkpoint,
                       config=args.config, seed=args.seed)
         (out / f"{args.task}_results.json").write_text(json.dumps(report, indent=2) + "\n")
         if args.train:
