@@ -84,6 +84,23 @@ def test_reads_match_reference_for_any_split(cuts):
         torch.testing.assert_close(aggs[row], ref_aggs, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("T", [1, 7, 30])
+def test_probabilities_are_aligned_and_padding_reads_nothing(T):
+    # The [.., W] tensors feed bf16 matmuls: W must be a multiple of 8; columns past the null
+    # slot (index N) are padding with probability 0, and each row sums to 1 with the null slot.
+    cfg, hds, attn = make()
+    bank = MemoryBank.zeros(2, 1, 1, cfg.num_memories, cfg.mem_dim, cfg.memory_size_M, dtype=torch.float64)
+    hier = hds.build_hierarchy(torch.randn(2, T, cfg.hidden_dim, dtype=torch.float64), bank,
+                               torch.tensor([0, 9]))
+    probs, values = attn._probabilities(hier)
+    N = hier.slot_block.shape[1]
+    assert probs.shape[-1] % 8 == 0 and probs.shape[-1] > N and values.shape[2] == probs.shape[-1]
+    assert (probs[..., N + 1:] == 0).all() and (values[:, :, N:] == 0).all()
+    torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs[..., 0]))
+    public, _ = attn.slot_probabilities(hier)
+    torch.testing.assert_close(public, probs[..., : N + 1])
+
+
 def test_first_block_reads_zero_through_the_null_slot():
     cfg, hds, attn = make(C=8)
     reads, _, _ = run_segments(cfg, hds, attn, torch.randn(1, 8, cfg.hidden_dim, dtype=torch.float64), [])
