@@ -66,8 +66,9 @@ class ParallelConfig:
         activations; `ac_policy` "full" keeps only the block's inputs, "selective" also keeps
         the outputs of matmuls, attention and the recurrence kernel and recomputes the cheap
         element-wise work.
-    compile: `torch.compile` each block (after checkpointing, before sharding);
-        `compile_backend` is passed to torch.compile ("inductor" on GPUs; tests use "aot_eager").
+    compile: `torch.compile` each block (before checkpointing and sharding: the checkpoint
+        wraps the compiled block); `compile_backend` is passed to torch.compile ("inductor" on
+        GPUs; tests use "aot_eager").
     mixed_precision: "bf16" (bf16 compute, fp32 master weights and gradient reduction) or "fp32".
     reshard_after_forward: FSDP frees each block's gathered parameters after its forward and
         gathers them again in backward (less memory, one more all-gather per block). The last
@@ -94,7 +95,12 @@ class ParallelConfig:
 
 
 def apply_parallelism(model: nn.Module, config: ParallelConfig, mesh: DeviceMesh | None = None) -> nn.Module:
-    """Apply activation checkpointing, torch.compile, then FSDP2 or DDP, per block.
+    """Apply torch.compile, activation checkpointing, then FSDP2 or DDP, per block.
+
+    Compilation comes first, so the checkpoint recomputes the compiled block. The other order
+    (torchtitan's: compile the checkpointed block) fails in torch 2.11's inductor on CUDA for
+    MM-Rec blocks, with either policy ("Argument 'gather_3' of Node 'output' does not belong to
+    this Graph": the carried ring the block returns from inside the checkpointed region).
 
     The model must already sit on this process's device (see `init_model_on_device`) and, for
     "fsdp" and "ddp", the default process group must exist (`init_distributed()` under
@@ -107,10 +113,10 @@ def apply_parallelism(model: nn.Module, config: ParallelConfig, mesh: DeviceMesh
     if config.mode != "none" and not dist.is_initialized():
         raise ValueError(f"parallel mode {config.mode!r} needs a process group: launch with "
                          "`torchrun --nproc_per_node N ...` and call mm_rec.distributed.init_distributed() first")
-    if config.activation_checkpointing:
-        apply_activation_checkpointing(model, config.ac_policy)
     if config.compile:
         apply_compile(model, config.compile_backend)
+    if config.activation_checkpointing:
+        apply_activation_checkpointing(model, config.ac_policy)
     if config.mode == "fsdp":
         apply_fsdp(model, config, mesh)
         return model
