@@ -14,7 +14,12 @@ F.scaled_dot_product_attention(is_causal=True). Measured in the same run, on the
 
     python benchmarks/bench_layer.py [--preset 7b] [--shapes 4x2048,1x8192,1x32768]
                                      [--iters 10] [--warmup 3] [--compile] [--sdpa auto]
-                                     [--json results.json]
+                                     [--profile 25] [--json results.json]
+
+The MM-Rec layer runs in steady state: its carried long-term ring is full (the stream position
+is S * C tokens), as in every segment of a long stream after the first S blocks. `--profile N`
+also prints, per layer and shape, the N GPU kernels that took the most time in one
+forward+backward (torch.profiler), to see where the time goes.
 
 Prints a Markdown table (and the MM-Rec / Transformer time ratio per shape) at the end. A shape
 that does not fit in memory is reported as OOM and the run goes on.
@@ -67,8 +72,12 @@ def layer_inputs(kind: str, config: MMRecConfig, batch: int, seq: int, device: s
     """The positional arguments of the layer's forward; the first, x [B, T, D] bf16, needs grad."""
     x = torch.randn(batch, seq, config.hidden_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
     if kind == "mmrec":
-        state = MemoryState.zeros(config.replace(num_layers=1), batch, device=device)  # fp32, fresh streams
-        return x, state.banks[0], state.position
+        state = MemoryState.zeros(config.replace(num_layers=1), batch, device=device)  # fp32
+        bank = state.banks[0]
+        bank.slot_keys.normal_()
+        bank.slot_values.normal_()
+        position = torch.full_like(state.position, config.memory_size_M * config.chunk_size)  # ring full
+        return x, bank, position
     cos, sin = rope_tables(seq, config.head_dim, x.device)
     return x, cos, sin
 
@@ -95,6 +104,8 @@ def measure(kind: str, config: MMRecConfig, batch: int, seq: int, args: argparse
         layer.compile()
     fwd = time_fn(forward, warmup=args.warmup, iters=args.iters, cuda=cuda)
     both = time_fn(forward_backward, warmup=args.warmup, iters=args.iters, cuda=cuda)
+    if args.profile:
+        print(kernel_profile(forward_backward, args.profile, f"{kind} {batch}x{seq}"), flush=True)
     peak_gib = None
     if cuda:
         for tensor in [x, *params]:
@@ -114,6 +125,20 @@ def measure(kind: str, config: MMRecConfig, batch: int, seq: int, args: argparse
         "tflops_per_s": flops / (both.median_ms * 1e-3) / 1e12,
         "peak_gib": peak_gib,
     }
+
+
+def kernel_profile(fn, rows: int, title: str) -> str:
+    """The `rows` kernels with the most self device time over one call of fn (after warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    sort_by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=70)
+    return f"--- profile: {title} (one forward+backward)\n{table}"
 
 
 def run_one(kind: str, config: MMRecConfig, batch: int, seq: int, args: argparse.Namespace) -> dict:
@@ -165,6 +190,8 @@ def main() -> None:
                         help="cpu: a smoke test of this script with a small preset (no memory column)")
     parser.add_argument("--sdpa", choices=["auto", *SDPA_BACKENDS], default="auto",
                         help="restrict the Transformer's attention kernel (auto: PyTorch's choice)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="print the N kernels that take the most time per layer and shape")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
