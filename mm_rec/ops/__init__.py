@@ -6,13 +6,20 @@
 
 from __future__ import annotations
 
-import functools
 import os
 
+_TRITON_AVAILABLE: bool | None = None  # probed once; a plain global, which torch.compile traces without warnings
 
-@functools.cache
+
 def triton_available() -> bool:
     """True when Triton imports and can run here (a CUDA GPU, or TRITON_INTERPRET=1)."""
+    global _TRITON_AVAILABLE
+    if _TRITON_AVAILABLE is None:
+        _TRITON_AVAILABLE = _probe_triton()
+    return _TRITON_AVAILABLE
+
+
+def _probe_triton() -> bool:
     try:
         import triton  # noqa: F401
     except Exception:
