@@ -11,7 +11,7 @@ activation checkpointing, torch.compile and FSDP2/DDP are applied per block
 (`mm_rec.distributed.apply_parallelism`) and it trains on random tokens with AdamW and gradient
 clipping: `--warmup` untimed steps, then `--steps` timed ones. Every process draws its own
 batch of `--batch-size` sequences of `--seq-len` tokens; MM-Rec starts every batch from a fresh
-state and runs sequences longer than `max_chunk_len` (`--max-chunk-len`) segment by segment
+state and runs sequences longer than `max_segment_len` (`--max-segment-len`) segment by segment
 with the state carried and each segment recomputed in backward.
 
 Reported per model (rank 0 prints; times and memory are the maxima over processes):
@@ -84,7 +84,7 @@ def parse_args() -> argparse.Namespace:
                    help="activation checkpointing per block")
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
     p.add_argument("--mixed-precision", choices=["bf16", "fp32"], default="bf16")
-    p.add_argument("--max-chunk-len", type=int, help="MM-Rec forward segment length (default: the preset's)")
+    p.add_argument("--max-segment-len", type=int, help="MM-Rec forward segment length (default: the preset's)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--peak-tflops", type=float, help="peak bf16 TFLOP/s per GPU for MFU (default: by device name)")
@@ -241,8 +241,8 @@ def main() -> None:
     ensure_process_group(args)
     info = init_distributed(args.device)
     config = MMRecConfig.from_preset(args.preset, **parse_overrides(args.override))
-    if args.max_chunk_len:
-        config = config.replace(max_chunk_len=args.max_chunk_len)
+    if args.max_segment_len:
+        config = config.replace(max_segment_len=args.max_segment_len)
     peaks: dict[str, float] = {}
     if args.peak_tflops:
         peaks["peak"] = args.peak_tflops * 1e12
@@ -261,7 +261,7 @@ def main() -> None:
         facts = [f"Device: {get_world_size()} x {device_name}, torch {torch.__version__}, "
                  f"{datetime.datetime.now():%Y-%m-%d %H:%M}",
                  f"preset {args.preset} (D={config.hidden_dim}, L={config.num_layers}, "
-                 f"max_chunk_len={config.max_chunk_len})",
+                 f"max_segment_len={config.max_segment_len})",
                  f"{args.mixed_precision}, compile={args.compile}",
                  *(f"{k} peak {v / 1e12:.0f} TFLOP/s" for k, v in peaks.items())]
         header = "; ".join(facts) + f"\nCommand: {' '.join(sys.argv)}\n"

@@ -6,7 +6,7 @@
 `labels[b, t]` is the target for position t, i.e. the token that follows input_ids[b, t]
 (already shifted), so a stream cut into segments loses no prediction at the cuts. The state
 carries everything needed to continue the stream: forward over a whole sequence equals forward
-over consecutive segments with the state passed along (DESIGN.md I4), and generation feeds one
+over consecutive segments with the state passed along (invariant I4, docs/architecture.md), and generation feeds one
 token at a time through the same state (I5).
 """
 
@@ -127,7 +127,7 @@ class LanguageModel(nn.Module):
         if model_type != cls.model_type:
             found, wanted = model_type or "mmrec", cls.model_type or "mmrec"
             raise ValueError(f"{directory} holds a {found!r} model, not a {wanted!r} one")
-        model = cls(MMRecConfig.from_dict(values))
+        model = cls(MMRecConfig.from_saved(values))
         try:
             load_model(model, str(directory / WEIGHTS_NAME), strict=True, device=str(device or "cpu"))
         except Exception as err:
@@ -162,28 +162,17 @@ class MMRecModel(LanguageModel):
 
     # ------------------------------------------------------------------ init
     def reset_parameters(self) -> None:
-        """Initialisation (why each choice):
+        """Initialisation: the model's policy for its linear layers, then each module's own.
 
         * embeddings and projections: N(0, init_std), GPT-2 style;
         * the two projections that write into the residual stream (mixer out_proj, FFN down):
           N(0, init_std / sqrt(2 * num_layers)), so the residual variance stays O(1) with depth;
-        * W_g: N(0, 1/d^2): gate pre-activations start O(0.1-1) even though h accumulates
-          ~1/(1-gamma) inputs, and the Jacobian dh_t/dh_{t-1} stays close to diag(gamma);
-        * decay bias beta = logit(decay_init), gate bias b_g = 0 (gates start at 1/2);
-        * the age-bias slopes spread geometrically over banks (2^(-8k/K)) and the level-2
-          time constants over C * 2^k tokens, so banks start on different time scales;
-        * null-slot logits and level weights start at zero (no preference).
+        * every other parameter is initialised by the module that owns it (`MMRecMixer.
+          reset_parameters`: W_g, the decay, the memory's time scales, slopes and write queries).
         """
-        cfg = self.config
         self._init_linear_embedding_norm(residual_writes=("mixer.out_proj", "ffn.down"))
         for block in self.blocks:
-            mixer = block.mixer
-            nn.init.normal_(mixer.W_g, 0.0, 1.0 / cfg.head_dim)
-            nn.init.zeros_(mixer.b_g)
-            mixer.decay.reset_parameters()
-            mixer.hds.reset_parameters()
-            mixer.attention.reset_parameters()
-            nn.init.zeros_(mixer.integration.level_logits)
+            block.mixer.reset_parameters()
 
     # ------------------------------------------------------------------ state
     def init_state(self, batch_size: int, device=None) -> MemoryState:
@@ -208,17 +197,17 @@ class MMRecModel(LanguageModel):
     def _forward_segment(self, input_ids: torch.Tensor, state: MemoryState) -> tuple[torch.Tensor, MemoryState]:
         """input_ids [B, T] -> final hidden states [B, T, D] and the state after the segment."""
         x = self.embed(input_ids)
-        banks = []
-        for block, bank in zip(self.blocks, state.banks):
-            x, new_bank = block(x, bank, state.position)
-            banks.append(new_bank)
-        return self.final_norm(x), MemoryState(banks, state.position + input_ids.shape[1])
+        layers = []
+        for block, layer_state in zip(self.blocks, state.layers):
+            x, new_layer_state = block(x, layer_state, state.position)
+            layers.append(new_layer_state)
+        return self.final_norm(x), MemoryState(layers, state.position + input_ids.shape[1])
 
     def forward(self, input_ids: torch.Tensor, state: MemoryState | None = None,
                 labels: torch.Tensor | None = None, return_logits: bool = True) -> MMRecOutput:
         """Run the model over input_ids [B, T] from `state` (a fresh stream when None).
 
-        Inputs longer than `config.max_chunk_len` run as consecutive segments with the state
+        Inputs longer than `config.max_segment_len` run as consecutive segments with the state
         carried; with gradients enabled each segment is recomputed in backward
         (activation checkpointing), so activation memory does not grow with T.
         """
@@ -227,7 +216,7 @@ class MMRecModel(LanguageModel):
             state = self.init_state(input_ids.shape[0], device=input_ids.device)
         input_ids = input_ids.long()
         T = input_ids.shape[1]
-        seg_len = self.config.max_chunk_len
+        seg_len = self.config.max_segment_len
         recompute = torch.is_grad_enabled() and (self.gradient_checkpointing or T > seg_len)
         logits_parts, loss_sum, count = [], None, 0
         for start in range(0, T, seg_len):

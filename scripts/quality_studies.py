@@ -76,7 +76,7 @@ def mqar_model(width: int, model_type: str) -> dict:
     """Two layers of `width`, as the published MQAR comparisons (Zoology); the memory's ring spans
     S * C = 64 * 16 = 1024 tokens, the longest row."""
     model = dict(vocab_size=MQAR_VOCAB, hidden_dim=width, num_layers=2, num_heads=max(1, width // 64),
-                 ffn_dim=2 * width, max_seq_len=1024, max_chunk_len=1024)
+                 ffn_dim=2 * width, max_seq_len=1024, max_segment_len=1024)
     if model_type == "mmrec":
         model.update(num_memories=2, mem_dim=min(64, width), memory_size_M=64, chunk_size=16, decay_rank=32)
     else:

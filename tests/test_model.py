@@ -65,7 +65,7 @@ def test_step_invariance_I5():
 
 def test_long_inputs_run_in_segments_with_the_same_result_and_gradients():
     model = small_model()
-    chunked = small_model(max_chunk_len=7)
+    chunked = small_model(max_segment_len=7)
     chunked.load_state_dict(model.state_dict())
     ids = torch.randint(0, 37, (2, 33))
     out, out_chunked = model(ids, labels=ids), chunked(ids, labels=ids)

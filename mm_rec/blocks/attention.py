@@ -1,10 +1,18 @@
-"""Multi-memory attention: each token reads, per bank, the slots of the S blocks before its own.
+"""Multi-memory attention: each token reads, per bank, its window, the visible slots and a null slot.
 
-Token t in block j attends over the slots of blocks j-S .. j-1 (never its own unfinished
-block: the recurrence covers that) plus an always-present null slot whose value is zero, so a
-token with no visible slot reads zeros instead of NaN. A learnable per-bank bias on slot age,
--slope_k * (age - 1), lets banks specialise in different time scales. Cost per token:
-O(S * m) per bank, independent of the sequence length.
+One softmax per token and bank spans three kinds of entries (so the attention itself decides
+where an answer lies):
+
+* level 0, the window: the keys of the last W tokens, the token itself included, with a learnable
+  per-bank bias -window_slope_k * distance (in tokens);
+* levels 1 and 3, the slots the `Hierarchy` marks visible (never the token's own block), with a
+  learnable per-bank bias on slot age, -slope_k * (age - 1) (age in blocks), plus the slot's
+  learned importance when the ring keeps slots by importance;
+* an always-present null slot whose value is zero, so a token with nothing to read reads zeros.
+
+Cost per token: O((W + S) * m) per bank, independent of the sequence length. The window runs
+blockwise (queries in blocks of L = min(W, T) tokens against the L + W keys that can reach them),
+so memory is O(T * (L + W)), never O(T^2).
 """
 
 from __future__ import annotations
@@ -20,16 +28,20 @@ from mm_rec.core.hds import Hierarchy
 
 
 class MultiMemoryAttention(nn.Module):
-    """Block-causal reads of the HDS slot timeline (levels 1 and 3)."""
+    """The joint read of levels 0, 1 and 3 (see the module docstring)."""
 
     def __init__(self, config: MMRecConfig):
         super().__init__()
         K = config.num_memories
         self.memory_size = config.memory_size_M
+        self.window_size = config.window_size
+        self.chunk_size = config.chunk_size
         self.scale = 1.0 / math.sqrt(config.mem_dim)
         # ALiBi-like geometric spread of slopes: bank 0 favours recent blocks, bank K-1 is flat-ish.
         self.log_age_slope = nn.Parameter(torch.empty(K))
         self.null_logit = nn.Parameter(torch.zeros(K))
+        if self.window_size:
+            self.log_window_slope = nn.Parameter(torch.empty(K))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -37,57 +49,111 @@ class MultiMemoryAttention(nn.Module):
         with torch.no_grad():
             self.log_age_slope.copy_(-(torch.arange(K, dtype=torch.float32) + 1) * (8.0 / K) * math.log(2))
             self.null_logit.zero_()
+            if self.window_size:  # the same spread per token: a block's slope over its C tokens
+                self.log_window_slope.copy_(self.log_age_slope - math.log(self.chunk_size))
 
-    def slot_probabilities(self, hierarchy: Hierarchy) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention of every token over the slot timeline.
+    # ------------------------------------------------------------------ probabilities
+    def read_probabilities(self, hierarchy: Hierarchy) -> dict[str, torch.Tensor]:
+        """Attention of every token (fp32), for inspection:
 
-        Returns probs [B, K, T, N + 1] (the last column is the null slot) in fp32, and the slot
-        ages [B, 1, T, N] in blocks (token block minus slot block; only 1..S are visible).
+        slots [B, K, T, N]: over the timeline slots; null [B, K, T]: the null slot;
+        window [B, K, T, L + W] over the blocked window keys (None without a window) and
+        window_distance [T, L + W]: each such key's distance in tokens (>= W where unused);
+        slot_age [B, 1 or K, T, N]: slot ages in blocks (token block minus slot block).
         """
-        N = hierarchy.slot_block.shape[1]
-        age = hierarchy.token_block[:, None, :, None] - hierarchy.slot_block[:, None, None, :]
-        probs, _ = self._probabilities(hierarchy)
-        return probs[..., : N + 1], age
+        window_probs, probs, _, _ = self._probabilities(hierarchy)
+        N = hierarchy.slot_block.shape[-1]
+        T = hierarchy.queries.shape[1]
+        age = hierarchy.token_block[:, None, :, None] - hierarchy.slot_block[:, :, None, :]
+        out = dict(slots=probs[..., :N], null=probs[..., N], slot_age=age, window=window_probs)
+        if window_probs is not None:
+            L = window_probs.shape[-1] - self.window_size
+            t = torch.arange(T, device=probs.device)[:, None] % L
+            out["window_distance"] = self.window_size + t - torch.arange(L + self.window_size, device=probs.device)
+        return out
 
-    def _probabilities(self, hierarchy: Hierarchy) -> tuple[torch.Tensor, torch.Tensor]:
-        """probs [B, K, T, W] (fp32 at least) and the matching values [B, K, W, m], where W >= N + 1.
+    def _probabilities(self, hierarchy: Hierarchy):
+        """(window probs [B, K, T, L + W] or None, slot probs [B, K, T, Wp], slot values [B, K, Wp, m],
+        blocked window values [B, K, nb, L + W, m] or None), one softmax over both, fp32 at least.
 
-        Column n < N is timeline slot n, column N the null slot (key and value 0), and the
-        columns after it are hidden padding that makes W a multiple of 8: the bf16 matmuls then
+        Slot column n < N is timeline slot n, column N the null slot (key and value 0), and the
+        columns after it are hidden padding that makes Wp a multiple of 8: the bf16 matmuls then
         get 16-byte aligned rows (cuBLAS falls back to much slower kernels otherwise), and no
-        slicing or concatenation of the [B, K, T, W] tensors is needed.
+        slicing or concatenation of the [B, K, T, Wp] tensors is needed.
 
         The age bias -slope * (age - 1), age = token_block[t] - slot_block[n], splits into a slot
         term slope * (slot_block[n] - ref) and a row term -slope * (token_block[t] - ref - 1); a
         softmax row is unchanged when the row term moves, with the opposite sign, onto the null
-        slot's logit. So the scores take one broadcast add instead of an age tensor (ref = each
-        row's first token block keeps both terms as small as the ages).
+        slot's logit and the window's. So the scores take one broadcast add instead of an age
+        tensor (ref = each row's first token block keeps both terms as small as the ages).
         """
-        q = hierarchy.queries.transpose(1, 2)  # [B, K, T, m]
-        N = hierarchy.slot_block.shape[1]
-        W = N + 1 + (-(N + 1)) % 8
-        keys = F.pad(hierarchy.slot_keys.to(q.dtype), (0, 0, 0, W - N))  # [B, K, W, m]
-        values = F.pad(hierarchy.slot_values.to(q.dtype), (0, 0, 0, W - N))
+        q = hierarchy.queries.transpose(1, 2) * self.scale  # [B, K, T, m]
+        B, K, T, _ = q.shape
+        N = hierarchy.slot_block.shape[-1]
+        Wp = N + 1 + (-(N + 1)) % 8
+        keys = F.pad(hierarchy.slot_keys.to(q.dtype), (0, 0, 0, Wp - N))  # [B, K, Wp, m]
+        values = F.pad(hierarchy.slot_values.to(q.dtype), (0, 0, 0, Wp - N))
         acc = torch.promote_types(q.dtype, torch.float32)  # softmax in fp32 (float64 stays)
-        token_block, slot_block = hierarchy.token_block, hierarchy.slot_block  # [B, T], [B, N]
+        token_block, slot_block = hierarchy.token_block, hierarchy.slot_block  # [B, T], [B, k1, N]
         ref = token_block[:, :1]
         slope = self.log_age_slope.to(acc).exp().view(1, -1, 1, 1)  # [1, K, 1, 1]
-        slot_bias = F.pad(slope * (slot_block - ref).to(acc)[:, None, None, :], (0, W - N))  # [B, K, 1, W]
-        scores = torch.matmul(q * self.scale, keys.transpose(-1, -2)) + slot_bias  # [B, K, T, W] in acc
-        tb, sb = token_block[:, None, :, None], F.pad(slot_block, (0, W - N))[:, None, None, :]
-        valid = F.pad(hierarchy.slot_valid, (0, W - N), value=False)[:, None, None, :]
-        hidden = (sb >= tb) | (sb < tb - self.memory_size) | ~valid  # [B, 1, T, W]; column N is set below
+        slot_bias = slope * (slot_block - ref[:, :, None]).to(acc)[:, :, None, :]  # [B, K, 1, N]
+        if hierarchy.slot_importance is not None:
+            slot_bias = slot_bias + hierarchy.slot_importance.to(acc)[:, :, None, :]
+        scores = torch.matmul(q, keys.transpose(-1, -2)) + F.pad(slot_bias, (0, Wp - N))  # [B, K, T, Wp] in acc
+        group = hierarchy.token_group[:, None, :, None]  # [B, 1, T, 1]
+        visible = hierarchy.slot_visible
+        visible = visible.gather(2, group.expand(B, visible.shape[1], T, N))  # [B, k1, T, N]
+        hidden = ~F.pad(visible, (0, Wp - N), value=False)  # column N is set below
         # In place (the sum is saved by no one): eager mode then makes no more full-size copies
         # than a concatenation with the null column would.
         scores.masked_fill_(hidden, float("-inf"))
-        null = self.null_logit.to(acc).view(1, -1, 1) + slope[..., 0] * (token_block - ref - 1).to(acc)[:, None, :]
-        scores[..., N] = null  # [B, K, T]: the null slot's logit, always visible
-        return torch.softmax(scores, dim=-1), values
+        row_shift = slope[..., 0] * (token_block - ref - 1).to(acc)[:, None, :]  # [B, K, T]
+        scores[..., N] = self.null_logit.to(acc).view(1, -1, 1) + row_shift  # the null slot, always visible
+        if not self.window_size:
+            return None, torch.softmax(scores, dim=-1), values, None
 
+        window_scores, window_values = self._window_scores(q, hierarchy, acc)
+        window_scores = window_scores + row_shift[..., None]
+        probs = torch.softmax(torch.cat([window_scores, scores], dim=-1), dim=-1)
+        window_width = window_scores.shape[-1]
+        return probs[..., :window_width], probs[..., window_width:], values, window_values
+
+    def _window_scores(self, q: torch.Tensor, hierarchy: Hierarchy, acc: torch.dtype):
+        """Scores [B, K, T, L + W] of every token against the L + W window keys of its query block
+        (masked outside the window and before the stream's start), and the blocked values."""
+        B, K, T, m = q.shape
+        W = self.window_size
+        L = min(W, T)
+        nb = -(-T // L)
+        total = nb * L + W
+        ext_keys = F.pad(hierarchy.window_keys.to(q.dtype), (0, 0, 0, total - W - T))  # [B, K, total, m]
+        ext_values = F.pad(hierarchy.window_values.to(q.dtype), (0, 0, 0, total - W - T))
+        key_blocks = ext_keys.unfold(2, L + W, L)  # [B, K, nb, m, L + W]: keys i*L .. i*L + L + W - 1
+        value_blocks = ext_values.unfold(2, L + W, L).transpose(-1, -2)  # [B, K, nb, L + W, m]
+        q_blocks = F.pad(q, (0, 0, 0, nb * L - T)).view(B, K, nb, L, m)
+        scores = torch.matmul(q_blocks, key_blocks).to(acc)  # [B, K, nb, L, L + W]
+        j = torch.arange(L + W, device=q.device)
+        distance = W + torch.arange(L, device=q.device)[:, None] - j  # [L, L + W]: tokens back
+        in_window = (distance >= 0) & (distance < W)
+        ext_index = torch.arange(nb, device=q.device)[:, None] * L + j  # [nb, L + W]
+        in_stream = ext_index[:, None, :] >= hierarchy.window_start.view(B, 1, 1, 1)  # [B, nb, 1, L + W]
+        slope = self.log_window_slope.to(acc).exp().view(1, K, 1, 1, 1)
+        scores = scores - slope * distance.to(acc)
+        scores = scores.masked_fill(~(in_window & in_stream)[:, None], float("-inf"))
+        return scores.reshape(B, K, nb * L, L + W)[:, :, :T], value_blocks
+
+    # ------------------------------------------------------------------ read
     def forward(self, hierarchy: Hierarchy) -> torch.Tensor:
-        """Returns the slot read [B, T, K, m] for every token and bank."""
-        probs, values = self._probabilities(hierarchy)
+        """Returns the read [B, T, K, m] of every token and bank."""
+        window_probs, probs, values, window_values = self._probabilities(hierarchy)
         read = torch.matmul(probs.to(values.dtype), values)  # the null slot's and the padding's values are 0
+        if window_probs is not None:
+            B, K, T, width = window_probs.shape
+            nb = window_values.shape[2]
+            L = width - self.window_size
+            blocked = F.pad(window_probs.to(values.dtype), (0, 0, 0, nb * L - T)).view(B, K, nb, L, width)
+            read = read + torch.matmul(blocked, window_values).view(B, K, nb * L, -1)[:, :, :T]
         return read.transpose(1, 2)  # [B, T, K, m]
 
 

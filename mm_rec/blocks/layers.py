@@ -15,6 +15,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
         out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -32,3 +35,32 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
+
+
+class ShortConvolution(nn.Module):
+    """Causal depthwise convolution over time with a carried tail (as in fla's ShortConvolution):
+
+        y_t[c] = sum_{i < k} weight[c, i] * x_{t - k + 1 + i}[c]
+
+    where inputs before the segment come from `tail` (the last k - 1 inputs of the stream, zeros
+    at its start), so a stream cut anywhere gives the same outputs.
+    """
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(torch.empty(channels, kernel_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / self.kernel_size ** 0.5  # nn.Conv1d's default for a depthwise kernel
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    def forward(self, x: torch.Tensor, tail: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [B, T, channels], tail [B, k - 1, channels] (None for k = 1) -> (y [B, T, channels], new tail)."""
+        k = self.kernel_size
+        if k == 1:
+            return x * self.weight[:, 0].to(x.dtype), None
+        full = torch.cat([tail.to(x.dtype), x], dim=1)  # [B, k - 1 + T, channels]
+        y = F.conv1d(full.transpose(1, 2), self.weight.to(x.dtype)[:, None, :], groups=x.shape[-1])
+        return y.transpose(1, 2), full[:, -(k - 1):].to(tail.dtype)

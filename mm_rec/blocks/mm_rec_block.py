@@ -1,68 +1,102 @@
 """The MM-Rec block: x = x + Mixer(RMSNorm(x), state); x = x + FFN(RMSNorm(x)).
 
-The mixer runs the seven steps of DESIGN.md section 2:
-  1. one fused input projection -> z_t (recurrence input), a_t (decay modulation), gate logits;
+The mixer runs the seven steps of docs/architecture.md:
+  1. one fused input projection -> z_t (recurrence input), a_t (decay modulation), gate logits,
+     and the memory's q/k/v inputs (through a short causal convolution) and delta-rule gates;
   2. MDI decay: log gamma_t = clamp(logsigmoid(beta + a_t)) in fp32;
   3. core recurrence per head: h_t = z_t * sigmoid(h_{t-1} W_g + b_g) + gamma_t * h_{t-1};
-  4. HDS build from h_hat = RMSNorm(h): block slots, sequence aggregate, long-term ring;
-  5. multi-memory attention over the slot timeline;
+  4. HDS build: the window (level 0), block slots (1), the delta-rule memory (2), the ring (3);
+  5. multi-memory attention: one softmax over the window, the visible slots and a null slot;
   6. MDI integration: o_t = g_t * memory_t + (1 - g_t) * h_hat_t, then the output projection;
-  7. the new layer state (h_T, partial block sums, ring, G_T).
+  7. the new layer state, built in one place (LayerState).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mm_rec.blocks.attention import MultiMemoryAttention
-from mm_rec.blocks.layers import RMSNorm, SwiGLU
+from mm_rec.blocks.layers import RMSNorm, ShortConvolution, SwiGLU
 from mm_rec.config import MMRecConfig
 from mm_rec.core.associative_scan import associative_scan_exponential
 from mm_rec.core.hds import HDSHierarchy
 from mm_rec.core.mdi import LearnableDecay, MemoryIntegration
-from mm_rec.core.memory_state import MemoryBank
+from mm_rec.core.memory_state import LayerState
 from mm_rec.core.recurrence import mmrec_recurrence
 
 
 class MMRecMixer(nn.Module):
-    """Steps 1-7 on a normalised input x [B, T, D] with the layer's carried `MemoryBank`."""
+    """Steps 1-7 on a normalised input x [B, T, D] with the layer's carried `LayerState`."""
 
     def __init__(self, config: MMRecConfig):
         super().__init__()
         D, H, d = config.hidden_dim, config.num_heads, config.head_dim
-        self.num_heads, self.head_dim = H, d
+        K, m = config.num_memories, config.mem_dim
+        self.num_heads, self.head_dim, self.num_memories, self.mem_dim = H, d, K, m
         self.gate_input = config.gate_input
-        self.split_sizes = (D, config.decay_modulation_dim, D)  # z, decay modulation, gate logits
-        self.in_proj = nn.Linear(D, sum(self.split_sizes), bias=False)
+        self.memory_input = config.memory_input
+        # One fused input projection: z, decay modulation, gate logits, then (when used) the
+        # memory's q/k/v from the input and the delta rule's decay and write logits.
+        self.split_sizes = {"z": D, "modulation": config.decay_modulation_dim, "gate": D}
+        if config.memory_input in ("input", "both"):
+            self.split_sizes["memory"] = 3 * K * m
+        if config.level2 == "delta":
+            self.split_sizes["delta_gates"] = 2 * K
+        self.in_proj = nn.Linear(D, sum(self.split_sizes.values()), bias=False)
         self.decay = LearnableDecay(config)
         self.W_g = nn.Parameter(torch.empty(H, d, d))
         self.b_g = nn.Parameter(torch.zeros(H, d))
         self.state_norm = RMSNorm(D, config.norm_eps)
+        self.memory_conv = ShortConvolution(3 * K * m, config.conv_size) if config.conv_size else None
         self.hds = HDSHierarchy(config)
         self.attention = MultiMemoryAttention(config)
         self.integration = MemoryIntegration(config)
         self.out_proj = nn.Linear(D, D, bias=False)
         self.recurrence_backend = "auto"
+        self.reset_parameters()
 
-    def forward(self, x: torch.Tensor, bank: MemoryBank, position: torch.Tensor) -> tuple[torch.Tensor, MemoryBank]:
+    def reset_parameters(self) -> None:
+        """The mixer's own parameters beyond its linear layers (which the model initialises):
+        W_g ~ N(0, 1/d^2), so gate pre-activations start O(0.1-1) even though h accumulates
+        ~1/(1-gamma) inputs, and dh_t/dh_{t-1} stays close to diag(gamma); b_g = 0 (gates at 1/2);
+        then each memory module's own initialisation."""
+        nn.init.normal_(self.W_g, 0.0, 1.0 / self.head_dim)
+        nn.init.zeros_(self.b_g)
+        for module in (self.decay, self.state_norm, self.memory_conv, self.hds, self.attention, self.integration):
+            if module is not None:
+                module.reset_parameters()
+
+    def forward(self, x: torch.Tensor, state: LayerState, position: torch.Tensor) -> tuple[torch.Tensor, LayerState]:
         B, T, D = x.shape
-        H, d = self.num_heads, self.head_dim
-        z, modulation, gate_logits = self.in_proj(x).split(self.split_sizes, dim=-1)
-        log_gamma = self.decay(modulation).view(B, T, H, d)
-        z = z.view(B, T, H, d)
+        H, d, K, m = self.num_heads, self.head_dim, self.num_memories, self.mem_dim
+        parts = dict(zip(self.split_sizes, self.in_proj(x).split(list(self.split_sizes.values()), dim=-1)))
+        log_gamma = self.decay(parts["modulation"]).view(B, T, H, d)
+        z = parts["z"].view(B, T, H, d)
         if self.gate_input == "state":
-            h, h_last = mmrec_recurrence(z, log_gamma, self.W_g, self.b_g, bank.h, backend=self.recurrence_backend)
+            h, h_last = mmrec_recurrence(z, log_gamma, self.W_g, self.b_g, state.h, backend=self.recurrence_backend)
         else:  # ablation: sigma(z_t W_g + b_g) does not depend on h, so the recurrence is linear
             gate = torch.sigmoid(torch.einsum("bthd,hde->bthe", z.to(self.W_g.dtype), self.W_g) + self.b_g)
-            h, h_last = associative_scan_exponential(log_gamma, z * gate.to(z.dtype), bank.h)
+            h, h_last = associative_scan_exponential(log_gamma, z * gate.to(z.dtype), state.h)
         h_hat = self.state_norm(h.reshape(B, T, D))
-        hierarchy = self.hds.build_hierarchy(h_hat, bank, position)
-        slot_read = self.attention(hierarchy)
-        mixed = self.integration(slot_read, hierarchy.aggregate, h_hat, gate_logits)
-        new_bank = hierarchy.new_bank
-        new_bank.h = h_last
-        return self.out_proj(mixed), new_bank
+
+        # The memory's q/k/v: from the input, from RMSNorm(h), or both; then the short convolution.
+        memory_in = parts.get("memory")
+        if self.memory_input in ("state", "both"):
+            from_state = self.hds.qkv(h_hat)
+            memory_in = from_state if memory_in is None else memory_in + from_state
+        conv_tail = None
+        if self.memory_conv is not None:
+            memory_in, conv_tail = self.memory_conv(memory_in, state.conv_tail)
+            memory_in = F.silu(memory_in)
+        q, k, v = memory_in.view(B, T, 3, K, m).unbind(2)  # each [B, T, K, m]
+
+        hierarchy = self.hds.build_hierarchy(q, k, v, state, position, parts.get("delta_gates"))
+        read = self.attention(hierarchy)
+        mixed = self.integration(read, hierarchy.level2, h_hat, parts["gate"])
+        new_state = LayerState(h=h_last, conv_tail=conv_tail, **hierarchy.carried)
+        return self.out_proj(mixed), new_state
 
 
 class MMRecBlock(nn.Module):
@@ -76,9 +110,9 @@ class MMRecBlock(nn.Module):
         self.ffn = SwiGLU(config.hidden_dim, config.ffn_dim)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, bank: MemoryBank, position: torch.Tensor) -> tuple[torch.Tensor, MemoryBank]:
-        """x [B, T, D] at stream positions position[b] + t -> (x [B, T, D], new bank)."""
-        mixed, new_bank = self.mixer(self.mixer_norm(x), bank, position)
+    def forward(self, x: torch.Tensor, state: LayerState, position: torch.Tensor) -> tuple[torch.Tensor, LayerState]:
+        """x [B, T, D] at stream positions position[b] + t -> (x [B, T, D], the layer's new state)."""
+        mixed, new_state = self.mixer(self.mixer_norm(x), state, position)
         x = x + self.dropout(mixed)
         x = x + self.dropout(self.ffn(self.ffn_norm(x)))
-        return x, new_bank
+        return x, new_state

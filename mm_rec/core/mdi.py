@@ -46,14 +46,14 @@ class LearnableDecay(nn.Module):
 
 
 class MemoryIntegration(nn.Module):
-    """Gated integration of the memory reads (DESIGN.md section 2, step 6).
+    """Gated integration of the memory reads (docs/architecture.md, step 6).
 
-    Per bank, learnable level weights (softmax over [slot read, aggregate]) combine the level
-    reads; the banks are projected back to D (`memory_t`), and a sigmoid gate mixes them with
-    the normalised local state: o_t = g_t * memory_t + (1 - g_t) * h_hat_t.
+    Per bank, learnable level weights (softmax over [attention read, level-2 read]) combine the
+    level reads; the banks are projected back to D (`memory_t`), and a sigmoid gate mixes them
+    with the normalised local state: o_t = g_t * memory_t + (1 - g_t) * h_hat_t.
     """
 
-    NUM_LEVEL_READS = 2  # slot read (levels 1 and 3: one ring), sequence aggregate (level 2)
+    NUM_LEVEL_READS = 2  # attention read (window and slots: levels 0, 1, 3), level-2 read
 
     def __init__(self, config: MMRecConfig):
         super().__init__()
@@ -61,11 +61,14 @@ class MemoryIntegration(nn.Module):
         self.level_logits = nn.Parameter(torch.zeros(K, self.NUM_LEVEL_READS))
         self.memory_proj = nn.Linear(K * m, config.hidden_dim, bias=False)
 
-    def forward(self, slot_read: torch.Tensor, aggregate: torch.Tensor, h_hat: torch.Tensor,
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.level_logits)  # no preference between the levels at init
+
+    def forward(self, attention_read: torch.Tensor, level2_read: torch.Tensor, h_hat: torch.Tensor,
                 gate_logits: torch.Tensor) -> torch.Tensor:
-        """slot_read, aggregate [B, T, K, m]; h_hat, gate_logits [B, T, D] -> o [B, T, D]."""
-        w = torch.softmax(self.level_logits.float(), dim=-1).to(slot_read.dtype)  # [K, 2]
-        reads = w[:, 0, None] * slot_read + w[:, 1, None] * aggregate.to(slot_read.dtype)
+        """attention_read, level2_read [B, T, K, m]; h_hat, gate_logits [B, T, D] -> o [B, T, D]."""
+        w = torch.softmax(self.level_logits.float(), dim=-1).to(attention_read.dtype)  # [K, 2]
+        reads = w[:, 0, None] * attention_read + w[:, 1, None] * level2_read.to(attention_read.dtype)
         memory = self.memory_proj(reads.flatten(-2))
         gate = torch.sigmoid(gate_logits)
         return gate * memory + (1 - gate) * h_hat

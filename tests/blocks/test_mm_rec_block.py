@@ -1,10 +1,14 @@
-"""The MM-Rec block: gradcheck, and the gate_input ablation equals its definition."""
+"""The MM-Rec block: gradcheck with every piece of state, the gate_input ablation, the short convolution."""
 
 import torch
 
 from mm_rec.blocks.mm_rec_block import MMRecBlock
 from mm_rec.config import MMRecConfig
-from mm_rec.core.memory_state import MemoryBank
+import pytest
+import torch.nn.functional as F
+
+from mm_rec.blocks.layers import ShortConvolution
+from mm_rec.core.memory_state import LayerState
 
 
 def tiny_block(**overrides):
@@ -13,36 +17,59 @@ def tiny_block(**overrides):
     return cfg, MMRecBlock(cfg).double()
 
 
-def fresh_bank(cfg, B):
-    return MemoryBank.zeros(B, cfg.num_heads, cfg.head_dim, cfg.num_memories, cfg.mem_dim, cfg.memory_size_M,
-                            dtype=torch.float64)
+def fresh_state(cfg, B):
+    return LayerState.zeros(cfg, B, dtype=torch.float64)
 
 
-def test_gradcheck_one_tiny_block():
-    cfg, block = tiny_block()
-    x = torch.randn(2, 10, 8, dtype=torch.float64, requires_grad=True)
-    bank = fresh_bank(cfg, 2)
-    h0 = torch.randn(2, 2, 4, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("overrides", [dict(), dict(config_version=1, **{
+    "memory_input": "state", "conv_size": 0, "window_size": 0, "level2": "mean", "slot_write": "mean",
+    "retention": "age"})], ids=["v2", "v1"])
+def test_gradcheck_one_tiny_block(overrides):
+    """Gradients to the input and to every floating-point piece of a carried (non-zero) state."""
+    cfg, block = tiny_block(**overrides)
     position = torch.tensor([0, 2])
+    carried = block(torch.randn(2, 7, 8, dtype=torch.float64), fresh_state(cfg, 2), position)[1].tensors()
+    names = [n for n, t in carried.items() if t.is_floating_point()]
+    inputs = [torch.randn(2, 10, 8, dtype=torch.float64, requires_grad=True)]
+    # Importances decide which slots are kept: make them distinct, so that the finite differences
+    # of gradcheck do not flip the order (the selection itself has no gradient).
+    if "slot_importance" in carried:
+        carried["slot_importance"] = torch.randn_like(carried["slot_importance"])
+    inputs += [carried[n].detach().clone().requires_grad_() for n in names]
+    integers = {n: t for n, t in carried.items() if not t.is_floating_point()}
 
-    def f(x, h0):
-        bank.h = h0
-        y, new_bank = block(x, bank, position)
-        return y, new_bank.h, new_bank.slot_keys, new_bank.aggregate
+    def f(x, *pieces):
+        state = LayerState(**dict(zip(names, pieces)), **integers)
+        y, new = block(x, state, position + 7)
+        return (y, *(t for t in new.tensors().values() if t.is_floating_point()))
 
-    assert torch.autograd.gradcheck(f, (x, h0))
+    assert torch.autograd.gradcheck(f, tuple(inputs), fast_mode=True)
 
 
 def test_gate_input_ablation_is_a_linear_recurrence():
     cfg, block = tiny_block(gate_input="input")
     mixer = block.mixer
     x = torch.randn(1, 7, 8, dtype=torch.float64)
-    z, modulation, _ = mixer.in_proj(x).split(mixer.split_sizes, -1)
-    z = z.view(1, 7, 2, 4)
+    parts = dict(zip(mixer.split_sizes, mixer.in_proj(x).split(list(mixer.split_sizes.values()), -1)))
+    z, modulation = parts["z"].view(1, 7, 2, 4), parts["modulation"]
     gamma = mixer.decay(modulation).exp().view(1, 7, 2, 4)
     h, states = torch.zeros(1, 2, 4, dtype=torch.float64), []
     for t in range(7):  # h_t = z_t * sigmoid(z_t W_g + b_g) + gamma_t * h_{t-1}
         h = z[:, t] * torch.sigmoid(torch.einsum("bhd,hde->bhe", z[:, t], mixer.W_g) + mixer.b_g) + gamma[:, t] * h
         states.append(h)
-    _, bank = mixer(x, fresh_bank(cfg, 1), torch.zeros(1, dtype=torch.long))
-    torch.testing.assert_close(bank.h, states[-1])
+    _, state = mixer(x, fresh_state(cfg, 1), torch.zeros(1, dtype=torch.long))
+    torch.testing.assert_close(state.h, states[-1])
+
+
+@pytest.mark.parametrize("kernel_size,T,cut", [(4, 9, 3), (3, 1, 0), (2, 5, 4), (1, 6, 2)])
+def test_short_convolution_is_causal_and_carries_its_tail(kernel_size, T, cut):
+    conv = ShortConvolution(5, kernel_size).double()
+    x = torch.randn(2, T, 5, dtype=torch.float64)
+    tail = torch.zeros(2, kernel_size - 1, 5, dtype=torch.float64) if kernel_size > 1 else None
+    y, _ = conv(x, tail)
+    padded = F.pad(x, (0, 0, kernel_size - 1, 0))
+    expected = torch.stack([(padded[:, t:t + kernel_size] * conv.weight.T).sum(1) for t in range(T)], 1)
+    torch.testing.assert_close(y, expected)
+    first, tail = conv(x[:, :cut], tail) if cut else (x[:, :0], tail)
+    second, _ = conv(x[:, cut:], tail)
+    torch.testing.assert_close(torch.cat([first, second], 1), y)

@@ -29,14 +29,34 @@ def test_state_dict_round_trip_is_bit_exact_also_through_safetensors(tmp_path):
     assert_equal(MemoryState.from_state_dict(load_file(tmp_path / "s.safetensors")), state)
 
 
-def test_reset_zeroes_only_masked_rows():
-    _, state = random_state()
+def test_reset_returns_only_masked_rows_to_a_fresh_stream():
+    cfg, state = random_state()
+    for layer in state.layers:  # kept-slot ids as a run would leave them
+        layer.slot_ids = torch.randint(0, 50, layer.slot_ids.shape)
     before = state.clone()
+    fresh = MemoryState.zeros(cfg, 3).state_dict()
     state.reset(torch.tensor([False, True, False]))
     for key, value in state.state_dict().items():
         old = before.state_dict()[key]
-        assert torch.equal(value[[0, 2]], old[[0, 2]])
-        assert value[1].abs().sum() == 0
+        assert torch.equal(value[[0, 2]], old[[0, 2]]), key
+        assert torch.equal(value[1], fresh[key][1]), key  # zeros; kept-slot ids back to empty (-1)
+
+
+def test_every_piece_of_the_layout_is_present_by_default_and_absent_when_switched_off():
+    cfg, state = random_state()
+    names = set(state.layers[0].tensors())
+    assert names == {"h", "conv_tail", "window_keys", "window_values", "block_key_sum", "block_value_sum",
+                     "block_weight_sum", "slot_keys", "slot_values", "slot_ids", "slot_importance", "delta_memory"}
+    legacy = MemoryState.zeros(MMRecConfig.from_dict({"config_version": 1}), 1).layers[0]
+    assert set(legacy.tensors()) == {"h", "block_key_sum", "block_value_sum", "slot_keys", "slot_values", "aggregate"}
+
+
+def test_first_layout_state_dicts_load():
+    """States saved before sub-slots (block sums [B, K, m]) load as one sub-slot."""
+    cfg = MMRecConfig.from_dict({"config_version": 1})
+    state = MemoryState.zeros(cfg, 2).map(lambda t: torch.randn_like(t))
+    old = {k: (v.squeeze(2) if "block_" in k else v) for k, v in state.state_dict().items()}
+    assert_equal(MemoryState.from_state_dict(old), state)
 
 
 def test_reset_rejects_bad_masks():

@@ -30,7 +30,7 @@ from mm_rec.distributed import (
 WORLD_SIZE = 2
 GLOBAL_BATCH, SEQ_LEN, STEPS = 4, 40, 3
 # MM-Rec runs its 40 tokens as segments of 16, 16 and 8 with the state carried (and recomputed).
-MMREC_CONFIG = MMRecConfig.from_preset("tiny", num_layers=2, max_chunk_len=16)
+MMREC_CONFIG = MMRecConfig.from_preset("tiny", num_layers=2, max_segment_len=16)
 TRANSFORMER_CONFIG = MMRecConfig.from_preset("tiny", num_layers=2, tie_embeddings=False)
 RUNS = {
     "fsdp-mmrec": (MMRecModel, MMREC_CONFIG,

@@ -1,0 +1,66 @@
+"""The gated delta rule: level 2 of the MM-Rec memory (reference: `reference.py`).
+
+    o, final_state = gated_delta_rule(q, k, v, log_alpha, beta, initial_state=None, backend="auto")
+
+over axis 1 of [B, T, K, m] tensors (K banks, each with its own [m_v, m_k] matrix memory):
+q, k [B, T, K, m_k] (the caller L2-normalises k), v [B, T, K, m_v], log_alpha and beta [B, T, K],
+initial_state [B, K, m_v, m_k]. Accumulation is fp32 whatever the input dtype (float64 stays
+float64); o comes back in v's dtype and the final state in the accumulation dtype.
+
+Backends: "torch" (chunkwise-parallel PyTorch, differentiable; CPU and GPU), "sequential" (float64
+loop, the oracle), "auto" (= torch).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mm_rec.ops.delta_rule.reference import CHUNK_LEN, delta_rule_chunked, delta_rule_sequential
+
+DELTA_BACKENDS = ("auto", "torch", "sequential")
+
+
+def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
+                     beta: torch.Tensor, initial_state: torch.Tensor | None = None,
+                     backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    if backend not in DELTA_BACKENDS:
+        raise ValueError(f"backend must be one of {DELTA_BACKENDS}, got {backend!r}")
+    if q.dim() != 4 or q.shape != k.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"q, k must be [B, T, K, m_k] and v [B, T, K, m_v], got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, T, K, mk = q.shape
+    mv = v.shape[-1]
+    if log_alpha.shape != (B, T, K) or beta.shape != (B, T, K):
+        raise ValueError(f"log_alpha and beta must be [B, T, K] = {(B, T, K)}, got {tuple(log_alpha.shape)}, "
+                         f"{tuple(beta.shape)}")
+    if initial_state is not None and initial_state.shape != (B, K, mv, mk):
+        raise ValueError(f"initial_state must be [B, K, m_v, m_k] = {(B, K, mv, mk)}, got {tuple(initial_state.shape)}")
+    acc = torch.float64 if any(t is not None and t.dtype == torch.float64 for t in (q, v, initial_state)) \
+        else torch.float32
+
+    def rows(x: torch.Tensor) -> torch.Tensor:  # [B, T, K, ...] -> [B * K, T, ...] in acc
+        return x.to(acc).transpose(1, 2).reshape(B * K, T, *x.shape[3:])
+
+    S0 = (initial_state.to(acc) if initial_state is not None else q.new_zeros(B, K, mv, mk, dtype=acc))
+    args = (rows(q), rows(k), rows(v), rows(log_alpha), rows(beta), S0.reshape(B * K, mv, mk))
+    if backend == "sequential":
+        o, S = delta_rule_sequential(*args)
+        o, S = o.to(acc), S.to(acc)
+    else:
+        o, S = delta_rule_chunked(*args)
+    o = o.view(B, K, T, mv).transpose(1, 2)
+    return o.to(v.dtype), S.view(B, K, mv, mk)
+
+
+def delta_rule_flops(batch: int, seq_len: int, banks: int, key_dim: int, value_dim: int,
+                     chunk_len: int = CHUNK_LEN) -> int:
+    """Forward matmul FLOPs of the chunked form (2 per multiply-add); the backward is about twice this."""
+    L = min(chunk_len, seq_len)
+    per_token = 2 * (L * key_dim  # k k^T
+                     + L * L + L * key_dim + L * value_dim  # triangular solve, W, U_v
+                     + L * key_dim  # q k^T
+                     + 3 * key_dim * value_dim + L * value_dim)  # W S^T, q S^T, attend U, U^T k
+    return batch * banks * seq_len * per_token
+
+
+__all__ = ["DELTA_BACKENDS", "delta_rule_chunked", "delta_rule_flops", "delta_rule_sequential", "gated_delta_rule"]

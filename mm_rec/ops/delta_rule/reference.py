@@ -1,0 +1,87 @@
+"""The gated delta rule, per bank (DeltaNet with a decay; Yang et al. 2024, "Gated Delta Networks"):
+
+    S_t = alpha_t S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T,      o_t = S_t q_t
+
+with S_t a [m_v, m_k] matrix memory, alpha_t = exp(log_alpha_t) in (0, 1], beta_t in [0, 1] the
+write strength. Written as S_t = alpha_t S_{t-1} + u_t k_t^T with the correction
+u_t = beta_t (v_t - alpha_t S_{t-1} k_t), it stores v_t under k_t after erasing what S held there.
+
+Two implementations of the same function:
+
+* `delta_rule_sequential`: the obviously correct float64 loop, the test oracle;
+* `delta_rule_chunked`: the chunkwise-parallel form (the WY / UT representation) in plain PyTorch,
+  differentiated by autograd. Within a chunk of L tokens, with g_t the chunk-local cumulative sum
+  of log_alpha (so every factor exp(g_t - g_i), i <= t, has an exponent <= 0):
+
+      (I + A) U = diag(beta) (V - diag(e^g) K S_0^T),   A[t, i] = beta_t e^{g_t - g_i} k_t.k_i  (i < t)
+      O = diag(e^g) Q S_0^T + (M o Q K^T) U,            M[t, i] = e^{g_t - g_i}                (i <= t)
+      S_L = e^{g_L} S_0 + U^T diag(e^{g_L - g}) K
+
+  so each chunk costs a unit lower-triangular solve and a few [L, m] matmuls, and only the state
+  S passes sequentially from chunk to chunk.
+
+Shapes: q, k [N, T, m_k]; v [N, T, m_v]; log_alpha, beta [N, T]; S_0 [N, m_v, m_k] (N = batch rows
+times banks). Returns o [N, T, m_v] and S_T [N, m_v, m_k], in the inputs' (promoted) dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+CHUNK_LEN = 64  # tokens per chunk of delta_rule_chunked
+
+
+def delta_rule_sequential(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
+                          beta: torch.Tensor, initial_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 loop over t (differentiable through autograd)."""
+    q, k, v, log_alpha, beta = (x.double() for x in (q, k, v, log_alpha, beta))
+    S = initial_state.double()
+    eye = torch.eye(k.shape[-1], dtype=torch.float64, device=k.device)
+    out = []
+    for t in range(q.shape[1]):
+        kt = k[:, t]
+        erase = eye - beta[:, t, None, None] * kt[:, :, None] * kt[:, None, :]  # I - beta k k^T
+        S = torch.exp(log_alpha[:, t])[:, None, None] * (S @ erase) + beta[:, t, None, None] * v[:, t, :, None] * kt[:, None, :]
+        out.append((S @ q[:, t, :, None]).squeeze(-1))
+    return torch.stack(out, dim=1), S
+
+
+def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
+                       beta: torch.Tensor, initial_state: torch.Tensor,
+                       chunk_len: int = CHUNK_LEN) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunkwise-parallel form (see the module docstring); autograd gives the backward."""
+    N, T, mk = k.shape
+    mv = v.shape[-1]
+    L = min(chunk_len, T)
+    n = -(-T // L)
+    pad = n * L - T
+    if pad:  # identity tokens: alpha = 1, beta = 0, k = v = 0 leave S unchanged
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        log_alpha, beta = (F.pad(x, (0, pad)) for x in (log_alpha, beta))
+    q, k, v = q.view(N, n, L, mk), k.view(N, n, L, mk), v.view(N, n, L, mv)
+    g = log_alpha.view(N, n, L).cumsum(-1)  # chunk-local: never a difference of long sums
+    beta = beta.view(N, n, L)
+
+    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    diff = g[..., :, None] - g[..., None, :]  # g_t - g_i
+    decay = torch.exp(diff.masked_fill(~causal, float("-inf")))  # e^{g_t - g_i} for i <= t, else 0
+    A = (beta[..., :, None] * decay * (k @ k.transpose(-1, -2))).tril(-1)
+    eye = torch.eye(L, dtype=q.dtype, device=q.device)
+    # T_beta = (I + A)^{-1} diag(beta): one unit lower-triangular solve per chunk
+    T_beta = torch.linalg.solve_triangular(eye + A, torch.diag_embed(beta), upper=False, unitriangular=True)
+    W = T_beta @ (torch.exp(g)[..., None] * k)  # [N, n, L, mk]: U = U_v - W S_0^T
+    U_v = T_beta @ v  # [N, n, L, mv]
+    attend = decay * (q @ k.transpose(-1, -2))  # [N, n, L, L] intra-chunk scores
+    q_decayed = torch.exp(g)[..., None] * q
+    k_to_end = torch.exp(g[..., -1:] - g)[..., None] * k  # e^{g_L - g_i} k_i
+    chunk_decay = torch.exp(g[..., -1])  # [N, n]
+
+    S = initial_state.to(q.dtype)
+    outputs = []
+    for c in range(n):
+        U = U_v[:, c] - W[:, c] @ S.transpose(-1, -2)  # [N, L, mv]
+        outputs.append(q_decayed[:, c] @ S.transpose(-1, -2) + attend[:, c] @ U)
+        S = chunk_decay[:, c, None, None] * S + U.transpose(-1, -2) @ k_to_end[:, c]
+    o = torch.stack(outputs, dim=1).reshape(N, n * L, mv)[:, :T]
+    return o, S
