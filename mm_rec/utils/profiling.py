@@ -99,7 +99,7 @@ def _register_extra_formulas() -> None:
     from mm_rec.ops import triton_available
 
     if triton_available():
-        import mm_rec.ops.recurrence_triton  # noqa: F401  (defines torch.ops.mm_rec.*)
+        import mm_rec.ops.recurrence.triton_kernels  # noqa: F401  (defines torch.ops.mm_rec.*)
 
         @register_flop_formula(torch.ops.mm_rec.recurrence_fwd)
         def _recurrence_fwd_flop(z_shape, *args, out_shape=None, **kwargs) -> int:

@@ -1,6 +1,7 @@
 """Triton kernels for the log-space associative scan h_t = exp(log_a_t) * h_{t-1} + b_t.
 
-Reference: `mm_rec.core.associative_scan` (torch backend and the float64 `sequential` oracle).
+Reference: `mm_rec.ops.scan.reference` (torch backend and the float64 `sequential` oracle);
+public entry point: `mm_rec.core.associative_scan.associative_scan_exponential`.
 
 Layout of the work. Tensors are [B, T, D] with D contiguous (trailing feature dims flattened,
 no transposes). A program owns BLOCK_D channels of one batch row and walks a range of time

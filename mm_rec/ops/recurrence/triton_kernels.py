@@ -2,7 +2,8 @@
 
     h_t = z_t * sigmoid(h_{t-1} W_g + b_g) + exp(log_gamma_t) * h_{t-1}
 
-Reference: `mm_rec.core.recurrence` (torch backend and the float64 `sequential` oracle).
+Reference: `mm_rec.ops.recurrence.reference` (torch backend and the float64 `sequential` oracle);
+public entry point: `mm_rec.core.recurrence.mmrec_recurrence`.
 
 Layout of the work. One program per (batch row, head) runs the whole sequence with W_g[head]
 (or its transpose, for the backward) in registers and the state in the accumulation dtype (fp32;
