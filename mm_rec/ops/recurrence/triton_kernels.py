@@ -46,6 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mm_rec.ops import compute_dtype
+
 # Steps per unrolled loop body (= how many steps ahead the per-step inputs are loaded) and L2
 # prefetch distance, per direction; chosen by benchmarks/bench_recurrence.py --variants on an H100.
 _FWD_TUNING = {"unroll": 8, "prefetch": 0}
@@ -221,10 +223,6 @@ def _recurrence_bwd_kernel(
 _TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
-def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def launch_config(d: int, unroll: int, prefetch: int = 0, num_warps: int | None = None,
                   row_groups: int | None = None) -> dict:
     """Kernel meta-parameters for head dim d: d // 32 warps (at least one), each holding one group
@@ -251,7 +249,7 @@ def launch_fwd(
     gate s [B,T,H,d], states [B,T,H,d]); the last three in the accumulation dtype. `states` is
     empty ([0]) when z is already in the accumulation dtype: h is then the state."""
     B, T, H, d = z.shape
-    acc = _acc_dtype(z, log_gamma, W_g, b_g, h0)
+    acc = compute_dtype(z, log_gamma, W_g, b_g, h0)
     z, log_gamma = z.contiguous(), log_gamma.contiguous()
     W_g, b_g, h0 = W_g.to(acc).contiguous(), b_g.to(acc).contiguous(), h0.to(acc).contiguous()
     h = torch.empty_like(z)
@@ -308,7 +306,7 @@ def recurrence_fwd(
 @recurrence_fwd.register_fake
 def _recurrence_fwd_fake(z, log_gamma, W_g, b_g, h0):
     B, T, H, d = z.shape
-    acc = _acc_dtype(z, log_gamma, W_g, b_g, h0)
+    acc = compute_dtype(z, log_gamma, W_g, b_g, h0)
     states_shape = (B, T, H, d) if z.dtype != acc else (0,)
     return (
         torch.empty_like(z),

@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mm_rec.ops import compute_dtype
+
 # Launch parameters: elements per thread (EPT), warps per program, steps loaded ahead (U); chosen
 # by benchmarks/bench_scan.py --variants on an H100 (docs/benchmarks.md).
 _FWD_CONFIG = {"EPT": 2, "num_warps": 1, "U": 32}
@@ -252,10 +254,6 @@ def _carry_kernel(
     tl.store(carry_ptr + base + c_next.to(tl.int64) * D + d[None, :], carry, mask=m)
 
 
-def _acc_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def num_chunks(B: int, T: int, D: int, device: torch.device) -> int:
     """Chunks along T: one where B * D channel streams fill the GPU (the single pass reads the
     inputs once), else enough for about `_CHUNKED_STREAMS_PER_SM` streams per multiprocessor."""
@@ -300,7 +298,7 @@ def launch_fwd(
     float64 if an input is float64). `n_chunks` forces the chunking along T (default: `num_chunks`).
     """
     B, T, D = b.shape
-    acc = _acc_dtype(log_a, b, h0)
+    acc = compute_dtype(log_a, b, h0)
     log_a, b = log_a.contiguous(), b.contiguous()
     h0 = h0.to(acc).contiguous() if h0 is not None else None
     n, chunk_len = _chunking(B, T, D, b.device, n_chunks)
@@ -328,7 +326,7 @@ def launch_bwd(
     (or None), given log_a, the forward's h and h0. Returns (d log_a in log_a's dtype, db in h's
     dtype, dh0 [B, D] in the accumulation dtype; zero-input gradient if h0 is None)."""
     B, T, D = h.shape
-    acc = _acc_dtype(log_a, h, h0)
+    acc = compute_dtype(log_a, h, h0)
     dh, log_a, h = dh.contiguous(), log_a.contiguous(), h.contiguous()
     h0 = h0.to(acc).contiguous() if h0 is not None else None
     d_final = d_final.to(acc).contiguous() if d_final is not None else None
@@ -361,7 +359,7 @@ def scan_fwd(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> t
 @scan_fwd.register_fake
 def _scan_fwd_fake(log_a, b, h0):
     B, _, D = b.shape
-    return torch.empty_like(b), b.new_empty((B, D), dtype=_acc_dtype(log_a, b, h0))
+    return torch.empty_like(b), b.new_empty((B, D), dtype=compute_dtype(log_a, b, h0))
 
 
 @torch.library.custom_op("mm_rec::scan_bwd", mutates_args=())
@@ -375,7 +373,7 @@ def scan_bwd(
 @scan_bwd.register_fake
 def _scan_bwd_fake(dh, d_final, log_a, h, h0):
     B, _, D = h.shape
-    return torch.empty_like(log_a), torch.empty_like(h), h.new_empty((B, D), dtype=_acc_dtype(log_a, h, h0))
+    return torch.empty_like(log_a), torch.empty_like(h), h.new_empty((B, D), dtype=compute_dtype(log_a, h, h0))
 
 
 def _setup_context(ctx, inputs, output) -> None:
