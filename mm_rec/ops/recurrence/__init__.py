@@ -10,4 +10,17 @@ Tests: tests/ops/recurrence/.
 
 from mm_rec.ops.recurrence.reference import MMRecRecurrence, recurrence_sequential
 
-__all__ = ["MMRecRecurrence", "recurrence_sequential"]
+__all__ = ["MMRecRecurrence", "backward_flops", "forward_flops", "recurrence_sequential"]
+
+
+def forward_flops(B: int, T: int, H: int, d: int) -> int:
+    """FLOPs of the forward's math on z [B, T, H, d]: h_{t-1} W_g, a [d] x [d, d] product for
+    every step, row and head. Element-wise work counts zero, as in FlopCounterMode (which finds
+    the same count in the torch backend's batched matmuls)."""
+    return 2 * B * T * H * d * d
+
+
+def backward_flops(B: int, T: int, H: int, d: int) -> int:
+    """FLOPs of the backward's math: the reverse product with W_g^T and dW_g, each the size of
+    the forward's product."""
+    return 2 * forward_flops(B, T, H, d)
