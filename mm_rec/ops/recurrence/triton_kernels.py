@@ -15,10 +15,8 @@ the previous step's output), so:
   shorter than these FMA chains; not pursued). W_g is split by rows over the warps and by
   columns over the lanes (`_load_matrix`): each thread holds d/num_warps rows x d/32 columns
   (128 registers at d = 128; head dims above 128 spill: correct but slow) and reads only
-  d/num_warps entries of the new state from shared memory per step. Giving every thread a
-  whole column instead made every thread read all d entries; at 4 shared-memory wavefronts per
-  broadcast 16-byte load that took ~630 wavefronts and ~1100 cycles per step on an H100, against
-  ~130 wavefronts and ~620 cycles now (Nsight Compute, d = 128).
+  d/num_warps entries of the new state from shared memory per step, where a whole column per
+  thread would make every thread read all d entries.
 * the time loop is unrolled `unroll` steps and the loads of step t + unroll are issued right
   after step t uses its slot, so memory latency hides behind `unroll` steps of compute; the
   backward can add L2 prefetches further ahead;
@@ -36,6 +34,10 @@ Memory (N = B*T*H*d elements):
   instead. bf16 z: 8 bytes per element saved beyond the inputs; fp32 z: 4.
 * backward allocates dz, d log_gamma (the inputs' dtypes) and dp (N in the accumulation dtype),
   the last freed on return.
+
+Measurements (times against the PyTorch backend and the layer's matmuls, the launch-configuration
+sweep behind the tuning below, per-step profile, memory): docs/benchmarks.md, "Core recurrence
+(Triton)".
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ import triton.language as tl
 from mm_rec.ops import compute_dtype
 
 # Steps per unrolled loop body (= how many steps ahead the per-step inputs are loaded) and L2
-# prefetch distance, per direction; chosen by benchmarks/bench_recurrence.py --variants on an H100.
+# prefetch distance, per direction; the best of the `benchmarks/bench_recurrence.py --variants`
+# sweep on an H100.
 _FWD_TUNING = {"unroll": 8, "prefetch": 0}
 _BWD_TUNING = {"unroll": 2, "prefetch": 8}
 

@@ -29,9 +29,12 @@ with the chunks scanned right to left.
 
 T is a run-time argument the compiler does not specialise on: no recompilation when T changes.
 D is a compile-time constant (one compile per model width): the U row offsets u * D become
-immediates of the load instructions instead of 64-bit addresses held in registers, which halved
-the registers per thread (228 -> 122 at U = 16). Element offsets are 64-bit (T up to 2^20 and
-beyond); the grid is (B * D-blocks, chunks), far inside CUDA's limits.
+immediates of the load instructions instead of 64-bit addresses held in registers, which about
+halves the registers per thread. Element offsets are 64-bit (T up to 2^20 and beyond); the grid
+is (B * D-blocks, chunks), far inside CUDA's limits.
+
+Measurements (bandwidth against a copy, the launch-configuration and chunk-count sweeps behind
+the constants below, host time, compile time): docs/benchmarks.md, "Associative scan (Triton)".
 """
 
 from __future__ import annotations
@@ -42,13 +45,13 @@ import triton.language as tl
 
 from mm_rec.ops import compute_dtype
 
-# Launch parameters: elements per thread (EPT), warps per program, steps loaded ahead (U); chosen
-# by benchmarks/bench_scan.py --variants on an H100 (docs/benchmarks.md).
+# Launch parameters: elements per thread (EPT), warps per program, steps loaded ahead (U); the
+# best of the `benchmarks/bench_scan.py --variants` sweep on an H100.
 _FWD_CONFIG = {"EPT": 2, "num_warps": 1, "U": 32}
 _BWD_CONFIG = {"EPT": 2, "num_warps": 1, "U": 32}
-# Chunking along T (H100 measurements): a single pass keeps the memory system busy from about
-# 120 channel streams (B * D) per multiprocessor; below that, T is cut into chunks until there
-# are about 480 streams (B * D * n_chunks) per multiprocessor, in chunks of at least
+# Chunking along T (from the H100 chunk-count sweeps): a single pass keeps the memory system busy
+# from about 120 channel streams (B * D) per multiprocessor; below that, T is cut into chunks
+# until there are about 480 streams (B * D * n_chunks) per multiprocessor, in chunks of at least
 # _MIN_CHUNK_LEN steps and at most _MAX_CHUNKS (the carry kernel holds all chunks in registers).
 _SINGLE_PASS_STREAMS_PER_SM = 120
 _CHUNKED_STREAMS_PER_SM = 480
@@ -398,10 +401,9 @@ scan_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 class _ScanFunction(torch.autograd.Function):
     """The operators' forward and backward without the custom-operator dispatch, for eager mode,
-    where host time shows: a forward+backward through autograd costs 0.6-1.2 ms of CPU time on
-    the H100 machine, as long as the kernels at [8, 2048, 4096]. The operator dispatch adds
-    ~0.1 ms of it (measured 183 against 69 us per call on a CPU, kernels stubbed out; 0.879
-    against 0.793 ms fwd+bwd at [4, 8192, 2048] on the H100, docs/benchmarks.md)."""
+    where host time shows: a forward+backward through autograd takes about as long on the CPU as
+    the kernels on the GPU, and the operator dispatch adds to it (docs/benchmarks.md, "Host
+    time")."""
 
     @staticmethod
     def forward(ctx, log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None):
