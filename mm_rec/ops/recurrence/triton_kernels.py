@@ -80,6 +80,16 @@ def _load_matrix(ptr, D, C: tl.constexpr, L: tl.constexpr, G: tl.constexpr, ACC:
     return tl.load(ptr + row * D + col, mask=(row < D) & (col < D), other=0.0).to(ACC)
 
 
+# Inlined by Triton like every @triton.jit helper: the same machine code as written out in each kernel.
+@triton.jit
+def _program_head(H, D, C: tl.constexpr, L: tl.constexpr):
+    """(pid = b * H + head, batch row b, head, cols, cols < D) of this program; cols [C, L] are
+    the indices of a [d] vector in the layout the kernels keep vectors in (cols[c, l] = c * L + l)."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, C)[:, None] * L + tl.arange(0, L)[None, :]
+    return pid, pid // H, pid % H, cols, cols < D
+
+
 @triton.jit
 def _prefetch_l2(ptrs):
     """Ask for the lines at ptrs to be brought into L2 (a hint; no register waits on it)."""
@@ -95,11 +105,7 @@ def _recurrence_fwd_kernel(
     C: tl.constexpr, L: tl.constexpr, G: tl.constexpr, U: tl.constexpr, PF: tl.constexpr,
     STORE_STATE: tl.constexpr, ACC: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # = b * H + head
-    b = pid // H
-    head = pid % H
-    cols = tl.arange(0, C)[:, None] * L + tl.arange(0, L)[None, :]  # a [d] vector as [C, L]
-    cmask = cols < D
+    pid, b, head, cols, cmask = _program_head(H, D, C, L)
     W = _load_matrix(w_ptr + head * D * D, D, C, L, G, ACC)
     bias = tl.load(bias_ptr + head * D + cols, mask=cmask, other=0.0).to(ACC)
     h = tl.load(h0_ptr + pid * D + cols, mask=cmask, other=0.0).to(ACC)
@@ -147,11 +153,7 @@ def _recurrence_bwd_kernel(
     T, H, D,
     C: tl.constexpr, L: tl.constexpr, G: tl.constexpr, U: tl.constexpr, PF: tl.constexpr, ACC: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # = b * H + head
-    b = pid // H
-    head = pid % H
-    cols = tl.arange(0, C)[:, None] * L + tl.arange(0, L)[None, :]  # a [d] vector as [C, L]
-    cmask = cols < D
+    pid, b, head, cols, cmask = _program_head(H, D, C, L)
     WT = _load_matrix(wt_ptr + head * D * D, D, C, L, G, ACC)
     carry = tl.load(dhlast_ptr + pid * D + cols, mask=cmask, other=0.0).to(ACC)
     db = tl.zeros([C, L], ACC)
