@@ -42,6 +42,7 @@ def test_recurrence_flops_are_counted_on_every_backend():
         assert flops == 2 * B * T * H * d * d, backend
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the interpreter's, on every scalar index
 def test_recurrence_backward_operator_counts_its_formula():
     B, T, H, d = 2, 5, 2, 4
     leaves = [t.requires_grad_() for t in (torch.randn(B, T, H, d), -torch.rand(B, T, H, d),
