@@ -24,7 +24,7 @@ import torch
 import triton
 
 from mm_rec.core.recurrence import mmrec_recurrence
-from mm_rec.ops.recurrence_triton import launch_bwd, launch_config, launch_fwd
+from mm_rec.ops.recurrence.triton_kernels import launch_bwd, launch_config, launch_fwd
 
 
 def naive_loop(z, log_gamma, W_g, b_g, h0):

@@ -2,9 +2,9 @@
 
 Times, in one run, per shape [B, T, D] (b bf16, h_0 fp32; log_a fp32 as the model hands it
 over, and bf16), forward and forward+backward:
-  * the Triton scan through autograd as eager code calls it (`mm_rec.ops.scan_triton`), through
-    the registered operator `mm_rec::scan_fwd` (what torch.compile graphs call), and the raw
-    kernel launches without autograd, with the host time each forward+backward takes to issue;
+  * the Triton scan through autograd as eager code calls it (`mm_rec.ops.scan.triton_kernels`),
+    through the registered operator `mm_rec::scan_fwd` (what torch.compile graphs call), and the
+    raw kernel launches without autograd, with the host time each forward+backward takes to issue;
   * a device-to-device copy moving the same bytes as the forward (log_a + b read, h written),
     the bandwidth ceiling the forward is measured against;
   * the PyTorch backend (`backend="torch"`).
@@ -29,7 +29,7 @@ import torch
 import triton
 
 from mm_rec.core.associative_scan import associative_scan_exponential
-from mm_rec.ops import scan_triton as st
+from mm_rec.ops.scan import triton_kernels as st
 
 # Launch configurations tried by --variants (elements per thread, warps, steps loaded ahead).
 FWD_VARIANTS = [

@@ -1,14 +1,31 @@
-"""GPU kernels (Triton), each beside the slow reference it is tested against.
+"""The recurrences' implementations, one package per op, each kernel beside its reference:
 
-* `scan_triton`: the log-space associative scan (reference: `mm_rec.core.associative_scan`).
-* `recurrence_triton`: the fused exact core recurrence (reference: `mm_rec.core.recurrence`).
+    mm_rec/ops/scan/         log-space associative scan h_t = exp(log_a_t) * h_{t-1} + b_t
+    mm_rec/ops/recurrence/   exact core recurrence h_t = z_t * sigmoid(h_{t-1} W_g + b_g) + gamma_t * h_{t-1}
+
+In each, `reference.py` holds the torch backend and the float64 sequential loop it is tested
+against, `triton_kernels.py` the Triton kernels and their torch.library operators (imported only
+when the "triton" backend runs: Triton is an optional dependency). Callers go through the public
+dispatchers `mm_rec.core.associative_scan` and `mm_rec.core.recurrence`, which validate the
+arguments and pick a backend from `BACKENDS`.
 """
 
 from __future__ import annotations
 
 import os
 
+import torch
+
+BACKENDS = ("auto", "torch", "triton", "sequential")
+"""Backends of every op: "auto" (Triton on CUDA tensors, torch otherwise), "torch" (vectorised
+reference, the CPU path), "triton" (the GPU kernels), "sequential" (the float64 loop, the oracle)."""
+
 _TRITON_AVAILABLE: bool | None = None  # probed once; a plain global, which torch.compile traces without warnings
+
+
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float64 if any input is float64, else float32 (bf16/fp16 inputs accumulate in fp32)."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def triton_available() -> bool:
@@ -26,6 +43,4 @@ def _probe_triton() -> bool:
         return False
     if os.environ.get("TRITON_INTERPRET") == "1":
         return True
-    import torch
-
     return torch.cuda.is_available()

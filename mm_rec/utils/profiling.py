@@ -9,9 +9,10 @@ MFU, model FLOPs utilisation, as the benchmarks report it:
   size). F_fwd is counted by `torch.utils.flop_counter.FlopCounterMode` over one forward of
   that batch: matmuls, attention (the whole T x T score matrix, as FlopCounterMode counts
   SDPA: causal masking is not discounted, the usual convention) and this package's recurrence
-  kernel (2 B T H d^2, registered below). Activation recomputation is not counted: with
-  checkpointing the GPU executes more than F_step (that ratio would be the hardware FLOPs
-  utilisation). For a Transformer this gives the familiar 6 N + 12 L T D FLOPs per token.
+  kernel (2 B T H d^2: `mm_rec.ops.recurrence.forward_flops`, registered below). Activation
+  recomputation is not counted: with checkpointing the GPU executes more than F_step (that
+  ratio would be the hardware FLOPs utilisation). For a Transformer this gives the familiar
+  6 N + 12 L T D FLOPs per token.
 * t_step: wall time of one whole step (forward, backward, communication, optimizer).
 * P_peak: the GPU's dense bf16 tensor-core peak (`PEAK_BF16_TFLOPS`: H100 SXM and H200 989
   TFLOP/s), or a measured matmul rate (`measure_matmul_flops`) for an achievable ceiling.
@@ -96,20 +97,18 @@ def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any,
 def _register_extra_formulas() -> None:
     """FLOP formulas FlopCounterMode lacks: the fused recurrence operators (when loadable) and
     PyTorch's CPU flash attention."""
-    from mm_rec.ops import triton_available
+    from mm_rec.ops import recurrence, triton_available
 
     if triton_available():
-        import mm_rec.ops.recurrence_triton  # noqa: F401  (defines torch.ops.mm_rec.*)
+        import mm_rec.ops.recurrence.triton_kernels  # noqa: F401  (defines torch.ops.mm_rec.*)
 
         @register_flop_formula(torch.ops.mm_rec.recurrence_fwd)
         def _recurrence_fwd_flop(z_shape, *args, out_shape=None, **kwargs) -> int:
-            B, T, H, d = z_shape
-            return 2 * B * T * H * d * d  # h_{t-1} W_g for every step, row and head
+            return recurrence.forward_flops(*z_shape)
 
         @register_flop_formula(torch.ops.mm_rec.recurrence_bwd)
         def _recurrence_bwd_flop(dh_shape, *args, out_shape=None, **kwargs) -> int:
-            B, T, H, d = dh_shape
-            return 4 * B * T * H * d * d  # the reverse product with W_g^T, and dW_g
+            return recurrence.backward_flops(*dh_shape)
 
     aten = torch.ops.aten
     if aten._scaled_dot_product_flash_attention_for_cpu not in flop_registry:

@@ -5,6 +5,7 @@ import torch
 
 from mm_rec import MMRecConfig, MMRecModel
 from mm_rec.core.recurrence import mmrec_recurrence
+from mm_rec.ops import recurrence
 from mm_rec.utils.profiling import (
     PEAK_BF16_TFLOPS,
     BlockTimer,
@@ -39,6 +40,16 @@ def test_recurrence_flops_are_counted_on_every_backend():
     for backend in ("torch", "triton"):  # triton runs through the interpreter on CPU
         _, flops = count_flops(mmrec_recurrence, z, log_gamma, W_g, b_g, backend=backend)
         assert flops == 2 * B * T * H * d * d, backend
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the interpreter's, on every scalar index
+def test_recurrence_backward_operator_counts_its_formula():
+    B, T, H, d = 2, 5, 2, 4
+    leaves = [t.requires_grad_() for t in (torch.randn(B, T, H, d), -torch.rand(B, T, H, d),
+                                           torch.randn(H, d, d), torch.randn(H, d))]
+    h, h_last = mmrec_recurrence(*leaves, backend="triton")  # the interpreter on CPU
+    _, flops = count_flops(lambda: (h.sum() + h_last.sum()).backward())
+    assert flops == recurrence.backward_flops(B, T, H, d) == 4 * B * T * H * d * d
 
 
 def test_time_fn_and_block_timer():

@@ -1,6 +1,7 @@
 """Triton kernels for the log-space associative scan h_t = exp(log_a_t) * h_{t-1} + b_t.
 
-Reference: `mm_rec.core.associative_scan` (torch backend and the float64 `sequential` oracle).
+Reference: `mm_rec.ops.scan.reference` (torch backend and the float64 `sequential` oracle);
+public entry point: `mm_rec.core.associative_scan.associative_scan_exponential`.
 
 Layout of the work. Tensors are [B, T, D] with D contiguous (trailing feature dims flattened,
 no transposes). A program owns BLOCK_D channels of one batch row and walks a range of time
@@ -28,9 +29,12 @@ with the chunks scanned right to left.
 
 T is a run-time argument the compiler does not specialise on: no recompilation when T changes.
 D is a compile-time constant (one compile per model width): the U row offsets u * D become
-immediates of the load instructions instead of 64-bit addresses held in registers, which halved
-the registers per thread (228 -> 122 at U = 16). Element offsets are 64-bit (T up to 2^20 and
-beyond); the grid is (B * D-blocks, chunks), far inside CUDA's limits.
+immediates of the load instructions instead of 64-bit addresses held in registers, which about
+halves the registers per thread. Element offsets are 64-bit (T up to 2^20 and beyond); the grid
+is (B * D-blocks, chunks), far inside CUDA's limits.
+
+Measurements (bandwidth against a copy, the launch-configuration and chunk-count sweeps behind
+the constants below, host time, compile time): docs/benchmarks.md, "Associative scan (Triton)".
 """
 
 from __future__ import annotations
@@ -39,13 +43,15 @@ import torch
 import triton
 import triton.language as tl
 
-# Launch parameters: elements per thread (EPT), warps per program, steps loaded ahead (U); chosen
-# by benchmarks/bench_scan.py --variants on an H100 (docs/benchmarks.md).
+from mm_rec.ops import compute_dtype
+
+# Launch parameters: elements per thread (EPT), warps per program, steps loaded ahead (U); the
+# best of the `benchmarks/bench_scan.py --variants` sweep on an H100.
 _FWD_CONFIG = {"EPT": 2, "num_warps": 1, "U": 32}
 _BWD_CONFIG = {"EPT": 2, "num_warps": 1, "U": 32}
-# Chunking along T (H100 measurements): a single pass keeps the memory system busy from about
-# 120 channel streams (B * D) per multiprocessor; below that, T is cut into chunks until there
-# are about 480 streams (B * D * n_chunks) per multiprocessor, in chunks of at least
+# Chunking along T (from the H100 chunk-count sweeps): a single pass keeps the memory system busy
+# from about 120 channel streams (B * D) per multiprocessor; below that, T is cut into chunks
+# until there are about 480 streams (B * D * n_chunks) per multiprocessor, in chunks of at least
 # _MIN_CHUNK_LEN steps and at most _MAX_CHUNKS (the carry kernel holds all chunks in registers).
 _SINGLE_PASS_STREAMS_PER_SM = 120
 _CHUNKED_STREAMS_PER_SM = 480
@@ -63,6 +69,38 @@ def _combine(p1, s1, p2, s2):
     return p1 * p2, p2 * s1 + s2
 
 
+# The kernels' common prologue. Triton inlines @triton.jit helpers, so these compile to the same
+# machine code as the lines written out in each kernel.
+@triton.jit
+def _program_channels(D, BLOCK_D: tl.constexpr):
+    """(batch row, channel indices d [BLOCK_D], mask d < D) of this program: grid axis 0
+    enumerates (batch row, block of BLOCK_D channels)."""
+    n_dblocks = tl.cdiv(D, BLOCK_D)
+    bidx = tl.program_id(0) // n_dblocks
+    d = (tl.program_id(0) % n_dblocks) * BLOCK_D + tl.arange(0, BLOCK_D)
+    return bidx, d, d < D
+
+
+@triton.jit
+def _program_chunk(bidx, T, chunk_len, n_chunks, first_chunk, D):
+    """(chunk c = first_chunk + program_id(1), its first step t0, its length, element offset of
+    row (bidx, c) of a [B, n_chunks, D] tensor) of this program."""
+    c = first_chunk + tl.program_id(1)
+    t0 = c * chunk_len
+    n_steps = tl.minimum(chunk_len, T - t0)
+    return c, t0, n_steps, (bidx.to(tl.int64) * n_chunks + c) * D
+
+
+@triton.jit
+def _load_or_zeros(ptr, offset, d, dmask, LOAD: tl.constexpr, ACC: tl.constexpr):
+    """ptr[offset + d] in ACC if LOAD, else zeros (ptr is then None)."""
+    if LOAD:
+        x = tl.load(ptr + offset + d, mask=dmask, other=0.0).to(ACC)
+    else:
+        x = tl.zeros(d.shape, ACC)
+    return x
+
+
 @triton.jit(do_not_specialize=["T", "chunk_len", "n_chunks", "first_chunk"])
 def _scan_fwd_kernel(
     log_a_ptr, b_ptr, init_ptr,  # [B, T, D], [B, T, D], [B, n_chunks, D] state entering each chunk
@@ -77,18 +115,9 @@ def _scan_fwd_kernel(
     last_ptr [B, D]. AGG=True: writes nothing per step; stores the chunk's end state from a zero
     start in last_ptr [B, n_chunks, D] and its decay product in prod_ptr [B, n_chunks, D].
     """
-    n_dblocks = tl.cdiv(D, BLOCK_D)
-    bidx = tl.program_id(0) // n_dblocks
-    d = (tl.program_id(0) % n_dblocks) * BLOCK_D + tl.arange(0, BLOCK_D)
-    dmask = d < D
-    c = first_chunk + tl.program_id(1)
-    t0 = c * chunk_len
-    n_steps = tl.minimum(chunk_len, T - t0)
-    chunk_off = (bidx.to(tl.int64) * n_chunks + c) * D  # row of [B, n_chunks, D]
-    if HAS_INIT:
-        h = tl.load(init_ptr + chunk_off + d, mask=dmask, other=0.0).to(ACC)
-    else:
-        h = tl.zeros([BLOCK_D], ACC)
+    bidx, d, dmask = _program_channels(D, BLOCK_D)
+    c, t0, n_steps, chunk_off = _program_chunk(bidx, T, chunk_len, n_chunks, first_chunk, D)
+    h = _load_or_zeros(init_ptr, chunk_off, d, dmask, HAS_INIT, ACC)
     if AGG:
         p = tl.full([BLOCK_D], 1.0, ACC)  # decay product of the chunk
     row = (bidx.to(tl.int64) * T + t0) * D  # element offset of (bidx, t0, 0)
@@ -144,24 +173,12 @@ def _scan_bwd_kernel(
     x leaving the chunk from a zero start (first_ptr [B, n_chunks, D]) and the chunk's decay
     product (prod_ptr [B, n_chunks, D]).
     """
-    n_dblocks = tl.cdiv(D, BLOCK_D)
-    bidx = tl.program_id(0) // n_dblocks
-    d = (tl.program_id(0) % n_dblocks) * BLOCK_D + tl.arange(0, BLOCK_D)
-    dmask = d < D
-    c = first_chunk + tl.program_id(1)
-    t0 = c * chunk_len
-    n_steps = tl.minimum(chunk_len, T - t0)
-    chunk_off = (bidx.to(tl.int64) * n_chunks + c) * D
-    if HAS_INIT:
-        x = tl.load(init_ptr + chunk_off + d, mask=dmask, other=0.0).to(ACC)
-    else:
-        x = tl.zeros([BLOCK_D], ACC)
+    bidx, d, dmask = _program_channels(D, BLOCK_D)
+    c, t0, n_steps, chunk_off = _program_chunk(bidx, T, chunk_len, n_chunks, first_chunk, D)
+    x = _load_or_zeros(init_ptr, chunk_off, d, dmask, HAS_INIT, ACC)
     if AGG:
         p = tl.full([BLOCK_D], 1.0, ACC)  # decay product of the chunk
-    if HAS_H0 and not AGG:
-        h0 = tl.load(h0_ptr + bidx.to(tl.int64) * D + d, mask=dmask, other=0.0).to(ACC)
-    else:
-        h0 = tl.zeros([BLOCK_D], ACC)
+    h0 = _load_or_zeros(h0_ptr, bidx.to(tl.int64) * D, d, dmask, HAS_H0 and not AGG, ACC)
     last = t0 + n_steps - 1  # the chunk is walked from its last step back to t0
     row = (bidx.to(tl.int64) * T + last) * D
     pdh = dh_ptr + row  # scalar pointers to the step of reverse index i0 (time last - i0)
@@ -223,10 +240,7 @@ def _carry_kernel(
     """State entering every chunk, from the chunks' aggregates: carry[c] = P[c'] carry[c'] + S[c']
     with c' = c - 1 (c' = c + 1 when REVERSE), and init (or zero) entering the first chunk in
     scan order. All chunks of BLOCK_D channels are scanned at once along axis 0 (NC >= n_chunks)."""
-    n_dblocks = tl.cdiv(D, BLOCK_D)
-    bidx = tl.program_id(0) // n_dblocks
-    d = (tl.program_id(0) % n_dblocks) * BLOCK_D + tl.arange(0, BLOCK_D)
-    dmask = d < D
+    bidx, d, dmask = _program_channels(D, BLOCK_D)
     j = tl.arange(0, NC)[:, None]  # position in scan order
     if REVERSE:
         c = n_chunks - 1 - j
@@ -235,10 +249,7 @@ def _carry_kernel(
         c = j
         c_next = c + 1
     base = bidx.to(tl.int64) * n_chunks * D
-    if HAS_INIT:
-        init = tl.load(init_ptr + bidx.to(tl.int64) * D + d, mask=dmask, other=0.0)
-    else:
-        init = tl.zeros([BLOCK_D], carry_ptr.dtype.element_ty)
+    init = _load_or_zeros(init_ptr, bidx.to(tl.int64) * D, d, dmask, HAS_INIT, carry_ptr.dtype.element_ty)
     c_first = n_chunks - 1 if REVERSE else 0
     tl.store(carry_ptr + base + c_first * D + d, init, mask=dmask)
     # The last chunk in scan order feeds no other chunk; masked rows are the identity (1, 0).
@@ -251,10 +262,6 @@ def _carry_kernel(
     tl.store(carry_ptr + base + c_next.to(tl.int64) * D + d[None, :], carry, mask=m)
 
 
-def _acc_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def num_chunks(B: int, T: int, D: int, device: torch.device) -> int:
     """Chunks along T: one where B * D channel streams fill the GPU (the single pass reads the
     inputs once), else enough for about `_CHUNKED_STREAMS_PER_SM` streams per multiprocessor."""
@@ -265,19 +272,18 @@ def num_chunks(B: int, T: int, D: int, device: torch.device) -> int:
     return max(1, min(wanted, T // _MIN_CHUNK_LEN, _MAX_CHUNKS))
 
 
-def _launch_args(config: dict, D: int) -> tuple[int, dict]:
-    """(BLOCK_D, kernel meta-parameters) for a config {EPT, num_warps, U}."""
-    block_d = min(config["EPT"] * 32 * config["num_warps"], max(16, triton.next_power_of_2(D)))
-    return block_d, {"U": config["U"], "num_warps": config["num_warps"]}
-
-
-def _chunking(B: int, T: int, D: int, device: torch.device, n_chunks: int | None) -> tuple[int, int]:
-    """(n_chunks, chunk_len) with no empty chunk."""
+def _launch_plan(
+    B: int, T: int, D: int, device: torch.device, n_chunks: int | None, config: dict
+) -> tuple[int, int, int, int, dict]:
+    """(n_chunks, chunk_len, BLOCK_D, grid rows = B * D-blocks, kernel meta-parameters) of a scan
+    pass over [B, T, D] with a config {EPT, num_warps, U}; no chunk is empty."""
     n = n_chunks or num_chunks(B, T, D, device)
     if not 1 <= n <= _MAX_CHUNKS:
         raise ValueError(f"n_chunks must be in [1, {_MAX_CHUNKS}], got {n}")
     chunk_len = triton.cdiv(T, min(n, T))
-    return triton.cdiv(T, chunk_len), chunk_len
+    block_d = min(config["EPT"] * 32 * config["num_warps"], max(16, triton.next_power_of_2(D)))
+    meta = {"U": config["U"], "num_warps": config["num_warps"]}
+    return triton.cdiv(T, chunk_len), chunk_len, block_d, B * triton.cdiv(D, block_d), meta
 
 
 def _carries(prod: torch.Tensor, state: torch.Tensor, init: torch.Tensor | None, reverse: bool) -> torch.Tensor:
@@ -299,12 +305,10 @@ def launch_fwd(
     float64 if an input is float64). `n_chunks` forces the chunking along T (default: `num_chunks`).
     """
     B, T, D = b.shape
-    acc = _acc_dtype(log_a, b, h0)
+    acc = compute_dtype(log_a, b, h0)
     log_a, b = log_a.contiguous(), b.contiguous()
     h0 = h0.to(acc).contiguous() if h0 is not None else None
-    n, chunk_len = _chunking(B, T, D, b.device, n_chunks)
-    block_d, meta = _launch_args(config or _FWD_CONFIG, D)
-    rows = B * triton.cdiv(D, block_d)
+    n, chunk_len, block_d, rows, meta = _launch_plan(B, T, D, b.device, n_chunks, config or _FWD_CONFIG)
     h = torch.empty_like(b)
     final = torch.empty(B, D, device=b.device, dtype=acc)
     init = h0
@@ -327,13 +331,11 @@ def launch_bwd(
     (or None), given log_a, the forward's h and h0. Returns (d log_a in log_a's dtype, db in h's
     dtype, dh0 [B, D] in the accumulation dtype; zero-input gradient if h0 is None)."""
     B, T, D = h.shape
-    acc = _acc_dtype(log_a, h, h0)
+    acc = compute_dtype(log_a, h, h0)
     dh, log_a, h = dh.contiguous(), log_a.contiguous(), h.contiguous()
     h0 = h0.to(acc).contiguous() if h0 is not None else None
     d_final = d_final.to(acc).contiguous() if d_final is not None else None
-    n, chunk_len = _chunking(B, T, D, h.device, n_chunks)
-    block_d, meta = _launch_args(config or _BWD_CONFIG, D)
-    rows = B * triton.cdiv(D, block_d)
+    n, chunk_len, block_d, rows, meta = _launch_plan(B, T, D, h.device, n_chunks, config or _BWD_CONFIG)
     d_log_a = torch.empty_like(log_a)
     db = torch.empty_like(h)
     dh0 = torch.empty(B, D, device=h.device, dtype=acc)
@@ -360,7 +362,7 @@ def scan_fwd(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> t
 @scan_fwd.register_fake
 def _scan_fwd_fake(log_a, b, h0):
     B, _, D = b.shape
-    return torch.empty_like(b), b.new_empty((B, D), dtype=_acc_dtype(log_a, b, h0))
+    return torch.empty_like(b), b.new_empty((B, D), dtype=compute_dtype(log_a, b, h0))
 
 
 @torch.library.custom_op("mm_rec::scan_bwd", mutates_args=())
@@ -374,7 +376,7 @@ def scan_bwd(
 @scan_bwd.register_fake
 def _scan_bwd_fake(dh, d_final, log_a, h, h0):
     B, _, D = h.shape
-    return torch.empty_like(log_a), torch.empty_like(h), h.new_empty((B, D), dtype=_acc_dtype(log_a, h, h0))
+    return torch.empty_like(log_a), torch.empty_like(h), h.new_empty((B, D), dtype=compute_dtype(log_a, h, h0))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -399,10 +401,9 @@ scan_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 class _ScanFunction(torch.autograd.Function):
     """The operators' forward and backward without the custom-operator dispatch, for eager mode,
-    where host time shows: a forward+backward through autograd costs 0.6-1.2 ms of CPU time on
-    the H100 machine, as long as the kernels at [8, 2048, 4096]. The operator dispatch adds
-    ~0.1 ms of it (measured 183 against 69 us per call on a CPU, kernels stubbed out; 0.879
-    against 0.793 ms fwd+bwd at [4, 8192, 2048] on the H100, docs/benchmarks.md)."""
+    where host time shows: a forward+backward through autograd takes about as long on the CPU as
+    the kernels on the GPU, and the operator dispatch adds to it (docs/benchmarks.md, "Host
+    time")."""
 
     @staticmethod
     def forward(ctx, log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mm_rec.core.recurrence import mmrec_recurrence
-from mm_rec.ops.recurrence_triton import recurrence_triton
+from mm_rec.ops.recurrence.triton_kernels import recurrence_triton
 
 # The interpreter trips a NumPy deprecation warning on every scalar index.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

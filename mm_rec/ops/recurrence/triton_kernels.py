@@ -2,7 +2,8 @@
 
     h_t = z_t * sigmoid(h_{t-1} W_g + b_g) + exp(log_gamma_t) * h_{t-1}
 
-Reference: `mm_rec.core.recurrence` (torch backend and the float64 `sequential` oracle).
+Reference: `mm_rec.ops.recurrence.reference` (torch backend and the float64 `sequential` oracle);
+public entry point: `mm_rec.core.recurrence.mmrec_recurrence`.
 
 Layout of the work. One program per (batch row, head) runs the whole sequence with W_g[head]
 (or its transpose, for the backward) in registers and the state in the accumulation dtype (fp32;
@@ -14,10 +15,8 @@ the previous step's output), so:
   shorter than these FMA chains; not pursued). W_g is split by rows over the warps and by
   columns over the lanes (`_load_matrix`): each thread holds d/num_warps rows x d/32 columns
   (128 registers at d = 128; head dims above 128 spill: correct but slow) and reads only
-  d/num_warps entries of the new state from shared memory per step. Giving every thread a
-  whole column instead made every thread read all d entries; at 4 shared-memory wavefronts per
-  broadcast 16-byte load that took ~630 wavefronts and ~1100 cycles per step on an H100, against
-  ~130 wavefronts and ~620 cycles now (Nsight Compute, d = 128).
+  d/num_warps entries of the new state from shared memory per step, where a whole column per
+  thread would make every thread read all d entries.
 * the time loop is unrolled `unroll` steps and the loads of step t + unroll are issued right
   after step t uses its slot, so memory latency hides behind `unroll` steps of compute; the
   backward can add L2 prefetches further ahead;
@@ -35,6 +34,10 @@ Memory (N = B*T*H*d elements):
   instead. bf16 z: 8 bytes per element saved beyond the inputs; fp32 z: 4.
 * backward allocates dz, d log_gamma (the inputs' dtypes) and dp (N in the accumulation dtype),
   the last freed on return.
+
+Measurements (times against the PyTorch backend and the layer's matmuls, the launch-configuration
+sweep behind the tuning below, per-step profile, memory): docs/benchmarks.md, "Core recurrence
+(Triton)".
 """
 
 from __future__ import annotations
@@ -45,8 +48,11 @@ import torch
 import triton
 import triton.language as tl
 
+from mm_rec.ops import compute_dtype
+
 # Steps per unrolled loop body (= how many steps ahead the per-step inputs are loaded) and L2
-# prefetch distance, per direction; chosen by benchmarks/bench_recurrence.py --variants on an H100.
+# prefetch distance, per direction; the best of the `benchmarks/bench_recurrence.py --variants`
+# sweep on an H100.
 _FWD_TUNING = {"unroll": 8, "prefetch": 0}
 _BWD_TUNING = {"unroll": 2, "prefetch": 8}
 
@@ -74,6 +80,16 @@ def _load_matrix(ptr, D, C: tl.constexpr, L: tl.constexpr, G: tl.constexpr, ACC:
     return tl.load(ptr + row * D + col, mask=(row < D) & (col < D), other=0.0).to(ACC)
 
 
+# Inlined by Triton like every @triton.jit helper: the same machine code as written out in each kernel.
+@triton.jit
+def _program_head(H, D, C: tl.constexpr, L: tl.constexpr):
+    """(pid = b * H + head, batch row b, head, cols, cols < D) of this program; cols [C, L] are
+    the indices of a [d] vector in the layout the kernels keep vectors in (cols[c, l] = c * L + l)."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, C)[:, None] * L + tl.arange(0, L)[None, :]
+    return pid, pid // H, pid % H, cols, cols < D
+
+
 @triton.jit
 def _prefetch_l2(ptrs):
     """Ask for the lines at ptrs to be brought into L2 (a hint; no register waits on it)."""
@@ -89,11 +105,7 @@ def _recurrence_fwd_kernel(
     C: tl.constexpr, L: tl.constexpr, G: tl.constexpr, U: tl.constexpr, PF: tl.constexpr,
     STORE_STATE: tl.constexpr, ACC: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # = b * H + head
-    b = pid // H
-    head = pid % H
-    cols = tl.arange(0, C)[:, None] * L + tl.arange(0, L)[None, :]  # a [d] vector as [C, L]
-    cmask = cols < D
+    pid, b, head, cols, cmask = _program_head(H, D, C, L)
     W = _load_matrix(w_ptr + head * D * D, D, C, L, G, ACC)
     bias = tl.load(bias_ptr + head * D + cols, mask=cmask, other=0.0).to(ACC)
     h = tl.load(h0_ptr + pid * D + cols, mask=cmask, other=0.0).to(ACC)
@@ -141,11 +153,7 @@ def _recurrence_bwd_kernel(
     T, H, D,
     C: tl.constexpr, L: tl.constexpr, G: tl.constexpr, U: tl.constexpr, PF: tl.constexpr, ACC: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # = b * H + head
-    b = pid // H
-    head = pid % H
-    cols = tl.arange(0, C)[:, None] * L + tl.arange(0, L)[None, :]  # a [d] vector as [C, L]
-    cmask = cols < D
+    pid, b, head, cols, cmask = _program_head(H, D, C, L)
     WT = _load_matrix(wt_ptr + head * D * D, D, C, L, G, ACC)
     carry = tl.load(dhlast_ptr + pid * D + cols, mask=cmask, other=0.0).to(ACC)
     db = tl.zeros([C, L], ACC)
@@ -220,10 +228,6 @@ def _recurrence_bwd_kernel(
 _TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
-def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def launch_config(d: int, unroll: int, prefetch: int = 0, num_warps: int | None = None,
                   row_groups: int | None = None) -> dict:
     """Kernel meta-parameters for head dim d: d // 32 warps (at least one), each holding one group
@@ -250,7 +254,7 @@ def launch_fwd(
     gate s [B,T,H,d], states [B,T,H,d]); the last three in the accumulation dtype. `states` is
     empty ([0]) when z is already in the accumulation dtype: h is then the state."""
     B, T, H, d = z.shape
-    acc = _acc_dtype(z, log_gamma, W_g, b_g, h0)
+    acc = compute_dtype(z, log_gamma, W_g, b_g, h0)
     z, log_gamma = z.contiguous(), log_gamma.contiguous()
     W_g, b_g, h0 = W_g.to(acc).contiguous(), b_g.to(acc).contiguous(), h0.to(acc).contiguous()
     h = torch.empty_like(z)
@@ -307,7 +311,7 @@ def recurrence_fwd(
 @recurrence_fwd.register_fake
 def _recurrence_fwd_fake(z, log_gamma, W_g, b_g, h0):
     B, T, H, d = z.shape
-    acc = _acc_dtype(z, log_gamma, W_g, b_g, h0)
+    acc = compute_dtype(z, log_gamma, W_g, b_g, h0)
     states_shape = (B, T, H, d) if z.dtype != acc else (0,)
     return (
         torch.empty_like(z),

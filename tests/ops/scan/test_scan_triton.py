@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mm_rec.core.associative_scan import associative_scan_exponential
-from mm_rec.ops import scan_triton as st
+from mm_rec.ops.scan import triton_kernels as st
 
 # The interpreter trips a NumPy deprecation warning on every scalar index.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
