@@ -2,6 +2,8 @@
 
     mm_rec/ops/scan/         log-space associative scan h_t = exp(log_a_t) * h_{t-1} + b_t
     mm_rec/ops/recurrence/   exact core recurrence h_t = z_t * sigmoid(h_{t-1} W_g + b_g) + gamma_t * h_{t-1}
+    mm_rec/ops/delta_rule/   gated delta rule S_t = alpha_t S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T
+                             (level 2 of the memory; its own public function `gated_delta_rule`)
 
 In each, `reference.py` holds the torch backend and the float64 sequential loop it is tested
 against, `triton_kernels.py` the Triton kernels and their torch.library operators (imported only

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from mm_rec.ops import compute_dtype
 from mm_rec.ops.delta_rule.reference import CHUNK_LEN, delta_rule_chunked, delta_rule_sequential
 
 DELTA_BACKENDS = ("auto", "torch", "sequential")
@@ -35,8 +36,7 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alph
                          f"{tuple(beta.shape)}")
     if initial_state is not None and initial_state.shape != (B, K, mv, mk):
         raise ValueError(f"initial_state must be [B, K, m_v, m_k] = {(B, K, mv, mk)}, got {tuple(initial_state.shape)}")
-    acc = torch.float64 if any(t is not None and t.dtype == torch.float64 for t in (q, v, initial_state)) \
-        else torch.float32
+    acc = compute_dtype(q, k, v, initial_state)
 
     def rows(x: torch.Tensor) -> torch.Tensor:  # [B, T, K, ...] -> [B * K, T, ...] in acc
         return x.to(acc).transpose(1, 2).reshape(B * K, T, *x.shape[3:])
