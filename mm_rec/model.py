@@ -26,9 +26,9 @@ from torch.utils.checkpoint import checkpoint
 from mm_rec.blocks.layers import RMSNorm
 from mm_rec.blocks.mm_rec_block import MMRecBlock
 from mm_rec.config import MMRecConfig
+from mm_rec.constants import IGNORE_INDEX
 from mm_rec.core.memory_state import MemoryState
 
-IGNORE_INDEX = -100
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 

@@ -3,10 +3,10 @@
     mm_rec.evaluation.mqar        multi-query associative recall: generator and scorer
     mm_rec.evaluation.passkey     a number hidden at a chosen depth in filler text: generator and scorer
     mm_rec.evaluation.inspect     decay spectra and attention over slot ages, as a PNG
+    mm_rec.evaluation.scoring     argmax predictions at chosen positions (what the scorers share)
     mm_rec.evaluation.train_task  a small training loop on synthetic task batches
 
-This module holds what they share (`predict_tokens`, `build_model`, `load_model`) and the entries
-that the CLI wires in:
+This module holds `build_model`, `load_model` and the entries that the CLI wires in:
 
     add_eval_task_arguments(parser); run_eval_task(args)   # mmrec eval --task mqar|passkey
     add_inspect_arguments(parser);   run_inspect(args)     # mmrec inspect
@@ -48,29 +48,6 @@ VALIDATION_ROWS = 256  # held-out rows (MQAR) or prompts (passkey) scored during
 
 
 # ---------------------------------------------------------------------- shared helpers
-def predict_tokens(model_or_logits: nn.Module | torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor,
-                   batch_size: int = 8) -> torch.Tensor:
-    """Argmax predictions [B, P] (CPU) at `positions` [B, P] of every row of input_ids [B, T].
-
-    `model_or_logits` is either logits [B, T, V] for input_ids, or a model with the MM-Rec forward
-    contract (`model(input_ids).logits`), run without gradients `batch_size` rows at a time on the
-    model's device.
-    """
-    if isinstance(model_or_logits, torch.Tensor):
-        if model_or_logits.shape[:2] != input_ids.shape:
-            raise ValueError(f"logits {tuple(model_or_logits.shape)} do not match input_ids {tuple(input_ids.shape)}")
-        rows = torch.arange(input_ids.shape[0], device=model_or_logits.device)[:, None]
-        return model_or_logits[rows, positions.to(model_or_logits.device)].argmax(dim=-1).cpu()
-    device = next(model_or_logits.parameters()).device
-    predicted = []
-    with torch.inference_mode():
-        for ids, pos in zip(input_ids.split(batch_size), positions.split(batch_size)):
-            logits = model_or_logits(ids.to(device)).logits
-            rows = torch.arange(ids.shape[0], device=device)[:, None]
-            predicted.append(logits[rows, pos.to(device)].argmax(dim=-1).cpu())
-    return torch.cat(predicted)
-
-
 def build_model(recipe: str | Path) -> nn.Module:
     """A freshly initialised model from a recipe file: MM-Rec from its `model:` section, or the
     Transformer baseline when the recipe's top level says `model_type: transformer`."""

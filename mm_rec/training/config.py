@@ -29,10 +29,10 @@ from typing import Any
 import yaml
 
 from mm_rec.config import MMRecConfig, load_mapping
+from mm_rec.constants import PARALLEL_MODES
 
 MODEL_TYPES = ("mmrec", "transformer")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-PARALLEL_MODES = ("none", "ddp", "fsdp")
 
 
 @dataclass

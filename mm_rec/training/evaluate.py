@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mm_rec.data.batching import IGNORE_INDEX, ContiguousStreams
+from mm_rec.constants import IGNORE_INDEX
+from mm_rec.data.batching import ContiguousStreams
 from mm_rec.data.cache import TokenData
 
 
