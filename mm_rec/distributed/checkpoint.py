@@ -12,8 +12,9 @@ Layout of a checkpoint directory:
     .metadata, __*_*.distcp   DCP's files: {"model": ..., "optimizer": ...}
     extra.pt                  `extra`, written by rank 0 with torch.save (step, data position, ...)
 
-Saves are atomic: everything is written to `<dir>.partial` and renamed into place once all
-processes have finished, so an interrupted save never leaves a truncated `<dir>`.
+Saves are atomic: everything is written to `<dir>.partial`, fsync'ed and renamed into place once
+all processes have finished (`mm_rec.utils.atomic`), so an interrupted save never leaves a
+truncated `<dir>`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from mm_rec.distributed.runtime import barrier, is_main_process
+from mm_rec.utils.atomic import commit_directory
 
 EXTRA_NAME = "extra.pt"
 METADATA_NAME = ".metadata"
@@ -60,12 +62,7 @@ def save_distributed_checkpoint(directory: str | Path, model: nn.Module, optimiz
     dcp.save(state, checkpoint_id=str(partial))
     if is_main_process():
         torch.save(extra or {}, partial / EXTRA_NAME)
-        previous = directory.with_name(directory.name + ".old")
-        if directory.exists():
-            shutil.rmtree(previous, ignore_errors=True)
-            directory.rename(previous)
-        partial.rename(directory)
-        shutil.rmtree(previous, ignore_errors=True)
+        commit_directory(partial, directory)
     barrier()
     return directory
 

@@ -8,7 +8,8 @@
     tokenizer_config.json (+ tokenizer.json for BPE)
     manifest.json                     format version, step and the size of every file; written last
 
-A checkpoint is written under a temporary name, every file fsync'ed, and renamed into place,
+A checkpoint is written under a temporary name, every file fsync'ed, and renamed into place
+(`mm_rec.utils.atomic`),
 so a folder named step_XXXXXXXX is complete; a damaged one (truncated file, size mismatch,
 unreadable content) is detected on load and `--resume auto` falls back to the previous one.
 Only the newest `keep_last` checkpoints are kept, and a run resumed from an older checkpoint
@@ -18,7 +19,6 @@ drops the newer ones of the abandoned attempt when it writes its first checkpoin
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from mm_rec.utils.atomic import commit_directory
 
 FORMAT_VERSION = 1
 CHECKPOINTS = "checkpoints"
@@ -99,21 +101,11 @@ def save_checkpoint(run_dir: str | Path, step: int, write_shared: Callable[[Path
 
 
 def _commit(tmp: Path, final: Path, step: int) -> None:
-    """Manifest, fsync everything, rename the folder into place."""
-    files = {}
-    for f in sorted(tmp.iterdir()):
-        _fsync_file(f)
-        files[f.name] = f.stat().st_size
+    """The manifest (the size of every file, by its path inside the folder), then the atomic
+    rename; a folder already at `final` (a damaged one from an earlier attempt) is replaced."""
+    files = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
     (tmp / MANIFEST).write_text(json.dumps(dict(format=FORMAT_VERSION, step=step, files=files), indent=2) + "\n")
-    _fsync_file(tmp / MANIFEST)
-    _fsync_dir(tmp)
-    old = final.with_name(f".old-{final.name}")
-    if final.exists():  # e.g. a damaged checkpoint of the same step from an earlier attempt
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    commit_directory(tmp, final)
 
 
 @dataclass
@@ -282,19 +274,3 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     except (ValueError, KeyError, RuntimeError) as err:
         raise CheckpointError(f"the optimizer state does not fit the model: {err}") from None
 
-
-# ---------------------------------------------------------------------- durability
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not every platform opens directories
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
