@@ -136,11 +136,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from mm_rec.data.cache import tokenize_in_memory
     from mm_rec.data.corpus import resolve_source
-    from mm_rec.training.evaluate import evaluate
-    from mm_rec.training.trainer import autocast_for, load_for_inference, resolve_device, token_bytes_table
+    from mm_rec.loading import load_model_and_tokenizer
+    from mm_rec.training.evaluate import evaluate, token_bytes_table
+    from mm_rec.utils.device import autocast_for, resolve_device
 
     device = resolve_device(args.device or "auto")
-    model, tokenizer, model_dir = load_for_inference(args.checkpoint, device)
+    model, tokenizer, model_dir = load_model_and_tokenizer(args.checkpoint, device)
     vocab_size = model.config.vocab_size
     recipe = _saved_recipe(model_dir)
     data_cfg = recipe.get("data", {})
@@ -187,12 +188,14 @@ def _saved_recipe(model_dir: Path) -> dict:
 
 # ---------------------------------------------------------------------- generate
 def cmd_generate(args: argparse.Namespace) -> int:
-    from mm_rec.training.trainer import autocast_for, generate_text, load_for_inference, resolve_device
+    from mm_rec.generation import generate_text
+    from mm_rec.loading import load_model_and_tokenizer
+    from mm_rec.utils.device import autocast_for, resolve_device
 
     if args.max_new_tokens < 0:
         raise ValueError("--max-new-tokens must be >= 0")
     device = resolve_device(args.device or "auto")
-    model, tokenizer, _ = load_for_inference(args.checkpoint, device)
+    model, tokenizer, _ = load_model_and_tokenizer(args.checkpoint, device)
     if not hasattr(model, "generate_stream"):
         raise ValueError(f"{type(model).__name__} cannot generate (no generate_stream)")
     autocast = autocast_for(args.precision, device)
@@ -205,12 +208,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
-    from mm_rec.training.trainer import build_model
+    from mm_rec.loading import build_model
     from mm_rec.utils.debugging import COMPONENTS, component_label, component_name
 
     config = _recipe(args, model_only=True)
     with torch.device("meta"):
-        model = build_model(config)
+        model = build_model(config.model_config(), config.model_type)
     cfg = model.config
     per_component: dict[str, int] = {}
     layers: set[int] = set()

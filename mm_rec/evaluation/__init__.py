@@ -6,7 +6,7 @@
     mm_rec.evaluation.scoring     argmax predictions at chosen positions (what the scorers share)
     mm_rec.evaluation.train_task  a small training loop on synthetic task batches
 
-This module holds `build_model`, `load_model` and the entries that the CLI wires in:
+This module holds the entries that the CLI wires in:
 
     add_eval_task_arguments(parser); run_eval_task(args)   # mmrec eval --task mqar|passkey
     add_inspect_arguments(parser);   run_inspect(args)     # mmrec inspect
@@ -41,39 +41,11 @@ from torch import nn
 from mm_rec.config import MMRecConfig, load_mapping
 from mm_rec.evaluation.inspect import decay_spectra, plot_memory, slot_age_attention
 from mm_rec.evaluation.train_task import TaskTrainConfig, autocast, train_on_task
-from mm_rec.model import CONFIG_NAME, MMRecModel
+from mm_rec.loading import build_model, load_model
+from mm_rec.utils.device import resolve_device
 
 TOKENS_PER_FORWARD = 65536  # evaluation rows per forward = this // sequence length (at least 1)
 VALIDATION_ROWS = 256  # held-out rows (MQAR) or prompts (passkey) scored during training
-
-
-# ---------------------------------------------------------------------- shared helpers
-def build_model(recipe: str | Path) -> nn.Module:
-    """A freshly initialised model from a recipe file: MM-Rec from its `model:` section, or the
-    Transformer baseline when the recipe's top level says `model_type: transformer`."""
-    model_type = load_mapping(recipe).get("model_type", "mmrec")
-    if model_type == "mmrec":
-        return MMRecModel(MMRecConfig.from_file(recipe))
-    if model_type == "transformer":
-        from mm_rec.baselines.transformer import TransformerModel
-
-        return TransformerModel(MMRecConfig.from_file(recipe))  # same sizes, attention instead of memory
-    raise ValueError(f"{recipe}: unknown model_type {model_type!r}; use 'mmrec' or 'transformer'")
-
-
-def load_model(directory: str | Path) -> nn.Module:
-    """A model saved with `save_pretrained`, or the newest checkpoint of a training run folder:
-    the Transformer baseline when its config.json says `"model_type": "transformer"`, MM-Rec
-    otherwise."""
-    from mm_rec.training.checkpoint import find_model_dir
-
-    directory = find_model_dir(directory)
-    config_path = directory / CONFIG_NAME
-    if json.loads(config_path.read_text()).get("model_type") == "transformer":
-        from mm_rec.baselines.transformer import TransformerModel
-
-        return TransformerModel.from_pretrained(directory)
-    return MMRecModel.from_pretrained(directory)
 
 
 # ---------------------------------------------------------------------- command line: mmrec eval --task mqar|passkey
@@ -131,13 +103,13 @@ def _train_config(section: dict, args: argparse.Namespace) -> TaskTrainConfig:
     return TaskTrainConfig.from_dict({**section, **{k: v for k, v in overrides.items() if v is not None}})
 
 
-def _prepare_model(args: argparse.Namespace) -> tuple[nn.Module, torch.device]:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def _prepare_model(args: argparse.Namespace, recipe: dict) -> tuple[nn.Module, torch.device]:
+    device = resolve_device(args.device or "auto")
     torch.manual_seed(args.seed)
     if args.checkpoint:
         model = load_model(args.checkpoint)
     elif args.train and args.config:
-        model = build_model(args.config)
+        model = build_model(MMRecConfig.from_file(args.config), recipe.get("model_type", "mmrec"))
     else:
         raise ValueError("give --checkpoint DIR (a saved model), or --train with --config RECIPE")
     return model.to(device), device
@@ -153,7 +125,7 @@ def _run_mqar(args: argparse.Namespace, recipe: dict) -> tuple[dict, nn.Module]:
                      num_pairs=args.pairs, num_queries=args.queries, alpha=args.alpha)
     task = MQARConfig.from_dict({**section, **{k: v for k, v in overrides.items() if v is not None}})
     lengths, samples = args.lengths or lengths or [task.seq_len], args.samples or samples
-    model, device = _prepare_model(args)
+    model, device = _prepare_model(args, recipe)
 
     curve = None
     if args.train:
@@ -203,7 +175,7 @@ def _run_passkey(args: argparse.Namespace, recipe: dict) -> tuple[dict, nn.Modul
     lengths = args.lengths or section.get("lengths") or [train_length]
     depths = args.depths or section.get("depths") or [0.0, 0.25, 0.5, 0.75, 1.0]
     samples = args.samples or section.get("samples", 8)
-    model, device = _prepare_model(args)
+    model, device = _prepare_model(args, recipe)
 
     curve = None
     if args.train:
@@ -274,8 +246,8 @@ def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
 def run_inspect(args: argparse.Namespace) -> int:
     """Decay spectra and slot-age attention of a checkpoint on a text: prints a summary per layer,
     writes the numbers as JSON and the figure as PNG (exit code 1 when matplotlib is missing)."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_model(args.checkpoint).to(device).eval()
+    device = resolve_device(args.device or "auto")
+    model = load_model(args.checkpoint, device)
     spectra = decay_spectra(model)  # refuses models other than MM-Rec
     if model.config.vocab_size < 256:
         raise ValueError(f"mmrec inspect feeds the text's bytes, the model's vocab_size is {model.config.vocab_size}")

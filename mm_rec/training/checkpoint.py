@@ -9,11 +9,11 @@
     manifest.json                     format version, step and the size of every file; written last
 
 A checkpoint is written under a temporary name, every file fsync'ed, and renamed into place
-(`mm_rec.utils.atomic`),
-so a folder named step_XXXXXXXX is complete; a damaged one (truncated file, size mismatch,
-unreadable content) is detected on load and `--resume auto` falls back to the previous one.
-Only the newest `keep_last` checkpoints are kept, and a run resumed from an older checkpoint
-drops the newer ones of the abandoned attempt when it writes its first checkpoint.
+(`mm_rec.utils.atomic`), so a folder named step_XXXXXXXX is complete; a damaged one (truncated
+file, size mismatch, unreadable content) is detected on load and `--resume auto` falls back to
+the previous one. Only the newest `keep_last` checkpoints are kept, and a run resumed from an
+older checkpoint drops the newer ones of the abandoned attempt when it writes its first one.
+The folder names and their lookup (`list_checkpoints`) are `mm_rec.loading`'s.
 """
 
 from __future__ import annotations
@@ -28,14 +28,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from mm_rec.loading import checkpoint_dir, checkpoint_step, list_checkpoints
+from mm_rec.model import CONFIG_NAME, WEIGHTS_NAME
 from mm_rec.utils.atomic import commit_directory
 
 FORMAT_VERSION = 1
-CHECKPOINTS = "checkpoints"
-PREFIX = "step_"
 MANIFEST = "manifest.json"
-WEIGHTS = "model.safetensors"
-MODEL_CONFIG = "config.json"
+MODEL_CONFIG, WEIGHTS = CONFIG_NAME, WEIGHTS_NAME  # the save_pretrained files
 OPTIMIZER = "optimizer.pt"
 TRAINER_STATE = "trainer_state.pt"
 RECIPE = "recipe.json"
@@ -47,19 +46,6 @@ class CheckpointError(ValueError):
 
 def rank_file(rank: int) -> str:
     return f"rank_{rank:05d}.pt"
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoint folders of a run, oldest first."""
-    root = Path(run_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
-    return sorted(found, key=_step)
-
-
-def _step(path: Path) -> int:
-    return int(path.name[len(PREFIX):])
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -74,8 +60,8 @@ def save_checkpoint(run_dir: str | Path, step: int, write_shared: Callable[[Path
     `write_shared(folder)` (main process) writes the model, optimizer and trainer files;
     `write_local(folder)` (every process) writes its own rank file.
     """
-    root = Path(run_dir) / CHECKPOINTS
-    final = root / f"{PREFIX}{step:08d}"
+    final = checkpoint_dir(run_dir, step)
+    root = final.parent
     tmp = root / f".tmp-{final.name}"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -89,8 +75,8 @@ def save_checkpoint(run_dir: str | Path, step: int, write_shared: Callable[[Path
             write_shared(tmp)
             _commit(tmp, final, step)
             found = list_checkpoints(run_dir)
-            abandoned = [p for p in found if _step(p) > step]  # a run resumed from an older checkpoint
-            for stale in abandoned + [p for p in found if _step(p) <= step][:-keep_last]:
+            abandoned = [p for p in found if checkpoint_step(p) > step]  # a run resumed from an older checkpoint
+            for stale in abandoned + [p for p in found if checkpoint_step(p) <= step][:-keep_last]:
                 shutil.rmtree(stale, ignore_errors=True)
     except BaseException:
         if rank == 0:
@@ -181,20 +167,6 @@ def resolve_resume(run_dir: str | Path, resume: str, rank: int = 0,
         except CheckpointError as err:
             warn(f"warning: skipping {err}")
     return None
-
-
-def find_model_dir(path: str | Path) -> Path:
-    """A folder holding config.json + model.safetensors: `path` itself, or the newest checkpoint
-    of the run folder `path`."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if (path / MODEL_CONFIG).is_file():
-        return path
-    found = list_checkpoints(path)
-    if not found:
-        raise FileNotFoundError(f"{path} holds neither a model ({MODEL_CONFIG}, {WEIGHTS}) nor checkpoints/")
-    return found[-1]
 
 
 # ---------------------------------------------------------------------- model and optimizer state

@@ -38,12 +38,16 @@ from mm_rec.data.batching import ContiguousStreams, RandomWindows
 from mm_rec.data.cache import prepare_tokens
 from mm_rec.data.corpus import Source, iter_documents, resolve_source
 from mm_rec.data.tokenizers import HF_FILE, BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer
+from mm_rec.generation import generate_text
+from mm_rec.loading import CHECKPOINTS, build_model, list_checkpoints
+from mm_rec.model import write_pretrained_config
 from mm_rec.training import checkpoint as ckpt
 from mm_rec.training.config import RunConfig
-from mm_rec.training.evaluate import EvalResult, evaluate
+from mm_rec.training.evaluate import EvalResult, evaluate, token_bytes_table
 from mm_rec.training.metrics import MetricsLogger
 from mm_rec.training.optim import WarmupCosine, build_optimizer
 from mm_rec.utils.debugging import NonFiniteDetector, format_gradient_flow, gradient_flow
+from mm_rec.utils.device import autocast_for, resolve_device, resolve_precision
 
 
 class NonFiniteError(RuntimeError):
@@ -79,20 +83,6 @@ def train(config: RunConfig, out_dir: str | Path, resume: str | None = None, deb
 
 
 # ---------------------------------------------------------------------- building blocks
-def build_model(config: RunConfig) -> nn.Module:
-    """MMRecModel, or the Transformer baseline (same config fields, same forward contract)."""
-    model_config = config.model_config()
-    if config.model_type == "transformer":
-        try:
-            from mm_rec.baselines.transformer import TransformerModel
-        except ImportError as err:
-            raise ValueError(f"model_type=transformer needs mm_rec.baselines.transformer: {err}") from None
-        return TransformerModel(model_config)
-    from mm_rec.model import MMRecModel
-
-    return MMRecModel(model_config)
-
-
 def build_tokenizer(config: RunConfig, source: Source, vocab_size: int, cache_dir: Path, log=print) -> Tokenizer:
     """data.tokenizer: byte, bpe (trained once on the data and cached) or a tokenizer.json path."""
     spec = config.data.tokenizer
@@ -114,35 +104,6 @@ def build_tokenizer(config: RunConfig, source: Source, vocab_size: int, cache_di
     if not Path(spec).is_file():
         raise FileNotFoundError(f"data.tokenizer={spec!r}: use byte, bpe or the path of a tokenizer.json")
     return BPETokenizer.from_file(spec)
-
-
-def token_bytes_table(tokenizer: Tokenizer, vocab_size: int) -> torch.Tensor:
-    """[vocab_size] bytes of text per token id (ids the tokenizer never makes count 1)."""
-    table = tokenizer.token_bytes()[:vocab_size]
-    return torch.tensor(table + [1] * (vocab_size - len(table)))
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but no CUDA device is available")
-    return device
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
-    return precision
-
-
-def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast for fp32 (none), bf16 or fp16 ("auto": bf16 on CUDA, fp32 on CPU)."""
-    precision = resolve_precision(precision, device)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def rng_state() -> dict[str, Any]:
@@ -208,71 +169,6 @@ def check_resume(config: RunConfig, checkpoint: ckpt.Checkpoint, model_config: d
                                    f"this run has {world_size}")
 
 
-def load_for_inference(path: str | Path, device: torch.device) -> tuple[nn.Module, Tokenizer, Path]:
-    """(model in eval mode, its tokenizer, the model folder) from a run, checkpoint or save_pretrained folder."""
-    model_dir = ckpt.find_model_dir(path)
-    recipe_path = model_dir / ckpt.RECIPE
-    config_values = _read_json(model_dir / ckpt.MODEL_CONFIG)
-    model_type = config_values.pop("model_type", None) or (
-        _read_json(recipe_path).get("model_type", "mmrec") if recipe_path.is_file() else "mmrec")
-    config = RunConfig(model_type=model_type, model=config_values)
-    model = build_model(config)
-    try:
-        from safetensors.torch import load_model
-
-        load_model(model, str(model_dir / ckpt.WEIGHTS), strict=True)
-    except Exception as err:  # a missing, truncated or foreign weights file
-        raise ValueError(f"could not load weights from {model_dir / ckpt.WEIGHTS}: {err}") from None
-    model.to(device).eval()
-    vocab_size = model.config.vocab_size
-    tokenizer = load_tokenizer(model_dir) or ByteTokenizer()  # bytes: a small vocabulary may still fit ASCII
-    if tokenizer.kind != "byte" and tokenizer.vocab_size > vocab_size:
-        raise ValueError(f"{model_dir}: the tokenizer has {tokenizer.vocab_size} tokens, the model only {vocab_size}")
-    return model, tokenizer, model_dir
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} not found") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is damaged: {err}") from None
-
-
-def generate_text(model: nn.Module, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, temperature: float,
-                  top_k: int | None, seed: int, device: torch.device, autocast=None, top_p: float | None = None,
-                  echo: bool = False) -> str:
-    """Sample a continuation of `prompt` (empty: a newline); with `echo` stream it to stdout."""
-    ids = tokenizer.encode((prompt or "\n").encode("utf-8"))
-    if not ids:
-        raise ValueError("the prompt encodes to no tokens")
-    generator = torch.Generator(device=device).manual_seed(seed)
-    decoder = tokenizer.stream_decoder()
-    pieces: list[str] = []
-
-    def emit(piece: str) -> None:
-        pieces.append(piece)
-        if echo and piece:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-
-    emit(prompt)
-    was_training = model.training
-    model.eval()
-    try:
-        with autocast or contextlib.nullcontext():
-            for token in model.generate_stream(torch.tensor([ids], device=device), max_new_tokens, temperature,
-                                               top_k, top_p, generator=generator):
-                emit(decoder.push(int(token[0])))
-        emit(decoder.flush())
-    finally:
-        model.train(was_training)
-    if echo:
-        sys.stdout.write("\n")
-    return "".join(pieces)
-
-
 # ---------------------------------------------------------------------- the trainer
 class Trainer:
     """Builds everything a run needs (in `__init__`), then `fit()` runs the loop."""
@@ -286,7 +182,7 @@ class Trainer:
         self.log = log if self.is_main else (lambda *_: None)
 
         # resume point: read before anything is written into the run folder
-        if resume is None and ckpt.list_checkpoints(self.run_dir):
+        if resume is None and list_checkpoints(self.run_dir):
             raise ckpt.CheckpointError(f"{self.run_dir} already holds checkpoints; pass --resume auto to continue "
                                        "that run, or choose another --out")
         checkpoint = ckpt.resolve_resume(self.run_dir, resume, self.rank, warn=self.log) if resume else None
@@ -350,8 +246,9 @@ class Trainer:
         if self.distributed and self.device.type == "cuda":  # a 7B model never exists in CPU memory
             from mm_rec.distributed import init_model_on_device
 
-            return init_model_on_device(lambda: build_model(self.config), self.device)
-        return build_model(self.config).to(self.device)
+            return init_model_on_device(lambda: build_model(self.config.model_config(), self.config.model_type),
+                                        self.device)
+        return build_model(self.config.model_config(), self.config.model_type).to(self.device)
 
     def _prepare_data(self, checkpoint: ckpt.Checkpoint | None) -> None:
         tc, dc = self.config.training, self.config.data
@@ -445,10 +342,7 @@ class Trainer:
 
         def write_shared(folder: Path) -> None:
             ckpt.save_weights(weights, folder / ckpt.WEIGHTS)
-            model_config = self.raw.config.to_dict()
-            if self.config.model_type != "mmrec":  # the save_pretrained layout of the baseline
-                model_config = {"model_type": self.config.model_type, **model_config}
-            (folder / ckpt.MODEL_CONFIG).write_text(json.dumps(model_config, indent=2) + "\n")
+            write_pretrained_config(self.raw, folder)  # with the weights: a save_pretrained folder
             torch.save(optimizer, folder / ckpt.OPTIMIZER)
             torch.save(trainer_state, folder / ckpt.TRAINER_STATE)
             (folder / ckpt.RECIPE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
@@ -551,7 +445,7 @@ class Trainer:
                         f"training stopped at step {step}: {nonfinite_run} non-finite steps in a row "
                         f"(loss {last_loss}). Lower training.lr, lengthen warmup, use precision bf16 or fp32, or run "
                         "with --debug to find the first module producing NaN/Inf. The last good checkpoint stays in "
-                        f"{self.run_dir / ckpt.CHECKPOINTS}")
+                        f"{self.run_dir / CHECKPOINTS}")
                 if step % tc.eval_interval == 0 or step == tc.max_steps:
                     last_eval = self.evaluate()
                     if logger is not None:

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from mm_rec import MMRecModel
+from mm_rec.generation import generate_text
+from mm_rec.loading import load_model_and_tokenizer
 from mm_rec.training import NonFiniteError, RunConfig, train
 from mm_rec.training import checkpoint as ckpt
 from mm_rec.training import trainer as trainer_module
@@ -90,8 +92,8 @@ def test_reduced_precision_runs(text_file, tmp_path, precision):
 def test_nonfinite_steps_stop_the_run_and_name_the_module(text_file, tmp_path, monkeypatch):
     build = trainer_module.build_model
 
-    def poisoned(config):
-        model = build(config)
+    def poisoned(*args):
+        model = build(*args)
         model.blocks[0].ffn.down.register_forward_hook(lambda m, args, out: out * float("nan"))
         return model
 
@@ -112,7 +114,7 @@ def test_transformer_baseline(text_file, tmp_path):
     config = recipe(text_file, "training.max_steps=2", "model_type=transformer")
     result = train(config, tmp_path / "t", **QUIET)
     assert json.loads((result.checkpoint / ckpt.MODEL_CONFIG).read_text())["model_type"] == "transformer"
-    model, _, _ = trainer_module.load_for_inference(tmp_path / "t", torch.device("cpu"))
+    model, _, _ = load_model_and_tokenizer(tmp_path / "t", torch.device("cpu"))
     assert type(model).__name__ == "TransformerModel"
     config.training.max_steps = 3
     assert train(config, tmp_path / "t", resume="auto", **QUIET).step == 3
@@ -122,10 +124,10 @@ def test_bpe_tokenizer_run(text_file, tmp_path):
     pytest.importorskip("tokenizers")
     config = recipe(text_file, "training.max_steps=2", "data.tokenizer=bpe", "model.vocab_size=320")
     result = train(config, tmp_path / "bpe", **QUIET)
-    model, tokenizer, _ = trainer_module.load_for_inference(tmp_path / "bpe", torch.device("cpu"))
+    model, tokenizer, _ = load_model_and_tokenizer(tmp_path / "bpe", torch.device("cpu"))
     assert tokenizer.kind == "bpe" and tokenizer.vocab_size == 320 == model.config.vocab_size
     assert result.eval.bytes > result.eval.tokens  # BPE tokens stand for more than one byte on average
-    text = trainer_module.generate_text(model, tokenizer, "def ", 10, 1.0, None, 0, torch.device("cpu"))
+    text = generate_text(model, tokenizer, "def ", 10, 1.0, None, 0, torch.device("cpu"))
     assert text.startswith("def ")
 
 
