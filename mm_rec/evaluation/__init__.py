@@ -40,9 +40,9 @@ from torch import nn
 
 from mm_rec.config import MMRecConfig, load_mapping
 from mm_rec.evaluation.inspect import decay_spectra, plot_memory, slot_age_attention
-from mm_rec.evaluation.train_task import TaskTrainConfig, autocast, train_on_task
+from mm_rec.evaluation.train_task import TaskTrainConfig, train_on_task
 from mm_rec.loading import build_model, load_model
-from mm_rec.utils.device import resolve_device
+from mm_rec.utils.device import autocast_for, resolve_device
 
 TOKENS_PER_FORWARD = 65536  # evaluation rows per forward = this // sequence length (at least 1)
 VALIDATION_ROWS = 256  # held-out rows (MQAR) or prompts (passkey) scored during training
@@ -146,7 +146,7 @@ def _run_mqar(args: argparse.Namespace, recipe: dict) -> tuple[dict, nn.Module]:
     results = []
     for length in lengths:
         batch = generate_mqar(replace(task, seq_len=length), samples, seed=args.seed + 2_000_000)
-        with autocast(device):
+        with autocast_for("auto", device):
             score = score_mqar(model, batch, max(1, TOKENS_PER_FORWARD // length))
         buckets = "  ".join(f"{k}: {acc:.2f}/{n}" for k, (acc, n) in score.by_distance.items())
         print(f"{length:>8}  {score.accuracy:8.4f}  {buckets}")
@@ -192,7 +192,7 @@ def _run_passkey(args: argparse.Namespace, recipe: dict) -> tuple[dict, nn.Modul
                               train_config)
 
     model.eval()
-    with autocast(device):
+    with autocast_for("auto", device):
         records = passkey_grid(model, lengths, depths, samples, args.seed, digits, args.decode, TOKENS_PER_FORWARD)
     print(f"passkey: {type(model).__name__} ({model.num_parameters() / 1e6:.2f}M parameters), {digits} digits, "
           f"{samples} prompts per cell, {args.decode}; accuracy by length (rows) and depth (columns)")

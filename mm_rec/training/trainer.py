@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import random
 import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,7 @@ from mm_rec.training import checkpoint as ckpt
 from mm_rec.training.config import RunConfig
 from mm_rec.training.evaluate import EvalResult, evaluate, token_bytes_table
 from mm_rec.training.metrics import MetricsLogger
-from mm_rec.training.optim import WarmupCosine, build_optimizer
+from mm_rec.training.optim import build_optimizer, build_scheduler, clip_gradients, load_scheduler_state
 from mm_rec.utils.debugging import NonFiniteDetector, format_gradient_flow, gradient_flow
 from mm_rec.utils.device import autocast_for, resolve_device, resolve_precision
 
@@ -200,7 +200,7 @@ class Trainer:
         # parallelism, then the optimizer over the (possibly sharded) parameters
         self.model = self._parallelize()
         self.optimizer = build_optimizer(self.model, tc, self.device)
-        self.scheduler = WarmupCosine(self.optimizer, tc)
+        self.scheduler = build_scheduler(self.optimizer, tc)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.carry = dc.carry_state and hasattr(self.raw, "init_state")
         self.state: MemoryState | None = self._fresh_state()
@@ -319,7 +319,7 @@ class Trainer:
         ckpt.load_weights(self.model, self.raw, checkpoint.path / ckpt.WEIGHTS, self.distributed)
         ckpt.load_optimizer_state(self.model, self.optimizer, checkpoint.optimizer, self.distributed)
         ts = checkpoint.trainer_state
-        self.scheduler.load_state_dict(ts["scheduler"])
+        load_scheduler_state(self.scheduler, ts["scheduler"])  # after the optimizer state
         if ts.get("scaler"):
             self.scaler.load_state_dict(ts["scaler"])
         self.step_count, self.tokens_seen = int(ts["step"]), int(ts["tokens_seen"])
@@ -376,8 +376,7 @@ class Trainer:
         if self.distributed and torch.distributed.is_initialized():
             torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG)
         self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else math.inf)
+        grad_norm = clip_gradients(self.model, tc.grad_clip)
         # fp16: a non-finite gradient means the loss scale was too high, and the scaler skips the step itself
         applied = bool(torch.isfinite(loss)) and (self.scaler.is_enabled() or bool(torch.isfinite(grad_norm)))
         if applied:
@@ -388,7 +387,11 @@ class Trainer:
         if self.debug and self.is_main and (self.step_count == 0 or (self.step_count + 1) % tc.eval_interval == 0):
             self.log(format_gradient_flow(gradient_flow(self.raw), f"gradient flow at step {self.step_count + 1}"))
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # the position is the step count, so the schedule also advances past a skipped update,
+            # which LambdaLR warns about when it is the first step
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+            self.scheduler.step()
         self.step_count += 1
         self.tokens_seen += self.tokens_per_step
         return float(loss), float(grad_norm), applied
@@ -426,7 +429,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 if detector is not None:
                     detector.reset()
-                lr = self.scheduler.current_lr()
+                lr = self.scheduler.get_last_lr()[0]
                 last_loss, grad_norm, applied = self.step()
                 step = self.step_count
                 row = dict(step=step, loss=last_loss, lr=lr, grad_norm=grad_norm, tokens=self.tokens_seen,
