@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mm_rec import MMRecConfig, MMRecModel
-from mm_rec.evaluation import add_inspect_arguments, run_inspect
+from mm_rec.cli.inspect import add_inspect_arguments, run_inspect
 from mm_rec.evaluation.inspect import decay_spectra, plot_memory, slot_age_attention
 
 

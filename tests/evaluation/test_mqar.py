@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from mm_rec import MMRecConfig, MMRecModel
+from mm_rec.cli.tasks import add_eval_task_arguments, run_eval_task
 from mm_rec.config import load_mapping
-from mm_rec.evaluation import add_eval_task_arguments, run_eval_task
 from mm_rec.evaluation.mqar import MQARConfig, chance_accuracy, gap_probabilities, generate_mqar, score_mqar
 from mm_rec.evaluation.train_task import TaskTrainConfig, train_on_task
 
