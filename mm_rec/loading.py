@@ -9,7 +9,8 @@ generation, the command line and the benchmarks.
 `load_model` reads three kinds of folder:
 
     save_pretrained folder   config.json (with a "model_type" marker for the baseline) + model.safetensors
-    checkpoint folder        the same plus the training state (mm_rec.training.checkpoint)
+    checkpoint folder        the same plus the training state (mm_rec.training.checkpoint); a
+                             sharded one holds sharded/ (DCP shards) instead of model.safetensors
     run folder               RUN/checkpoints/step_XXXXXXXX/: its newest checkpoint
 
 A missing folder or file raises FileNotFoundError; damaged or foreign contents ValueError, each
@@ -31,6 +32,7 @@ MODEL_CLASSES: dict[str, type[LanguageModel]] = {"mmrec": MMRecModel, "transform
 MODEL_TYPES = tuple(MODEL_CLASSES)
 CHECKPOINTS = "checkpoints"  # RUN/checkpoints/ holds one folder per saved step
 STEP_PREFIX = "step_"
+SHARDED = "sharded"  # the DCP folder of a checkpoint written with training.checkpoint_format: sharded
 
 
 def build_model(config: MMRecConfig, model_type: str = "mmrec") -> LanguageModel:
@@ -62,11 +64,24 @@ def load_model_and_tokenizer(path: str | Path,
 
 
 def _load(folder: Path, device: torch.device | str | None) -> LanguageModel:
-    model_type, _ = read_pretrained_config(folder)
+    model_type, config = read_pretrained_config(folder)
     if model_type is not None and model_type not in MODEL_CLASSES:
         raise ValueError(f"{folder / CONFIG_NAME}: unknown model_type {model_type!r}; use one of {MODEL_TYPES}")
     model_class = MODEL_CLASSES[model_type or "mmrec"]
+    if (folder / SHARDED).is_dir() and not (folder / WEIGHTS_NAME).is_file():
+        return _load_sharded(folder, model_class(config)).to(device).eval()
     return model_class.from_pretrained(folder, device).eval()
+
+
+def _load_sharded(folder: Path, model: LanguageModel) -> LanguageModel:
+    """The weights of a sharded checkpoint, resharded into one process's model (DCP)."""
+    from mm_rec.distributed.checkpoint import load_sharded_state  # slow to import; only these folders need it
+
+    try:
+        load_sharded_state(folder / SHARDED, model)
+    except Exception as err:  # DCP reports a missing or misshapen tensor as its own exception
+        raise ValueError(f"could not load the sharded weights in {folder / SHARDED}: {err}") from None
+    return model
 
 
 # ---------------------------------------------------------------------- run folders

@@ -15,15 +15,23 @@ Layout of a checkpoint directory:
 Saves are atomic: everything is written to `<dir>.partial`, fsync'ed and renamed into place once
 all processes have finished (`mm_rec.utils.atomic`), so an interrupted save never leaves a
 truncated `<dir>`.
+
+`save_sharded_state` / `load_sharded_state` are the DCP part alone, without `extra` and without
+the atomic commit: the trainer writes them into its own checkpoint folder
+(`training.checkpoint_format: sharded`), which it commits atomically itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -38,6 +46,35 @@ from mm_rec.utils.atomic import commit_directory
 
 EXTRA_NAME = "extra.pt"
 METADATA_NAME = ".metadata"
+
+
+def save_sharded_state(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Write model (and optimizer) state into `directory` with DCP, every process its own shards.
+    Collective; not atomic by itself (write into a staging folder that is committed afterwards)."""
+    state = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    with _one_process_on_purpose():
+        dcp.save(state, checkpoint_id=str(directory))
+
+
+def load_sharded_state(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Load what `save_sharded_state` wrote into `model` (and `optimizer`), whatever the number of
+    processes and the wrapping of either run; the optimizer state may be left out even where it
+    was saved. Collective under a process group. Build the optimizer over the wrapped model's
+    parameters before calling (for FSDP: after `apply_parallelism`)."""
+    directory = Path(directory)
+    if not (directory / METADATA_NAME).is_file():
+        raise FileNotFoundError(f"{directory} is not a complete distributed checkpoint (no {METADATA_NAME}); "
+                                "an interrupted save leaves only a '.partial' directory")
+    state = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    with _one_process_on_purpose():
+        dcp.load(state, checkpoint_id=str(directory))
+    set_model_state_dict(model, state["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
 def save_distributed_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -56,10 +93,7 @@ def save_distributed_checkpoint(directory: str | Path, model: nn.Module, optimiz
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     barrier()
-    state = {"model": get_model_state_dict(model)}
-    if optimizer is not None:
-        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
-    dcp.save(state, checkpoint_id=str(partial))
+    save_sharded_state(partial, model, optimizer)
     if is_main_process():
         torch.save(extra or {}, partial / EXTRA_NAME)
         commit_directory(partial, directory)
@@ -69,21 +103,17 @@ def save_distributed_checkpoint(directory: str | Path, model: nn.Module, optimiz
 
 def load_distributed_checkpoint(directory: str | Path, model: nn.Module,
                                 optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-    """Load a checkpoint written by `save_distributed_checkpoint` into `model` (and `optimizer`),
-    whatever the number of processes and the wrapping of either run; returns its `extra`.
-    Collective under a process group. Build the optimizer over the wrapped model's parameters
-    before calling (for FSDP: after `apply_parallelism`).
-    """
-    directory = Path(directory)
-    if not (directory / METADATA_NAME).is_file():
-        raise FileNotFoundError(f"{directory} is not a complete distributed checkpoint (no {METADATA_NAME}); "
-                                "an interrupted save leaves only a '.partial' directory")
-    state = {"model": get_model_state_dict(model)}
-    if optimizer is not None:
-        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
-    dcp.load(state, checkpoint_id=str(directory))
-    set_model_state_dict(model, state["model"])
-    if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, state["optimizer"])
-    extra_path = directory / EXTRA_NAME
+    """Load a checkpoint written by `save_distributed_checkpoint` into `model` (and `optimizer`)
+    as `load_sharded_state` does; returns its `extra`."""
+    load_sharded_state(directory, model, optimizer)
+    extra_path = Path(directory) / EXTRA_NAME
     return torch.load(extra_path, weights_only=True) if extra_path.is_file() else {}
+
+
+@contextlib.contextmanager
+def _one_process_on_purpose() -> Iterator[None]:
+    """DCP warns when no process group is initialised; a single process is a supported case here."""
+    with warnings.catch_warnings():
+        if not dist.is_initialized():
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        yield

@@ -2,6 +2,8 @@
 
     config.json, model.safetensors    the model (a save_pretrained directory: from_pretrained reads it)
     optimizer.pt                      AdamW state
+    sharded/                          instead of the two above with training.checkpoint_format sharded:
+                                      model and AdamW state as DCP shards, one file per process
     trainer_state.pt                  step, tokens seen, scheduler, grad scaler, counters
     rank_00000.pt                     per process: RNG states, data position, carried memory state
     recipe.json                       the full run configuration
@@ -28,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mm_rec.loading import checkpoint_dir, checkpoint_step, list_checkpoints
+from mm_rec.loading import SHARDED, checkpoint_dir, checkpoint_step, list_checkpoints
 from mm_rec.model import CONFIG_NAME, WEIGHTS_NAME
 from mm_rec.utils.atomic import commit_directory
 
@@ -58,7 +60,8 @@ def save_checkpoint(run_dir: str | Path, step: int, write_shared: Callable[[Path
     """Write checkpoint `step` atomically; every process calls this.
 
     `write_shared(folder)` (main process) writes the model, optimizer and trainer files;
-    `write_local(folder)` (every process) writes its own rank file.
+    `write_local(folder)` (every process, at the same time) writes its own files: its rank file,
+    and its shards with the sharded format.
     """
     final = checkpoint_dir(run_dir, step)
     root = final.parent
@@ -103,8 +106,12 @@ class Checkpoint:
     recipe: dict[str, Any]
     model_config: dict[str, Any]
     trainer_state: dict[str, Any]
-    optimizer: dict[str, Any]
+    optimizer: dict[str, Any] | None  # None for a sharded checkpoint: its state is in sharded/
     local: dict[str, Any]  # this process's rank file
+
+    @property
+    def sharded(self) -> bool:
+        return (self.path / SHARDED).is_dir()
 
 
 def load_checkpoint(path: str | Path, rank: int = 0) -> Checkpoint:
@@ -127,15 +134,17 @@ def load_checkpoint(path: str | Path, rank: int = 0) -> Checkpoint:
         if f.stat().st_size != size:
             raise CheckpointError(f"checkpoint {path} is damaged: {name} is {f.stat().st_size} bytes, "
                                   f"the manifest says {size}")
+    sharded = (path / SHARDED).is_dir()  # its shards are read on apply (the sizes were checked above)
     try:
         from safetensors import safe_open
 
-        with safe_open(str(path / WEIGHTS), framework="pt"):  # parses the header, checks the length
-            pass
+        if not sharded:
+            with safe_open(str(path / WEIGHTS), framework="pt"):  # parses the header, checks the length
+                pass
         recipe = json.loads((path / RECIPE).read_text())
         model_config = json.loads((path / MODEL_CONFIG).read_text())
         trainer_state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
-        optimizer = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
+        optimizer = None if sharded else torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
         local_path = path / rank_file(rank)
         if not local_path.is_file():
             raise CheckpointError(f"checkpoint {path} has no {local_path.name}: it was written by "
@@ -246,3 +255,20 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     except (ValueError, KeyError, RuntimeError) as err:
         raise CheckpointError(f"the optimizer state does not fit the model: {err}") from None
 
+
+def save_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Model and optimizer state as DCP shards in folder/sharded/ (collective: every process
+    writes its own shards, so nothing is gathered)."""
+    from mm_rec.distributed.checkpoint import save_sharded_state  # slow to import; only this format needs it
+
+    save_sharded_state(folder / SHARDED, model, optimizer)
+
+
+def load_sharded(checkpoint: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The state `save_sharded` wrote, into the (possibly wrapped) model and its optimizer."""
+    from mm_rec.distributed.checkpoint import load_sharded_state  # slow to import; only this format needs it
+
+    try:
+        load_sharded_state(checkpoint.path / SHARDED, model, optimizer)
+    except Exception as err:  # DCP reports a missing or misshapen tensor as its own exception
+        raise CheckpointError(f"checkpoint {checkpoint.path}: could not read {SHARDED}/: {err}") from None

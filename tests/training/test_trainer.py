@@ -8,7 +8,7 @@ import torch
 
 from mm_rec import MMRecModel
 from mm_rec.generation import generate_text
-from mm_rec.loading import load_model_and_tokenizer
+from mm_rec.loading import load_model, load_model_and_tokenizer
 from mm_rec.training import NonFiniteError, RunConfig, train
 from mm_rec.training import checkpoint as ckpt
 from mm_rec.training import trainer as trainer_module
@@ -57,6 +57,32 @@ def test_resume_with_gradient_accumulation_is_exact(text_file, tmp_path):
     config.training.max_steps = 6
     train(config, tmp_path / "b", resume="auto", **QUIET)
     assert strip_timing(read_metrics(tmp_path / "a"), 5) == strip_timing(read_metrics(tmp_path / "b"), 5)
+
+
+@pytest.mark.parametrize("first, then", [("sharded", "sharded"), ("sharded", "full"), ("full", "sharded")])
+def test_sharded_checkpoints_resume_exactly_and_load_in_one_process(text_file, tmp_path, first, then):
+    """training.checkpoint_format=sharded writes DCP shards instead of model.safetensors and
+    optimizer.pt; resuming reads either format exactly, and load_model reads the shards."""
+    def config(fmt, steps):
+        config = recipe(text_file, "training.save_interval=2", f"training.checkpoint_format={fmt}")
+        config.training.max_steps = steps
+        return config
+
+    train(config("full", 4), tmp_path / "one", **QUIET)
+    train(config(first, 2), tmp_path / "two", **QUIET)
+    saved = ckpt.list_checkpoints(tmp_path / "two")[-1]
+    assert (saved / "sharded" / ".metadata").is_file() == (first == "sharded")
+    assert (saved / ckpt.WEIGHTS).is_file() == (saved / ckpt.OPTIMIZER).is_file() == (first == "full")
+    train(config(then, 4), tmp_path / "two", resume="auto", **QUIET)
+    assert strip_timing(read_metrics(tmp_path / "one"), 4) == strip_timing(read_metrics(tmp_path / "two"), 4)
+    one, two = load_model(tmp_path / "one"), load_model(tmp_path / "two")
+    for (name, a), b in zip(one.state_dict().items(), two.state_dict().values()):
+        assert torch.equal(a, b), name
+    if first == "sharded":  # the manifest covers the shards too
+        shard = next((saved / "sharded").glob("*.distcp"))
+        shard.write_bytes(shard.read_bytes()[:-10])
+        with pytest.raises(ckpt.CheckpointError, match="damaged"):
+            ckpt.load_checkpoint(saved)
 
 
 def test_memory_state_is_checkpointed(text_file, tmp_path):
