@@ -125,7 +125,8 @@ class LanguageModel(nn.Module):
         try:
             load_model(model, str(directory / WEIGHTS_NAME), strict=True, device=str(device or "cpu"))
         except Exception as err:
-            raise ValueError(f"could not load weights from {directory / WEIGHTS_NAME}: {err}") from err
+            detail = " ".join(str(err).split())  # torch lists every mismatched tensor on a line of its own
+            raise ValueError(f"could not load weights from {directory / WEIGHTS_NAME}: {detail}") from err
         return model.to(device) if device is not None else model
 
 

@@ -85,6 +85,25 @@ def test_sharded_checkpoints_resume_exactly_and_load_in_one_process(text_file, t
             ckpt.load_checkpoint(saved)
 
 
+def test_a_checkpoint_with_the_old_schedule_state_resumes_exactly(text_file, tmp_path):
+    """Checkpoints written before the schedule was a LambdaLR hold {"step_count": N}; it converts on load."""
+    config = recipe(text_file, "training.save_interval=3")
+    config.training.max_steps = 6
+    train(config, tmp_path / "a", **QUIET)
+    config.training.max_steps = 3
+    train(config, tmp_path / "b", **QUIET)
+    saved = ckpt.list_checkpoints(tmp_path / "b")[-1]
+    state = torch.load(saved / ckpt.TRAINER_STATE, weights_only=True)
+    state["scheduler"] = {"step_count": 3}
+    torch.save(state, saved / ckpt.TRAINER_STATE)
+    manifest = json.loads((saved / ckpt.MANIFEST).read_text())
+    manifest["files"][ckpt.TRAINER_STATE] = (saved / ckpt.TRAINER_STATE).stat().st_size
+    (saved / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    config.training.max_steps = 6
+    train(config, tmp_path / "b", resume="auto", **QUIET)
+    assert strip_timing(read_metrics(tmp_path / "a"), 5) == strip_timing(read_metrics(tmp_path / "b"), 5)
+
+
 def test_memory_state_is_checkpointed(text_file, tmp_path):
     result = train(recipe(text_file, "training.max_steps=3"), tmp_path / "run", **QUIET)
     local = torch.load(result.checkpoint / ckpt.rank_file(0), weights_only=True)
