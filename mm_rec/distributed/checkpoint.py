@@ -51,11 +51,8 @@ METADATA_NAME = ".metadata"
 def save_sharded_state(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Write model (and optimizer) state into `directory` with DCP, every process its own shards.
     Collective; not atomic by itself (write into a staging folder that is committed afterwards)."""
-    state = {"model": get_model_state_dict(model)}
-    if optimizer is not None:
-        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
     with _one_process_on_purpose():
-        dcp.save(state, checkpoint_id=str(directory))
+        dcp.save(_state(model, optimizer), checkpoint_id=str(directory))
 
 
 def load_sharded_state(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -67,11 +64,9 @@ def load_sharded_state(directory: str | Path, model: nn.Module, optimizer: torch
     if not (directory / METADATA_NAME).is_file():
         raise FileNotFoundError(f"{directory} is not a complete distributed checkpoint (no {METADATA_NAME}); "
                                 "an interrupted save leaves only a '.partial' directory")
-    state = {"model": get_model_state_dict(model)}
-    if optimizer is not None:
-        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    state = _state(model, optimizer)
     with _one_process_on_purpose():
-        dcp.load(state, checkpoint_id=str(directory))
+        dcp.load(state, checkpoint_id=str(directory))  # in place, into the tensors of `state`
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
@@ -108,6 +103,15 @@ def load_distributed_checkpoint(directory: str | Path, model: nn.Module,
     load_sharded_state(directory, model, optimizer)
     extra_path = Path(directory) / EXTRA_NAME
     return torch.load(extra_path, weights_only=True) if extra_path.is_file() else {}
+
+
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """What DCP writes and reads: the model's (and optimizer's) state under the plain model's
+    parameter names, whatever wraps it."""
+    state = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    return state
 
 
 @contextlib.contextmanager
