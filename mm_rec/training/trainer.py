@@ -338,7 +338,7 @@ class Trainer:
     def save(self) -> Path:
         """Write a checkpoint of the current step (every process calls this). Format full: the
         weights and the optimizer state gathered into one file each; sharded: every process writes
-        its own shards (nothing is gathered, which a 7B FSDP run saves memory and time on)."""
+        its own shards, so nothing is gathered (less memory and time for a large FSDP run)."""
         sharded = self.config.training.checkpoint_format == "sharded"
         weights = None if sharded else ckpt.model_state(self.model, self.raw, self.distributed)
         optimizer = None if sharded else ckpt.optimizer_state(self.model, self.optimizer, self.distributed)
@@ -350,7 +350,7 @@ class Trainer:
             if not sharded:
                 ckpt.save_weights(weights, folder / ckpt.WEIGHTS)
                 torch.save(optimizer, folder / ckpt.OPTIMIZER)
-            write_pretrained_config(self.raw, folder)  # with the weights: a save_pretrained folder
+            write_pretrained_config(self.raw, folder)  # config.json as save_pretrained writes it
             torch.save(trainer_state, folder / ckpt.TRAINER_STATE)
             (folder / ckpt.RECIPE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
             self.tokenizer.save(folder)
