@@ -7,6 +7,7 @@ import argparse
 import json
 
 from mm_rec.config import load_mapping
+from mm_rec.loading import MODEL_TYPES
 from mm_rec.training.config import RunConfig, apply_overrides
 
 EXIT_BAD_INPUT = 2  # a missing file, an unknown config key, a damaged checkpoint...: one line on stderr
@@ -29,7 +30,7 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE",
                         help="recipe YAML/JSON (configs/*.yaml); default: the tiny quick start")
     parser.add_argument("--preset", help="model preset (tiny, small, 1b, 7b): shorthand for --set model.preset=NAME")
-    parser.add_argument("--model", choices=["mmrec", "transformer"],
+    parser.add_argument("--model", choices=MODEL_TYPES,
                         help="model type (shorthand for --set model_type=...)")
     parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
                         help="override any recipe key: section.key=value (values are YAML), e.g. "

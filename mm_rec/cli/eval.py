@@ -9,10 +9,11 @@ from pathlib import Path
 
 from mm_rec.cli import tasks
 from mm_rec.cli.common import HelpFormatter
-from mm_rec.data.cache import tokenize_in_memory
+from mm_rec.data.cache import DTYPES, tokenize_in_memory
 from mm_rec.data.corpus import resolve_source
 from mm_rec.loading import load_model_and_tokenizer
 from mm_rec.training.checkpoint import RECIPE
+from mm_rec.training.config import PRECISIONS
 from mm_rec.training.evaluate import evaluate, token_bytes_table
 from mm_rec.utils.device import autocast_for, resolve_device
 
@@ -33,9 +34,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="rows scored in parallel (default: the training batch size)")
     p.add_argument("--carry-state", action=argparse.BooleanOptionalAction, default=None,
                    help="carry the memory state across windows (default: as in training)")
-    p.add_argument("--bin-dtype", default="uint16", choices=["uint8", "uint16", "int32", "uint32"],
+    p.add_argument("--bin-dtype", default="uint16", choices=list(DTYPES),
                    help="element type of a .bin file")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="autocast dtype; auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     tasks.add_eval_task_arguments(p)

@@ -7,6 +7,7 @@ import argparse
 from mm_rec.cli.common import HelpFormatter
 from mm_rec.generation import generate_text
 from mm_rec.loading import load_model_and_tokenizer
+from mm_rec.training.config import PRECISIONS
 from mm_rec.utils.device import autocast_for, resolve_device
 
 
@@ -21,7 +22,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens")
     p.add_argument("--top-p", type=float, help="nucleus sampling threshold")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="autocast dtype; auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     p.set_defaults(func=run)

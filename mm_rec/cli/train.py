@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from mm_rec.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, HelpFormatter, add_recipe_arguments, recipe_from_args
+from mm_rec.constants import PARALLEL_MODES
 from mm_rec.loading import CHECKPOINTS, list_checkpoints
 from mm_rec.training.checkpoint import RECIPE, is_checkpoint
 from mm_rec.training.trainer import NonFiniteError, train
@@ -37,7 +38,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="seed of the model init, data order and sample (training.seed)")
     p.add_argument("--max-steps", type=int, help="total optimizer steps (training.max_steps)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N (training.device)")
-    p.add_argument("--parallel", choices=["none", "ddp", "fsdp"], help="multi-GPU mode under torchrun "
+    p.add_argument("--parallel", choices=PARALLEL_MODES, help="multi-GPU mode under torchrun "
                                                                        "(distributed.parallel)")
     p.add_argument("--out", help="run folder (default: runs/<recipe>-<date>-<time>)")
     p.add_argument("--resume", metavar="auto|PATH", help="auto: continue from the newest good checkpoint in --out "

@@ -108,10 +108,7 @@ class Checkpoint:
     trainer_state: dict[str, Any]
     optimizer: dict[str, Any] | None  # None for a sharded checkpoint: its state is in sharded/
     local: dict[str, Any]  # this process's rank file
-
-    @property
-    def sharded(self) -> bool:
-        return (self.path / SHARDED).is_dir()
+    sharded: bool = False  # weights and optimizer state as DCP shards (training.checkpoint_format sharded)
 
 
 def load_checkpoint(path: str | Path, rank: int = 0) -> Checkpoint:
@@ -154,7 +151,7 @@ def load_checkpoint(path: str | Path, rank: int = 0) -> Checkpoint:
         raise
     except Exception as err:  # unpickling / JSON / safetensors errors: the content is damaged
         raise CheckpointError(f"checkpoint {path} is damaged: {type(err).__name__}: {err}") from None
-    return Checkpoint(path, int(trainer_state["step"]), recipe, model_config, trainer_state, optimizer, local)
+    return Checkpoint(path, int(trainer_state["step"]), recipe, model_config, trainer_state, optimizer, local, sharded)
 
 
 def resolve_resume(run_dir: str | Path, resume: str, rank: int = 0,

@@ -30,8 +30,8 @@ import yaml
 
 from mm_rec.config import MMRecConfig, load_mapping
 from mm_rec.constants import PARALLEL_MODES
+from mm_rec.loading import MODEL_TYPES
 
-MODEL_TYPES = ("mmrec", "transformer")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CHECKPOINT_FORMATS = ("full", "sharded")
 
