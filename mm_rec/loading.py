@@ -79,8 +79,8 @@ def _load_sharded(folder: Path, model: LanguageModel) -> LanguageModel:
 
     try:
         load_sharded_state(folder / SHARDED, model)
-    except Exception as err:  # DCP reports a missing or misshapen tensor as its own exception
-        raise ValueError(f"could not load the sharded weights in {folder / SHARDED}: {err}") from None
+    except ValueError as err:  # a missing or misshapen tensor
+        raise ValueError(f"could not load the sharded weights in {folder}: {err}") from None
     return model
 
 

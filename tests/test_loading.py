@@ -115,3 +115,15 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
     with pytest.raises(ValueError) as error:
         load_model_and_tokenizer(folder)
     one_line_error(error, "the tokenizer has 200 tokens, the model only 128")
+
+
+def test_a_sharded_checkpoint_that_does_not_fit_is_a_value_error(tmp_path):
+    from mm_rec.distributed import save_sharded_state
+
+    folder = tmp_path / "step_00000001"
+    build_model(CONFIG).save_pretrained(folder)
+    save_sharded_state(folder / "sharded", build_model(CONFIG.replace(hidden_dim=32)))
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ValueError) as error:
+        load_model(folder)
+    one_line_error(error, "could not load the sharded weights in", "sharded")

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -59,14 +60,19 @@ def load_sharded_state(directory: str | Path, model: nn.Module, optimizer: torch
     """Load what `save_sharded_state` wrote into `model` (and `optimizer`), whatever the number of
     processes and the wrapping of either run; the optimizer state may be left out even where it
     was saved. Collective under a process group. Build the optimizer over the wrapped model's
-    parameters before calling (for FSDP: after `apply_parallelism`)."""
+    parameters before calling (for FSDP: after `apply_parallelism`). A checkpoint whose tensors do
+    not fit raises ValueError."""
     directory = Path(directory)
     if not (directory / METADATA_NAME).is_file():
         raise FileNotFoundError(f"{directory} is not a complete distributed checkpoint (no {METADATA_NAME}); "
                                 "an interrupted save leaves only a '.partial' directory")
     state = _state(model, optimizer)
-    with _one_process_on_purpose():
-        dcp.load(state, checkpoint_id=str(directory))  # in place, into the tensors of `state`
+    try:
+        with _one_process_on_purpose():
+            dcp.load(state, checkpoint_id=str(directory))  # in place, into the tensors of `state`
+    except CheckpointException as err:  # a BaseException holding every rank's error and traceback
+        rank, (first, _) = next(iter(err.failures.items()))
+        raise ValueError(f"{directory} does not fit the model (rank {rank}): {first}") from None
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optimizer"])

@@ -267,5 +267,5 @@ def load_sharded(checkpoint: Checkpoint, model: nn.Module, optimizer: torch.opti
 
     try:
         load_sharded_state(checkpoint.path / SHARDED, model, optimizer)
-    except Exception as err:  # DCP reports a missing or misshapen tensor as its own exception
+    except ValueError as err:  # a missing or misshapen tensor
         raise CheckpointError(f"checkpoint {checkpoint.path}: could not read {SHARDED}/: {err}") from None
