@@ -26,6 +26,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from mm_rec import MMRecConfig, MMRecModel
+from mm_rec.loading import build_model
 
 
 def time_steps(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> float:
@@ -71,15 +72,10 @@ def main() -> None:
     label = Path(args.config).stem if args.config else "tiny"
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
     variants: list[tuple[str, torch.nn.Module]] = [
-        (f"MM-Rec {label} (exact recurrence)", MMRecModel(cfg)),
-        (f"MM-Rec {label} (gate_input: input, scan)", MMRecModel(cfg.replace(gate_input="input"))),
+        (f"MM-Rec {label} (exact recurrence)", build_model(cfg)),
+        (f"MM-Rec {label} (gate_input: input, scan)", build_model(cfg.replace(gate_input="input"))),
+        ("Transformer baseline (same sizes)", build_model(cfg, "transformer")),
     ]
-    try:
-        from mm_rec.baselines.transformer import TransformerModel
-
-        variants.append(("Transformer baseline (same sizes)", TransformerModel(cfg)))
-    except ImportError:
-        pass
 
     tokens = args.batch * args.seq
     print(f"# CPU benchmark, {datetime.date.today()}, {platform.processor() or platform.machine()}, "

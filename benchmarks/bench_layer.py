@@ -37,13 +37,14 @@ import sys
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from mm_rec import MMRecConfig, MMRecModel
-from mm_rec.baselines.transformer import TransformerModel, rope_tables
+from mm_rec import MMRecConfig
+from mm_rec.baselines.transformer import rope_tables
 from mm_rec.core.memory_state import MemoryState
 from mm_rec.distributed import init_model_on_device
+from mm_rec.loading import build_model
 from mm_rec.utils.profiling import count_flops, peak_memory, reset_peak_memory, time_fn
 
-LAYERS = {"mmrec": ("MM-Rec layer", MMRecModel), "transformer": ("Transformer layer", TransformerModel)}
+LAYERS = {"mmrec": "MM-Rec layer", "transformer": "Transformer layer"}  # model_type -> label
 SDPA_BACKENDS = {
     "flash": [SDPBackend.FLASH_ATTENTION],
     "cudnn": [SDPBackend.CUDNN_ATTENTION],
@@ -64,7 +65,7 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 
 def build_layer(kind: str, config: MMRecConfig, device: str) -> torch.nn.Module:
     """Block 0 of a one-layer model, initialised as in training, with bf16 parameters."""
-    model = init_model_on_device(lambda: LAYERS[kind][1](config.replace(num_layers=1)), device)
+    model = init_model_on_device(lambda: build_model(config.replace(num_layers=1), kind), device)
     return model.blocks[0].to(torch.bfloat16)
 
 
@@ -157,7 +158,7 @@ def markdown(results: list[dict]) -> str:
     lines = ["| layer | B x T | params (M) | forward ms | fwd+bwd ms | fwd+bwd TFLOP/s | peak GiB |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
-        name = LAYERS[r["layer"]][0]
+        name = LAYERS[r["layer"]]
         shape = f"{r['batch']} x {r['seq_len']}"
         if "error" in r:
             lines.append(f"| {name} | {shape} | | {r['error']} | {r['error']} | | |")

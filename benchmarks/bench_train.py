@@ -39,8 +39,7 @@ import time
 
 import torch
 
-from mm_rec import MMRecConfig, MMRecModel
-from mm_rec.baselines.transformer import TransformerModel
+from mm_rec import MMRecConfig
 from mm_rec.config import PRESETS
 from mm_rec.distributed import (
     ParallelConfig,
@@ -54,6 +53,7 @@ from mm_rec.distributed import (
     init_distributed,
     init_model_on_device,
 )
+from mm_rec.loading import build_model
 from mm_rec.utils.profiling import (
     BlockTimer,
     count_flops,
@@ -66,7 +66,7 @@ from mm_rec.utils.profiling import (
     training_step_flops,
 )
 
-MODELS = {"mmrec": ("MM-Rec", MMRecModel), "transformer": ("Transformer", TransformerModel)}
+MODELS = {"mmrec": "MM-Rec", "transformer": "Transformer"}  # model_type -> label
 
 
 def parse_args() -> argparse.Namespace:
@@ -134,7 +134,7 @@ def run_model(name: str, config: MMRecConfig, args: argparse.Namespace, device: 
     cuda = device.type == "cuda"
     amp_dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
     torch.manual_seed(args.seed)  # identical weights on every process
-    model = init_model_on_device(lambda: MODELS[name][1](config), device)
+    model = init_model_on_device(lambda: build_model(config, name), device)
     num_params = sum(p.numel() for p in model.parameters())
     generator = torch.Generator(device=device).manual_seed(args.seed + 1000 * get_rank())  # own data per process
     x, y = random_batch(generator, args, config.vocab_size, device)
@@ -216,7 +216,7 @@ def markdown(results: list[dict], peaks: dict[str, float]) -> str:
              "| --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | "
              + " | ".join("---:" for _ in mfu_headers) + " | ---: | ---: | ---: |"]
     for r in results:
-        label = MODELS[r["model"]][0]
+        label = MODELS[r["model"]]
         if "error" in r:
             lines.append(f"| {label} | | {r['gpus']} | | | {r['seq_len']} | {r['batch_per_gpu']} | {r['error']} |")
             continue
@@ -230,7 +230,7 @@ def markdown(results: list[dict], peaks: dict[str, float]) -> str:
     for r in results:
         if "block_forward_ms" in r:
             n = len(r["block_forward_ms"])
-            lines.append(f"\n{MODELS[r['model']][0]} blocks (one step, mean of {n}): forward "
+            lines.append(f"\n{MODELS[r['model']]} blocks (one step, mean of {n}): forward "
                          f"{sum(r['block_forward_ms']) / n:.2f} ms, backward {sum(r['block_backward_ms']) / n:.2f} ms")
     return "\n".join(lines)
 

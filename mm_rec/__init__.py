@@ -3,6 +3,20 @@
     from mm_rec import MMRecConfig, MMRecModel, MemoryState
     model = MMRecModel(MMRecConfig.from_preset("tiny"))
     out = model(input_ids)            # out.logits, out.loss, out.state
+
+Layers, lowest first: a module imports only from its own layer and those below it, and the
+command line sits on top. An import inside a function is there for import time alone
+(mm_rec.distributed, Triton's mm_rec.ops), never to get round a loop. tests/test_layering.py
+checks all three.
+
+    constants, config          what every layer agrees on (IGNORE_INDEX, PARALLEL_MODES, MMRecConfig)
+    ops < core < blocks < model  kernels, recurrence and memory, blocks, MMRecModel (and this package root)
+    baselines                  the Transformer of the same sizes
+    data, utils, distributed   tokens and batches; device, atomic folders, debugging; FSDP/DDP, DCP
+    loading, generation        build_model / load_model for every caller; text from a prompt
+    training                   recipes, the loop, optimizer and schedule, checkpoints
+    evaluation                 recall tasks and their scoring, memory inspection, the task trainer
+    cli                        `mmrec`: one module per command
 """
 
 from mm_rec.blocks.attention import HDSAttention, MultiMemoryAttention

@@ -26,9 +26,9 @@ from torch.utils.checkpoint import checkpoint
 from mm_rec.blocks.layers import RMSNorm
 from mm_rec.blocks.mm_rec_block import MMRecBlock
 from mm_rec.config import MMRecConfig
+from mm_rec.constants import IGNORE_INDEX
 from mm_rec.core.memory_state import MemoryState
 
-IGNORE_INDEX = -100
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -105,8 +105,7 @@ class LanguageModel(nn.Module):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        marker = {"model_type": self.model_type} if self.model_type else {}
-        (directory / CONFIG_NAME).write_text(json.dumps({**marker, **self.config.to_dict()}, indent=2) + "\n")
+        write_pretrained_config(self, directory)
         save_model(self, str(directory / WEIGHTS_NAME))
 
     @classmethod
@@ -116,23 +115,42 @@ class LanguageModel(nn.Module):
         from safetensors.torch import load_model
 
         directory = Path(directory)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory / name} not found (expected a save_pretrained directory)")
-        try:
-            values = json.loads((directory / CONFIG_NAME).read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{directory / CONFIG_NAME} is not valid JSON: {err}") from err
-        model_type = values.pop("model_type", None)
+        model_type, config = read_pretrained_config(directory)
         if model_type != cls.model_type:
             found, wanted = model_type or "mmrec", cls.model_type or "mmrec"
             raise ValueError(f"{directory} holds a {found!r} model, not a {wanted!r} one")
-        model = cls(MMRecConfig.from_saved(values))
+        if not (directory / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"{directory / WEIGHTS_NAME} not found (expected a save_pretrained directory)")
+        model = cls(config)
         try:
             load_model(model, str(directory / WEIGHTS_NAME), strict=True, device=str(device or "cpu"))
         except Exception as err:
-            raise ValueError(f"could not load weights from {directory / WEIGHTS_NAME}: {err}") from err
+            detail = " ".join(str(err).split())  # torch lists every mismatched tensor on a line of its own
+            raise ValueError(f"could not load weights from {directory / WEIGHTS_NAME}: {detail}") from err
         return model.to(device) if device is not None else model
+
+
+def write_pretrained_config(model: LanguageModel, directory: Path) -> None:
+    """config.json of a save_pretrained folder: the model's `model_type` marker, if any, and its config."""
+    marker = {"model_type": model.model_type} if model.model_type else {}
+    (directory / CONFIG_NAME).write_text(json.dumps({**marker, **model.config.to_dict()}, indent=2) + "\n")
+
+
+def read_pretrained_config(directory: Path) -> tuple[str | None, MMRecConfig]:
+    """The `model_type` marker (None: MM-Rec) and the config in a save_pretrained folder's
+    config.json. FileNotFoundError when it is missing, ValueError when it is not valid JSON or
+    not a valid configuration."""
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (expected a save_pretrained directory)")
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a JSON object of config fields, got {type(values).__name__}")
+    model_type = values.pop("model_type", None)
+    return model_type, MMRecConfig.from_saved(values)  # no config_version: written before versions, v1
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:

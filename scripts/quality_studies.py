@@ -89,16 +89,16 @@ def matching_ffn_dim(transformer_model: dict) -> int:
     the same other sizes and the default memory sizes of `mqar_model`."""
     import torch
 
-    from mm_rec import MMRecConfig, MMRecModel
-    from mm_rec.baselines.transformer import TransformerModel
+    from mm_rec import MMRecConfig
+    from mm_rec.loading import build_model
 
     width = transformer_model["hidden_dim"]
     with torch.device("meta"):
-        target = MMRecModel(MMRecConfig(**mqar_model(width, "mmrec"))).num_parameters()
+        target = build_model(MMRecConfig(**mqar_model(width, "mmrec"))).num_parameters()
         best = None
         for ffn in range(32, 16 * width + 1, 32):
             config = MMRecConfig(**{**transformer_model, "ffn_dim": ffn})
-            count = TransformerModel(config).num_parameters()
+            count = build_model(config, "transformer").num_parameters()
             if best is None or abs(count - target) < abs(best[1] - target):
                 best = (ffn, count)
     return best[0]

@@ -16,6 +16,7 @@ import pytest
 from training.conftest import TINY, read_metrics
 
 from mm_rec.cli import main
+from mm_rec.loading import CHECKPOINTS
 from mm_rec.training import checkpoint as ckpt
 
 COMMANDS = ["train", "eval", "generate", "info", "plot", "inspect"]
@@ -187,7 +188,7 @@ def test_interrupted_save_leaves_no_half_written_checkpoint(trained, text_file, 
     with pytest.raises(OSError):
         main([str(a) for a in train_args(text_file, trained, 6)] + ["--resume", "auto"])
     capsys.readouterr()
-    names = [p.name for p in (trained / ckpt.CHECKPOINTS).iterdir()]
+    names = [p.name for p in (trained / CHECKPOINTS).iterdir()]
     assert "step_00000006" not in names and {"step_00000002", "step_00000004"} <= set(names)
     assert ckpt.resolve_resume(trained, "auto").step == 4
 
@@ -209,8 +210,8 @@ def test_nonfinite_run_exits_with_1(text_file, tmp_path, capsys, monkeypatch):
 
     build = trainer.build_model
 
-    def poisoned(config):
-        model = build(config)
+    def poisoned(*args):
+        model = build(*args)
         model.embed.register_forward_hook(lambda m, args, out: out * float("inf"))
         return model
 

@@ -28,7 +28,8 @@ from torch import nn
 
 from mm_rec.blocks.layers import RMSNorm, SwiGLU
 from mm_rec.config import MMRecConfig
-from mm_rec.model import IGNORE_INDEX, LanguageModel, check_sampling, sample_next_token
+from mm_rec.constants import IGNORE_INDEX
+from mm_rec.model import LanguageModel, check_sampling, sample_next_token
 
 ROPE_THETA = 10000.0
 MODEL_TYPE = "transformer"  # the config.json marker that tells loaders which class to build

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
+from mm_rec.constants import IGNORE_INDEX
 from mm_rec.data.cache import TokenData
 
-IGNORE_INDEX = -100
 PAD_ID = 0
 
 

@@ -25,6 +25,7 @@ import torch
 
 from mm_rec.data.corpus import Source, iter_documents
 from mm_rec.data.tokenizers import BPETokenizer, ByteTokenizer, Tokenizer
+from mm_rec.utils.atomic import commit_directory
 
 DTYPES = {"uint8": torch.uint8, "uint16": torch.uint16, "int32": torch.int32, "uint32": torch.uint32}
 ITEMSIZE = {"uint8": 1, "uint16": 2, "int32": 4, "uint32": 4}
@@ -154,8 +155,6 @@ def _write_cache(source: Source, tokenizer: Tokenizer, separator: str | None, fo
             h.update(raw)
             n += len(doc)
             max_id = max(max_id, max(doc))
-        fh.flush()
-        os.fsync(fh.fileno())
     if n == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ValueError(f"{source.description} holds no text (0 tokens)")
@@ -163,8 +162,7 @@ def _write_cache(source: Source, tokenizer: Tokenizer, separator: str | None, fo
     meta = dict(num_tokens=n, num_documents=len(starts), dtype=dtype, max_id=max_id, digest=h.hexdigest()[:16],
                 tokenizer=tokenizer.fingerprint(), source=source.description)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    shutil.rmtree(folder, ignore_errors=True)  # a folder without meta.json is an interrupted build
-    os.replace(tmp, folder)
+    commit_directory(tmp, folder)  # replaces a folder without meta.json: an interrupted build
 
 
 def _open_cache(folder: Path, description: str) -> TokenData:

@@ -9,7 +9,12 @@ block from outside the model, torchrun process groups, and resharding distribute
 See docs/distributed.md for launching.
 """
 
-from mm_rec.distributed.checkpoint import load_distributed_checkpoint, save_distributed_checkpoint
+from mm_rec.distributed.checkpoint import (
+    load_distributed_checkpoint,
+    load_sharded_state,
+    save_distributed_checkpoint,
+    save_sharded_state,
+)
 from mm_rec.distributed.parallelize import (
     ParallelConfig,
     apply_activation_checkpointing,
@@ -35,5 +40,5 @@ __all__ = [
     "DistributedInfo", "ParallelConfig", "all_reduce_max", "all_reduce_mean", "apply_activation_checkpointing",
     "apply_compile", "apply_fsdp", "apply_parallelism", "barrier", "cleanup_distributed", "get_rank",
     "get_world_size", "init_distributed", "init_model_on_device", "is_main_process", "load_distributed_checkpoint",
-    "run_forward_under_autocast", "save_distributed_checkpoint",
+    "load_sharded_state", "run_forward_under_autocast", "save_distributed_checkpoint", "save_sharded_state",
 ]

@@ -34,7 +34,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-PARALLEL_MODES = ("fsdp", "ddp", "none")
+from mm_rec.constants import PARALLEL_MODES
+
 AC_POLICIES = ("full", "selective")
 MIXED_PRECISIONS = ("bf16", "fp32")
 

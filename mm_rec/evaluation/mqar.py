@@ -30,9 +30,8 @@ import torch
 from torch import nn
 
 from mm_rec.config import dataclass_from_dict
-from mm_rec.evaluation import predict_tokens
-
-IGNORE_INDEX = -100
+from mm_rec.constants import IGNORE_INDEX
+from mm_rec.evaluation.scoring import predict_tokens
 
 
 @dataclass(frozen=True)

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mm_rec.evaluation import predict_tokens
+from mm_rec.constants import IGNORE_INDEX
+from mm_rec.evaluation.scoring import predict_tokens
 
-IGNORE_INDEX = -100
 INTRO = "A pass key is hidden somewhere in the long text below. Find it and remember it.\n"
 NEEDLE = " The pass key is {key}. Keep it in mind."
 QUESTION = "\nWhat is the pass key? The pass key is "

@@ -1,15 +1,16 @@
 """A small training loop on synthetic task batches (MQAR, passkey): `mmrec eval --task ... --train`.
 
-AdamW (weight decay on matrices only), linear warmup then cosine decay to 10% of the peak rate,
-gradient clipping, bf16 autocast on CUDA. The loop knows nothing of the task: `next_batch()`
-returns (input_ids, labels) with labels already shifted, and `evaluate(model)` returns an
-accuracy, called every `eval_every` steps and after the last one; the result is that curve.
+The optimisation is `mmrec train`'s (mm_rec.training.optim): AdamW with weight decay on matrices
+only, the same warmup + cosine schedule (here down to 10% of the peak rate), the same gradient
+clipping, and the same autocast (bf16 on CUDA, fp32 on CPU). What it leaves out is the data
+pipeline, checkpoints and the non-finite guard, which needs a host sync every step. The loop
+knows nothing of the task: `next_batch()` returns (input_ids, labels) with labels already
+shifted, and `evaluate(model)` returns an accuracy, called every `eval_every` steps and after the
+last one; the result is that curve.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,11 @@ import torch
 from torch import nn
 
 from mm_rec.config import dataclass_from_dict
+from mm_rec.training.config import TrainingConfig
+from mm_rec.training.optim import build_optimizer, build_scheduler, clip_gradients
+from mm_rec.utils.device import autocast_for
+
+MIN_LR_FRACTION = 0.1  # the schedule ends at 10% of the peak rate
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,13 @@ class TaskTrainConfig:
     def from_dict(cls, values: dict) -> TaskTrainConfig:
         return dataclass_from_dict(cls, values, "train")
 
+    def training_config(self) -> TrainingConfig:
+        """The optimisation settings in the main trainer's terms: its optimizer, schedule and
+        clipping read them from there."""
+        return TrainingConfig(max_steps=self.steps, batch_size=self.batch_size, lr=self.lr,
+                              min_lr=MIN_LR_FRACTION * self.lr, warmup_steps=self.warmup_steps,
+                              weight_decay=self.weight_decay, grad_clip=self.grad_clip)
+
 
 @dataclass
 class CurvePoint:
@@ -53,36 +66,18 @@ class CurvePoint:
     seconds: float  # wall time since the start of training, evaluations included
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA, nothing elsewhere (CPU runs stay fp32 and bit-reproducible)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def cosine_schedule(step: int, steps: int, warmup_steps: int) -> float:
-    """Learning-rate multiplier: linear warmup to 1, then cosine decay to 0.1 at `steps`."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
-    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 def train_on_task(model: nn.Module, next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
                   evaluate: Callable[[nn.Module], float], config: TaskTrainConfig,
                   log: Callable[[str], None] | None = print) -> list[CurvePoint]:
     """Train `model` in place on its device; return the accuracy curve."""
     device = next(model.parameters()).device
-    matrices = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    others = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    optimizer = torch.optim.AdamW([dict(params=matrices, weight_decay=config.weight_decay),
-                                   dict(params=others, weight_decay=0.0)], lr=config.lr, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: cosine_schedule(step, config.steps, config.warmup_steps))
+    optimisation = config.training_config()
+    optimizer = build_optimizer(model, optimisation, device)
+    scheduler = build_scheduler(optimizer, optimisation)
 
     def record(step: int, mean_loss: float) -> CurvePoint:
         model.eval()
-        with autocast(device):
+        with autocast_for("auto", device):
             accuracy = evaluate(model)
         model.train()
         point = CurvePoint(step, mean_loss, accuracy, time.perf_counter() - start)
@@ -96,11 +91,11 @@ def train_on_task(model: nn.Module, next_batch: Callable[[], tuple[torch.Tensor,
     model.train()
     for step in range(1, config.steps + 1):
         input_ids, labels = next_batch()
-        with autocast(device):
+        with autocast_for("auto", device):
             loss = model(input_ids.to(device), labels=labels.to(device), return_logits=False).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        clip_gradients(model, config.grad_clip)
         optimizer.step()
         scheduler.step()
         loss_sum, loss_count = loss_sum + loss.detach().float(), loss_count + 1

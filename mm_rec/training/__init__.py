@@ -5,7 +5,7 @@
 
     mm_rec.training.config      RunConfig = model + TrainingConfig + DataConfig + DistributedConfig
     mm_rec.training.trainer     train(): the loop, NaN/Inf guard, exact resume
-    mm_rec.training.optim       AdamW (fused where available), WarmupCosine
+    mm_rec.training.optim       AdamW (fused where available), the warmup + cosine LambdaLR, clipping
     mm_rec.training.evaluate    loss, perplexity, bits per byte
     mm_rec.training.checkpoint  atomic checkpoints, resume lookup, damage detection
     mm_rec.training.metrics     metrics.jsonl, TensorBoard, loss plots

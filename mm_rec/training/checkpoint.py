@@ -2,23 +2,25 @@
 
     config.json, model.safetensors    the model (a save_pretrained directory: from_pretrained reads it)
     optimizer.pt                      AdamW state
+    sharded/                          instead of the two above with training.checkpoint_format sharded:
+                                      model and AdamW state as DCP shards, one file per process
     trainer_state.pt                  step, tokens seen, scheduler, grad scaler, counters
     rank_00000.pt                     per process: RNG states, data position, carried memory state
     recipe.json                       the full run configuration
     tokenizer_config.json (+ tokenizer.json for BPE)
     manifest.json                     format version, step and the size of every file; written last
 
-A checkpoint is written under a temporary name, every file fsync'ed, and renamed into place,
-so a folder named step_XXXXXXXX is complete; a damaged one (truncated file, size mismatch,
-unreadable content) is detected on load and `--resume auto` falls back to the previous one.
-Only the newest `keep_last` checkpoints are kept, and a run resumed from an older checkpoint
-drops the newer ones of the abandoned attempt when it writes its first checkpoint.
+A checkpoint is written under a temporary name, every file fsync'ed, and renamed into place
+(`mm_rec.utils.atomic`), so a folder named step_XXXXXXXX is complete; a damaged one (truncated
+file, size mismatch, unreadable content) is detected on load and `--resume auto` falls back to
+the previous one. Only the newest `keep_last` checkpoints are kept, and a run resumed from an
+older checkpoint drops the newer ones of the abandoned attempt when it writes its first one.
+The folder names and their lookup (`list_checkpoints`) are `mm_rec.loading`'s.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,12 +30,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from mm_rec.loading import SHARDED, checkpoint_dir, checkpoint_step, list_checkpoints
+from mm_rec.model import CONFIG_NAME, WEIGHTS_NAME
+from mm_rec.utils.atomic import commit_directory
+
 FORMAT_VERSION = 1
-CHECKPOINTS = "checkpoints"
-PREFIX = "step_"
 MANIFEST = "manifest.json"
-WEIGHTS = "model.safetensors"
-MODEL_CONFIG = "config.json"
+MODEL_CONFIG, WEIGHTS = CONFIG_NAME, WEIGHTS_NAME  # the save_pretrained files
 OPTIMIZER = "optimizer.pt"
 TRAINER_STATE = "trainer_state.pt"
 RECIPE = "recipe.json"
@@ -47,19 +50,6 @@ def rank_file(rank: int) -> str:
     return f"rank_{rank:05d}.pt"
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoint folders of a run, oldest first."""
-    root = Path(run_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
-    return sorted(found, key=_step)
-
-
-def _step(path: Path) -> int:
-    return int(path.name[len(PREFIX):])
-
-
 def is_checkpoint(path: Path) -> bool:
     return (path / MANIFEST).is_file() or (path / TRAINER_STATE).is_file()
 
@@ -70,10 +60,11 @@ def save_checkpoint(run_dir: str | Path, step: int, write_shared: Callable[[Path
     """Write checkpoint `step` atomically; every process calls this.
 
     `write_shared(folder)` (main process) writes the model, optimizer and trainer files;
-    `write_local(folder)` (every process) writes its own rank file.
+    `write_local(folder)` (every process, at the same time) writes its own files: its rank file,
+    and its shards with the sharded format.
     """
-    root = Path(run_dir) / CHECKPOINTS
-    final = root / f"{PREFIX}{step:08d}"
+    final = checkpoint_dir(run_dir, step)
+    root = final.parent
     tmp = root / f".tmp-{final.name}"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -87,8 +78,8 @@ def save_checkpoint(run_dir: str | Path, step: int, write_shared: Callable[[Path
             write_shared(tmp)
             _commit(tmp, final, step)
             found = list_checkpoints(run_dir)
-            abandoned = [p for p in found if _step(p) > step]  # a run resumed from an older checkpoint
-            for stale in abandoned + [p for p in found if _step(p) <= step][:-keep_last]:
+            abandoned = [p for p in found if checkpoint_step(p) > step]  # a run resumed from an older checkpoint
+            for stale in abandoned + [p for p in found if checkpoint_step(p) <= step][:-keep_last]:
                 shutil.rmtree(stale, ignore_errors=True)
     except BaseException:
         if rank == 0:
@@ -99,21 +90,11 @@ def save_checkpoint(run_dir: str | Path, step: int, write_shared: Callable[[Path
 
 
 def _commit(tmp: Path, final: Path, step: int) -> None:
-    """Manifest, fsync everything, rename the folder into place."""
-    files = {}
-    for f in sorted(tmp.iterdir()):
-        _fsync_file(f)
-        files[f.name] = f.stat().st_size
+    """The manifest (the size of every file, by its path inside the folder), then the atomic
+    rename; a folder already at `final` (a damaged one from an earlier attempt) is replaced."""
+    files = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
     (tmp / MANIFEST).write_text(json.dumps(dict(format=FORMAT_VERSION, step=step, files=files), indent=2) + "\n")
-    _fsync_file(tmp / MANIFEST)
-    _fsync_dir(tmp)
-    old = final.with_name(f".old-{final.name}")
-    if final.exists():  # e.g. a damaged checkpoint of the same step from an earlier attempt
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    commit_directory(tmp, final)
 
 
 @dataclass
@@ -125,8 +106,9 @@ class Checkpoint:
     recipe: dict[str, Any]
     model_config: dict[str, Any]
     trainer_state: dict[str, Any]
-    optimizer: dict[str, Any]
+    optimizer: dict[str, Any] | None  # None for a sharded checkpoint: its state is in sharded/
     local: dict[str, Any]  # this process's rank file
+    sharded: bool = False  # weights and optimizer state as DCP shards (training.checkpoint_format sharded)
 
 
 def load_checkpoint(path: str | Path, rank: int = 0) -> Checkpoint:
@@ -149,15 +131,17 @@ def load_checkpoint(path: str | Path, rank: int = 0) -> Checkpoint:
         if f.stat().st_size != size:
             raise CheckpointError(f"checkpoint {path} is damaged: {name} is {f.stat().st_size} bytes, "
                                   f"the manifest says {size}")
+    sharded = (path / SHARDED).is_dir()  # its shards are read on apply (the sizes were checked above)
     try:
         from safetensors import safe_open
 
-        with safe_open(str(path / WEIGHTS), framework="pt"):  # parses the header, checks the length
-            pass
+        if not sharded:
+            with safe_open(str(path / WEIGHTS), framework="pt"):  # parses the header, checks the length
+                pass
         recipe = json.loads((path / RECIPE).read_text())
         model_config = json.loads((path / MODEL_CONFIG).read_text())
         trainer_state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
-        optimizer = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
+        optimizer = None if sharded else torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
         local_path = path / rank_file(rank)
         if not local_path.is_file():
             raise CheckpointError(f"checkpoint {path} has no {local_path.name}: it was written by "
@@ -167,7 +151,7 @@ def load_checkpoint(path: str | Path, rank: int = 0) -> Checkpoint:
         raise
     except Exception as err:  # unpickling / JSON / safetensors errors: the content is damaged
         raise CheckpointError(f"checkpoint {path} is damaged: {type(err).__name__}: {err}") from None
-    return Checkpoint(path, int(trainer_state["step"]), recipe, model_config, trainer_state, optimizer, local)
+    return Checkpoint(path, int(trainer_state["step"]), recipe, model_config, trainer_state, optimizer, local, sharded)
 
 
 def resolve_resume(run_dir: str | Path, resume: str, rank: int = 0,
@@ -189,20 +173,6 @@ def resolve_resume(run_dir: str | Path, resume: str, rank: int = 0,
         except CheckpointError as err:
             warn(f"warning: skipping {err}")
     return None
-
-
-def find_model_dir(path: str | Path) -> Path:
-    """A folder holding config.json + model.safetensors: `path` itself, or the newest checkpoint
-    of the run folder `path`."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if (path / MODEL_CONFIG).is_file():
-        return path
-    found = list_checkpoints(path)
-    if not found:
-        raise FileNotFoundError(f"{path} holds neither a model ({MODEL_CONFIG}, {WEIGHTS}) nor checkpoints/")
-    return found[-1]
 
 
 # ---------------------------------------------------------------------- model and optimizer state
@@ -283,18 +253,19 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
         raise CheckpointError(f"the optimizer state does not fit the model: {err}") from None
 
 
-# ---------------------------------------------------------------------- durability
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
+def save_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Model and optimizer state as DCP shards in folder/sharded/ (collective: every process
+    writes its own shards, so nothing is gathered)."""
+    from mm_rec.distributed.checkpoint import save_sharded_state  # slow to import; only this format needs it
+
+    save_sharded_state(folder / SHARDED, model, optimizer)
 
 
-def _fsync_dir(path: Path) -> None:
+def load_sharded(checkpoint: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The state `save_sharded` wrote, into the (possibly wrapped) model and its optimizer."""
+    from mm_rec.distributed.checkpoint import load_sharded_state  # slow to import; only this format needs it
+
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not every platform opens directories
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        load_sharded_state(checkpoint.path / SHARDED, model, optimizer)
+    except ValueError as err:  # a missing or misshapen tensor
+        raise CheckpointError(f"checkpoint {checkpoint.path}: could not read {SHARDED}/: {err}") from None

@@ -29,10 +29,11 @@ from typing import Any
 import yaml
 
 from mm_rec.config import MMRecConfig, load_mapping
+from mm_rec.constants import PARALLEL_MODES
+from mm_rec.loading import MODEL_TYPES
 
-MODEL_TYPES = ("mmrec", "transformer")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-PARALLEL_MODES = ("none", "ddp", "fsdp")
+CHECKPOINT_FORMATS = ("full", "sharded")
 
 
 @dataclass
@@ -58,6 +59,7 @@ class TrainingConfig:
     log_interval: int = 10  # steps between progress lines (the bar and metrics.jsonl get every step)
     save_interval: int = 500  # steps between checkpoints (and after the last step)
     keep_last: int = 3  # checkpoints kept in OUT/checkpoints
+    checkpoint_format: str = "full"  # full (weights and optimizer state gathered) | sharded (DCP, per process)
     max_nonfinite_steps: int = 5  # stop after this many non-finite steps in a row
     seed: int = 0  # model init, data order, sampling
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
@@ -83,6 +85,8 @@ class TrainingConfig:
         _need(self, "beta2", 0 <= self.beta2 < 1, "must lie in [0, 1)")
         _need(self, "grad_clip", self.grad_clip >= 0, "must be >= 0 (0 = no clipping)")
         _need(self, "precision", self.precision in PRECISIONS, f"must be one of {PRECISIONS}")
+        _need(self, "checkpoint_format", self.checkpoint_format in CHECKPOINT_FORMATS,
+              f"must be one of {CHECKPOINT_FORMATS}")
         _need(self, "sample_temperature", self.sample_temperature >= 0, "must be >= 0")
         _need(self, "sample_top_k", self.sample_top_k is None or self.sample_top_k > 0, "must be positive or null")
 

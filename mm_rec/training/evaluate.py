@@ -11,8 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from mm_rec.data.batching import IGNORE_INDEX, ContiguousStreams
+from mm_rec.constants import IGNORE_INDEX
+from mm_rec.data.batching import ContiguousStreams
 from mm_rec.data.cache import TokenData
+from mm_rec.data.tokenizers import Tokenizer
 
 
 @dataclass
@@ -33,6 +35,13 @@ class EvalResult:
     def as_row(self, prefix: str = "val") -> dict:
         return {f"{prefix}_loss": self.loss, f"{prefix}_ppl": self.perplexity, f"{prefix}_bpb": self.bits_per_byte,
                 f"{prefix}_tokens": self.tokens}
+
+
+def token_bytes_table(tokenizer: Tokenizer, vocab_size: int) -> torch.Tensor:
+    """[vocab_size] bytes of text per token id (ids the tokenizer never makes count 1): the
+    `token_bytes` that `evaluate` turns losses into bits per byte with."""
+    table = tokenizer.token_bytes()[:vocab_size]
+    return torch.tensor(table + [1] * (vocab_size - len(table)))
 
 
 @torch.no_grad()

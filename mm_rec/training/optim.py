@@ -1,4 +1,6 @@
-"""AdamW with decoupled weight decay on matrices only, and the warmup + cosine schedule."""
+"""The optimisation pieces every training loop shares (`mmrec train` and the task trainer of
+`mmrec eval --task ... --train`): AdamW with weight decay on matrices only, the warmup + cosine
+schedule as a `torch.optim.lr_scheduler.LambdaLR`, and gradient clipping."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import math
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from mm_rec.training.config import TrainingConfig
 
@@ -26,39 +29,38 @@ def build_optimizer(model: nn.Module, config: TrainingConfig, device: torch.devi
     return torch.optim.AdamW(groups, **kwargs)
 
 
-class WarmupCosine:
-    """Sets the learning rate of every parameter group from the step count alone:
-    linear warmup to `lr` over `warmup_steps`, then a cosine from `lr` to `min_lr` over the next
-    `decay_steps - warmup_steps` steps, then `min_lr`. Its state is the step count."""
+def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
+    """Learning-rate multiplier of optimizer step `step` (0-based): linear warmup from
+    1 / warmup_steps to 1 over `warmup_steps`, then a cosine from 1 to `min_ratio` over the next
+    `decay_steps - warmup_steps` steps, then `min_ratio`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
+    return min_ratio + 0.5 * (1.0 - min_ratio) * (1.0 + math.cos(math.pi * progress))
 
-    def __init__(self, optimizer: torch.optim.Optimizer, config: TrainingConfig):
-        self.optimizer = optimizer
-        self.lr, self.min_lr = config.lr, config.min_lr
-        self.warmup_steps, self.decay_steps = config.warmup_steps, config.decay_steps
-        self.step_count = 0
-        self._apply()
 
-    def lr_at(self, step: int) -> float:
-        """Learning rate of optimizer step `step` (0-based)."""
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        progress = min(1.0, (step - self.warmup_steps) / max(1, self.decay_steps - self.warmup_steps))
-        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainingConfig) -> LambdaLR:
+    """The schedule of `config` (lr, min_lr, warmup_steps, decay_steps) over the optimizer's
+    groups: step it once per optimizer step, applied or skipped, so that its position is the
+    step count. The multiplier is a closure, which LambdaLR does not save: a resumed run takes
+    the schedule's shape from its recipe, its position from the checkpoint."""
+    min_ratio = config.min_lr / config.lr
+    return LambdaLR(optimizer, lambda step: warmup_cosine(step, config.warmup_steps, config.decay_steps, min_ratio))
 
-    def current_lr(self) -> float:
-        return self.lr_at(self.step_count)
 
-    def step(self) -> None:
-        self.step_count += 1
-        self._apply()
+def load_scheduler_state(scheduler: LambdaLR, state: dict) -> None:
+    """Restore `scheduler.state_dict()`, or the {"step_count": N} that checkpoints held before the
+    schedule was a LambdaLR: converted to position N with the rates the optimizer state restored
+    (load that first)."""
+    if "step_count" in state:
+        step = int(state["step_count"])
+        state = {**scheduler.state_dict(), "last_epoch": step, "_step_count": step + 1,
+                 "_last_lr": [group["lr"] for group in scheduler.optimizer.param_groups]}
+    scheduler.load_state_dict(state)
 
-    def _apply(self) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.current_lr()
 
-    def state_dict(self) -> dict:
-        return {"step_count": self.step_count}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step_count = int(state["step_count"])
-        self._apply()
+def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm of `model` to `max_norm` (0: no clipping) and return the norm
+    before clipping (a tensor: reading it syncs with the device)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import random
 import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,17 +33,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from mm_rec.config import MMRecConfig
 from mm_rec.core.memory_state import MemoryState
 from mm_rec.data.batching import ContiguousStreams, RandomWindows
 from mm_rec.data.cache import prepare_tokens
 from mm_rec.data.corpus import Source, iter_documents, resolve_source
 from mm_rec.data.tokenizers import HF_FILE, BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer
+from mm_rec.generation import generate_text
+from mm_rec.loading import CHECKPOINTS, build_model, list_checkpoints
+from mm_rec.model import write_pretrained_config
 from mm_rec.training import checkpoint as ckpt
 from mm_rec.training.config import RunConfig
-from mm_rec.training.evaluate import EvalResult, evaluate
+from mm_rec.training.evaluate import EvalResult, evaluate, token_bytes_table
 from mm_rec.training.metrics import MetricsLogger
-from mm_rec.training.optim import WarmupCosine, build_optimizer
+from mm_rec.training.optim import build_optimizer, build_scheduler, clip_gradients, load_scheduler_state
 from mm_rec.utils.debugging import NonFiniteDetector, format_gradient_flow, gradient_flow
+from mm_rec.utils.device import autocast_for, resolve_device, resolve_precision
 
 
 class NonFiniteError(RuntimeError):
@@ -79,20 +84,6 @@ def train(config: RunConfig, out_dir: str | Path, resume: str | None = None, deb
 
 
 # ---------------------------------------------------------------------- building blocks
-def build_model(config: RunConfig) -> nn.Module:
-    """MMRecModel, or the Transformer baseline (same config fields, same forward contract)."""
-    model_config = config.model_config()
-    if config.model_type == "transformer":
-        try:
-            from mm_rec.baselines.transformer import TransformerModel
-        except ImportError as err:
-            raise ValueError(f"model_type=transformer needs mm_rec.baselines.transformer: {err}") from None
-        return TransformerModel(model_config)
-    from mm_rec.model import MMRecModel
-
-    return MMRecModel(model_config)
-
-
 def build_tokenizer(config: RunConfig, source: Source, vocab_size: int, cache_dir: Path, log=print) -> Tokenizer:
     """data.tokenizer: byte, bpe (trained once on the data and cached) or a tokenizer.json path."""
     spec = config.data.tokenizer
@@ -114,35 +105,6 @@ def build_tokenizer(config: RunConfig, source: Source, vocab_size: int, cache_di
     if not Path(spec).is_file():
         raise FileNotFoundError(f"data.tokenizer={spec!r}: use byte, bpe or the path of a tokenizer.json")
     return BPETokenizer.from_file(spec)
-
-
-def token_bytes_table(tokenizer: Tokenizer, vocab_size: int) -> torch.Tensor:
-    """[vocab_size] bytes of text per token id (ids the tokenizer never makes count 1)."""
-    table = tokenizer.token_bytes()[:vocab_size]
-    return torch.tensor(table + [1] * (vocab_size - len(table)))
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but no CUDA device is available")
-    return device
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
-    return precision
-
-
-def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast for fp32 (none), bf16 or fp16 ("auto": bf16 on CUDA, fp32 on CPU)."""
-    precision = resolve_precision(precision, device)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def rng_state() -> dict[str, Any]:
@@ -185,7 +147,8 @@ def seed_everything(seed: int) -> None:
 
 def check_resume(config: RunConfig, checkpoint: ckpt.Checkpoint, model_config: dict, world_size: int) -> None:
     """Refuse a checkpoint that does not fit this run: another model or vocabulary, other batching."""
-    saved = {k: v for k, v in checkpoint.model_config.items() if k != "model_type"}
+    # in today's terms: renamed keys migrated, a config without config_version read as version 1
+    saved = MMRecConfig.from_saved({k: v for k, v in checkpoint.model_config.items() if k != "model_type"}).to_dict()
     diff = sorted(k for k in set(saved) | set(model_config) if saved.get(k) != model_config.get(k))
     if diff:
         details = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, recipe {model_config.get(k)!r}" for k in diff[:6])
@@ -208,71 +171,6 @@ def check_resume(config: RunConfig, checkpoint: ckpt.Checkpoint, model_config: d
                                    f"this run has {world_size}")
 
 
-def load_for_inference(path: str | Path, device: torch.device) -> tuple[nn.Module, Tokenizer, Path]:
-    """(model in eval mode, its tokenizer, the model folder) from a run, checkpoint or save_pretrained folder."""
-    model_dir = ckpt.find_model_dir(path)
-    recipe_path = model_dir / ckpt.RECIPE
-    config_values = _read_json(model_dir / ckpt.MODEL_CONFIG)
-    model_type = config_values.pop("model_type", None) or (
-        _read_json(recipe_path).get("model_type", "mmrec") if recipe_path.is_file() else "mmrec")
-    config = RunConfig(model_type=model_type, model=config_values)
-    model = build_model(config)
-    try:
-        from safetensors.torch import load_model
-
-        load_model(model, str(model_dir / ckpt.WEIGHTS), strict=True)
-    except Exception as err:  # a missing, truncated or foreign weights file
-        raise ValueError(f"could not load weights from {model_dir / ckpt.WEIGHTS}: {err}") from None
-    model.to(device).eval()
-    vocab_size = model.config.vocab_size
-    tokenizer = load_tokenizer(model_dir) or ByteTokenizer()  # bytes: a small vocabulary may still fit ASCII
-    if tokenizer.kind != "byte" and tokenizer.vocab_size > vocab_size:
-        raise ValueError(f"{model_dir}: the tokenizer has {tokenizer.vocab_size} tokens, the model only {vocab_size}")
-    return model, tokenizer, model_dir
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} not found") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is damaged: {err}") from None
-
-
-def generate_text(model: nn.Module, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, temperature: float,
-                  top_k: int | None, seed: int, device: torch.device, autocast=None, top_p: float | None = None,
-                  echo: bool = False) -> str:
-    """Sample a continuation of `prompt` (empty: a newline); with `echo` stream it to stdout."""
-    ids = tokenizer.encode((prompt or "\n").encode("utf-8"))
-    if not ids:
-        raise ValueError("the prompt encodes to no tokens")
-    generator = torch.Generator(device=device).manual_seed(seed)
-    decoder = tokenizer.stream_decoder()
-    pieces: list[str] = []
-
-    def emit(piece: str) -> None:
-        pieces.append(piece)
-        if echo and piece:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-
-    emit(prompt)
-    was_training = model.training
-    model.eval()
-    try:
-        with autocast or contextlib.nullcontext():
-            for token in model.generate_stream(torch.tensor([ids], device=device), max_new_tokens, temperature,
-                                               top_k, top_p, generator=generator):
-                emit(decoder.push(int(token[0])))
-        emit(decoder.flush())
-    finally:
-        model.train(was_training)
-    if echo:
-        sys.stdout.write("\n")
-    return "".join(pieces)
-
-
 # ---------------------------------------------------------------------- the trainer
 class Trainer:
     """Builds everything a run needs (in `__init__`), then `fit()` runs the loop."""
@@ -286,10 +184,13 @@ class Trainer:
         self.log = log if self.is_main else (lambda *_: None)
 
         # resume point: read before anything is written into the run folder
-        if resume is None and ckpt.list_checkpoints(self.run_dir):
+        if resume is None and list_checkpoints(self.run_dir):
             raise ckpt.CheckpointError(f"{self.run_dir} already holds checkpoints; pass --resume auto to continue "
                                        "that run, or choose another --out")
         checkpoint = ckpt.resolve_resume(self.run_dir, resume, self.rank, warn=self.log) if resume else None
+        if checkpoint is not None and "config_version" not in checkpoint.model_config:
+            # a run started before config versions: continue it with the memory it was trained with
+            config.model = {**config.model, "config_version": 1}
 
         # model: initialised from the seed (a checkpoint overwrites the weights below)
         seed_everything(tc.seed)
@@ -304,7 +205,7 @@ class Trainer:
         # parallelism, then the optimizer over the (possibly sharded) parameters
         self.model = self._parallelize()
         self.optimizer = build_optimizer(self.model, tc, self.device)
-        self.scheduler = WarmupCosine(self.optimizer, tc)
+        self.scheduler = build_scheduler(self.optimizer, tc)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.carry = dc.carry_state and hasattr(self.raw, "init_state")
         self.state: MemoryState | None = self._fresh_state()
@@ -350,8 +251,9 @@ class Trainer:
         if self.distributed and self.device.type == "cuda":  # a 7B model never exists in CPU memory
             from mm_rec.distributed import init_model_on_device
 
-            return init_model_on_device(lambda: build_model(self.config), self.device)
-        return build_model(self.config).to(self.device)
+            return init_model_on_device(lambda: build_model(self.config.model_config(), self.config.model_type),
+                                        self.device)
+        return build_model(self.config.model_config(), self.config.model_type).to(self.device)
 
     def _prepare_data(self, checkpoint: ckpt.Checkpoint | None) -> None:
         tc, dc = self.config.training, self.config.data
@@ -419,10 +321,13 @@ class Trainer:
 
     # ---- checkpoints
     def _restore(self, checkpoint: ckpt.Checkpoint) -> None:
-        ckpt.load_weights(self.model, self.raw, checkpoint.path / ckpt.WEIGHTS, self.distributed)
-        ckpt.load_optimizer_state(self.model, self.optimizer, checkpoint.optimizer, self.distributed)
+        if checkpoint.sharded:  # whatever this run's checkpoint_format: resume reads either
+            ckpt.load_sharded(checkpoint, self.model, self.optimizer)
+        else:
+            ckpt.load_weights(self.model, self.raw, checkpoint.path / ckpt.WEIGHTS, self.distributed)
+            ckpt.load_optimizer_state(self.model, self.optimizer, checkpoint.optimizer, self.distributed)
         ts = checkpoint.trainer_state
-        self.scheduler.load_state_dict(ts["scheduler"])
+        load_scheduler_state(self.scheduler, ts["scheduler"])  # after the optimizer state
         if ts.get("scaler"):
             self.scaler.load_state_dict(ts["scaler"])
         self.step_count, self.tokens_seen = int(ts["step"]), int(ts["tokens_seen"])
@@ -436,25 +341,28 @@ class Trainer:
         set_rng_state(checkpoint.local["rng"])
 
     def save(self) -> Path:
-        """Write a checkpoint of the current step (every process calls this)."""
-        weights = ckpt.model_state(self.model, self.raw, self.distributed)
-        optimizer = ckpt.optimizer_state(self.model, self.optimizer, self.distributed)
+        """Write a checkpoint of the current step (every process calls this). Format full: the
+        weights and the optimizer state gathered into one file each; sharded: every process writes
+        its own shards, so nothing is gathered (less memory and time for a large FSDP run)."""
+        sharded = self.config.training.checkpoint_format == "sharded"
+        weights = None if sharded else ckpt.model_state(self.model, self.raw, self.distributed)
+        optimizer = None if sharded else ckpt.optimizer_state(self.model, self.optimizer, self.distributed)
         trainer_state = dict(step=self.step_count, tokens_seen=self.tokens_seen, scheduler=self.scheduler.state_dict(),
                              scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
                              elapsed_s=self.elapsed, world_size=self.world_size, data_digest=self.data.digest)
 
         def write_shared(folder: Path) -> None:
-            ckpt.save_weights(weights, folder / ckpt.WEIGHTS)
-            model_config = self.raw.config.to_dict()
-            if self.config.model_type != "mmrec":  # the save_pretrained layout of the baseline
-                model_config = {"model_type": self.config.model_type, **model_config}
-            (folder / ckpt.MODEL_CONFIG).write_text(json.dumps(model_config, indent=2) + "\n")
-            torch.save(optimizer, folder / ckpt.OPTIMIZER)
+            if not sharded:
+                ckpt.save_weights(weights, folder / ckpt.WEIGHTS)
+                torch.save(optimizer, folder / ckpt.OPTIMIZER)
+            write_pretrained_config(self.raw, folder)  # config.json as save_pretrained writes it
             torch.save(trainer_state, folder / ckpt.TRAINER_STATE)
             (folder / ckpt.RECIPE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
             self.tokenizer.save(folder)
 
         def write_local(folder: Path) -> None:
+            if sharded:
+                ckpt.save_sharded(folder, self.model, self.optimizer)
             memory = None if self.state is None else {k: v.cpu() for k, v in self.state.state_dict().items()}
             local = dict(rng=rng_state(), data=self.batcher.state_dict(), memory_state=memory)
             torch.save(local, folder / ckpt.rank_file(self.rank))
@@ -482,8 +390,7 @@ class Trainer:
         if self.distributed and torch.distributed.is_initialized():
             torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG)
         self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else math.inf)
+        grad_norm = clip_gradients(self.model, tc.grad_clip)
         # fp16: a non-finite gradient means the loss scale was too high, and the scaler skips the step itself
         applied = bool(torch.isfinite(loss)) and (self.scaler.is_enabled() or bool(torch.isfinite(grad_norm)))
         if applied:
@@ -494,7 +401,11 @@ class Trainer:
         if self.debug and self.is_main and (self.step_count == 0 or (self.step_count + 1) % tc.eval_interval == 0):
             self.log(format_gradient_flow(gradient_flow(self.raw), f"gradient flow at step {self.step_count + 1}"))
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # the position is the step count, so the schedule also advances past a skipped update,
+            # which LambdaLR warns about when it is the first step
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+            self.scheduler.step()
         self.step_count += 1
         self.tokens_seen += self.tokens_per_step
         return float(loss), float(grad_norm), applied
@@ -532,7 +443,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 if detector is not None:
                     detector.reset()
-                lr = self.scheduler.current_lr()
+                lr = self.scheduler.get_last_lr()[0]
                 last_loss, grad_norm, applied = self.step()
                 step = self.step_count
                 row = dict(step=step, loss=last_loss, lr=lr, grad_norm=grad_norm, tokens=self.tokens_seen,
@@ -551,7 +462,7 @@ class Trainer:
                         f"training stopped at step {step}: {nonfinite_run} non-finite steps in a row "
                         f"(loss {last_loss}). Lower training.lr, lengthen warmup, use precision bf16 or fp32, or run "
                         "with --debug to find the first module producing NaN/Inf. The last good checkpoint stays in "
-                        f"{self.run_dir / ckpt.CHECKPOINTS}")
+                        f"{self.run_dir / CHECKPOINTS}")
                 if step % tc.eval_interval == 0 or step == tc.max_steps:
                     last_eval = self.evaluate()
                     if logger is not None:

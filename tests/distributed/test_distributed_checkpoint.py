@@ -52,3 +52,11 @@ def test_an_incomplete_checkpoint_is_refused(tmp_path):
     model, _ = trained_model(0)
     with pytest.raises(FileNotFoundError, match="not a complete distributed checkpoint"):
         load_distributed_checkpoint(tmp_path / "ckpt.partial", model)
+
+
+def test_a_checkpoint_of_another_model_is_a_value_error(tmp_path):
+    model, _ = trained_model(0)
+    save_distributed_checkpoint(tmp_path / "ckpt", model)
+    other = MMRecModel(MMRecConfig.from_preset("tiny", num_layers=1, hidden_dim=64, num_heads=2))
+    with pytest.raises(ValueError, match="does not fit the model .*Size mismatch"):
+        load_distributed_checkpoint(tmp_path / "ckpt", other)

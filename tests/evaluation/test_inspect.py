@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mm_rec import MMRecConfig, MMRecModel
-from mm_rec.evaluation import add_inspect_arguments, run_inspect
+from mm_rec.cli.inspect import add_inspect_arguments, run_inspect
 from mm_rec.evaluation.inspect import decay_spectra, plot_memory, slot_age_attention
 
 
@@ -129,7 +129,7 @@ def test_cli_inspect_without_matplotlib(tmp_path, monkeypatch, capsys):
 
 def test_load_model_takes_a_run_folder(tmp_path):
     """A training run folder loads its newest checkpoint, as `mmrec generate` does."""
-    from mm_rec.evaluation import load_model
+    from mm_rec.loading import load_model
 
     config = MMRecConfig(vocab_size=256, hidden_dim=16, num_layers=1, num_heads=2, ffn_dim=24, num_memories=2,
                          mem_dim=4, memory_size_M=3, chunk_size=4)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from mm_rec import MMRecConfig, MMRecModel
+from mm_rec.cli.tasks import add_eval_task_arguments, run_eval_task
 from mm_rec.config import load_mapping
-from mm_rec.evaluation import add_eval_task_arguments, run_eval_task
 from mm_rec.evaluation.mqar import MQARConfig, chance_accuracy, gap_probabilities, generate_mqar, score_mqar
 from mm_rec.evaluation.train_task import TaskTrainConfig, train_on_task
 
@@ -200,9 +200,10 @@ def test_recipes_load_and_match_in_size():
         TaskTrainConfig.from_dict(recipe["passkey"]["train"])
         assert recipe["mqar"] == load_mapping(CONFIGS / "mqar_mmrec.yaml")["mqar"]  # same tasks for both models
     pytest.importorskip("mm_rec.baselines.transformer")
-    from mm_rec.evaluation import build_model
+    from mm_rec.loading import build_model
 
-    transformer = build_model(CONFIGS / "mqar_transformer.yaml")
+    recipe = CONFIGS / "mqar_transformer.yaml"
+    transformer = build_model(MMRecConfig.from_file(recipe), load_mapping(recipe)["model_type"])
     n_mmrec, n_transformer = mmrec.num_parameters(), sum(p.numel() for p in transformer.parameters())
     assert abs(n_transformer - n_mmrec) / n_mmrec < 0.10, (n_mmrec, n_transformer)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mm_rec import MMRecConfig, MMRecModel
-from mm_rec.evaluation import add_eval_task_arguments, run_eval_task
+from mm_rec.cli.tasks import add_eval_task_arguments, run_eval_task
 from mm_rec.evaluation.passkey import (
     FILLER_SENTENCES,
     INTRO,

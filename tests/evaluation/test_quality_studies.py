@@ -11,8 +11,8 @@ import torch
 
 from mm_rec import MMRecConfig, MMRecModel
 from mm_rec.baselines.transformer import TransformerModel
+from mm_rec.loading import build_model
 from mm_rec.training.config import RunConfig
-from mm_rec.training.trainer import build_model
 
 ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("quality_studies", ROOT / "scripts" / "quality_studies.py")
@@ -33,7 +33,8 @@ def test_lm_pairs_match_in_size_tokens_and_schedule(dataset):
     assert (mmrec.model_type, transformer.model_type) == ("mmrec", "transformer")
     assert mmrec.training == transformer.training and mmrec.data == transformer.data
     with torch.device("meta"):
-        n_mmrec, n_transformer = count(build_model(mmrec)), count(build_model(transformer))
+        n_mmrec = count(build_model(mmrec.model_config(), mmrec.model_type))
+        n_transformer = count(build_model(transformer.model_config(), transformer.model_type))
     assert abs(n_transformer - n_mmrec) / n_mmrec < 0.02, (n_mmrec, n_transformer)
     for _, overrides in studies.LM_VARIANTS.values():  # every ablation override is a valid recipe
         RunConfig.load(studies.CONFIGS / recipe, overrides)

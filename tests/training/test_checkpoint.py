@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from mm_rec.loading import CHECKPOINTS
 from mm_rec.training import checkpoint as ckpt
 
 
@@ -31,14 +32,14 @@ def test_save_keeps_the_newest(tmp_path):
     manifest = json.loads((path / ckpt.MANIFEST).read_text())
     assert manifest["step"] == 3 and set(manifest["files"]) == {p.name for p in path.iterdir()} - {ckpt.MANIFEST}
     assert ckpt.load_checkpoint(path).step == 3
-    assert [p.name for p in (tmp_path / ckpt.CHECKPOINTS).iterdir() if p.name.startswith(".")] == []
+    assert [p.name for p in (tmp_path / CHECKPOINTS).iterdir() if p.name.startswith(".")] == []
 
 
 def test_a_failed_save_changes_nothing(tmp_path):
     write(tmp_path, 1)
     with pytest.raises(OSError):
         write(tmp_path, 2, fail=True)
-    assert [p.name for p in (tmp_path / ckpt.CHECKPOINTS).iterdir()] == ["step_00000001"]  # no leftovers
+    assert [p.name for p in (tmp_path / CHECKPOINTS).iterdir()] == ["step_00000001"]  # no leftovers
     assert ckpt.resolve_resume(tmp_path, "auto").step == 1
 
 

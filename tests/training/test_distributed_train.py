@@ -1,5 +1,6 @@
 """`mmrec train --parallel fsdp` under torchrun: two CPU processes (gloo), a save, a resume in a
-new launch, and a checkpoint that one process can evaluate (the weights are stored unsharded)."""
+new launch, and a checkpoint that one process can evaluate, with the weights stored unsharded
+(checkpoint_format full) or as each process's shards (sharded)."""
 
 import os
 import subprocess
@@ -30,6 +31,22 @@ def test_fsdp_training_resumes_and_saves_full_weights(text_file, tmp_path, capsy
     out = torchrun_train(text_file, tmp_path / "run", 2)
     assert out.count("run folder:") == 1  # only rank 0 reports
     out = torchrun_train(text_file, tmp_path / "run", 4, "--resume", "auto")
+    assert "resumed from" in out and "step_00000002" in out
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if "loss" in r] == [1, 2, 3, 4]
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--max-tokens", "500"]) == 0
+    assert "bits per byte" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_fsdp_sharded_checkpoints_resume_and_evaluate_in_one_process(text_file, tmp_path, capsys):
+    """training.checkpoint_format=sharded: each process writes its own shards (nothing gathered),
+    the next launch resumes from them, and one process reshards them to evaluate."""
+    sharded = ["--set", "training.checkpoint_format=sharded"]
+    torchrun_train(text_file, tmp_path / "run", 2, *sharded)
+    first = tmp_path / "run" / "checkpoints" / "step_00000002"
+    assert sorted(p.name for p in (first / "sharded").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not (first / "model.safetensors").exists()
+    out = torchrun_train(text_file, tmp_path / "run", 4, "--resume", "auto", *sharded)
     assert "resumed from" in out and "step_00000002" in out
     assert [r["step"] for r in read_metrics(tmp_path / "run") if "loss" in r] == [1, 2, 3, 4]
     assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--max-tokens", "500"]) == 0

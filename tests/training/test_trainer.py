@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from mm_rec import MMRecModel
+from mm_rec.generation import generate_text
+from mm_rec.loading import load_model, load_model_and_tokenizer
 from mm_rec.training import NonFiniteError, RunConfig, train
 from mm_rec.training import checkpoint as ckpt
 from mm_rec.training import trainer as trainer_module
@@ -57,6 +59,51 @@ def test_resume_with_gradient_accumulation_is_exact(text_file, tmp_path):
     assert strip_timing(read_metrics(tmp_path / "a"), 5) == strip_timing(read_metrics(tmp_path / "b"), 5)
 
 
+@pytest.mark.parametrize("first, then", [("sharded", "sharded"), ("sharded", "full"), ("full", "sharded")])
+def test_sharded_checkpoints_resume_exactly_and_load_in_one_process(text_file, tmp_path, first, then):
+    """training.checkpoint_format=sharded writes DCP shards instead of model.safetensors and
+    optimizer.pt; resuming reads either format exactly, and load_model reads the shards."""
+    def config(fmt, steps):
+        config = recipe(text_file, "training.save_interval=2", f"training.checkpoint_format={fmt}")
+        config.training.max_steps = steps
+        return config
+
+    train(config("full", 4), tmp_path / "one", **QUIET)
+    train(config(first, 2), tmp_path / "two", **QUIET)
+    saved = ckpt.list_checkpoints(tmp_path / "two")[-1]
+    assert (saved / "sharded" / ".metadata").is_file() == (first == "sharded")
+    assert (saved / ckpt.WEIGHTS).is_file() == (saved / ckpt.OPTIMIZER).is_file() == (first == "full")
+    train(config(then, 4), tmp_path / "two", resume="auto", **QUIET)
+    assert strip_timing(read_metrics(tmp_path / "one"), 4) == strip_timing(read_metrics(tmp_path / "two"), 4)
+    one, two = load_model(tmp_path / "one"), load_model(tmp_path / "two")
+    for (name, a), b in zip(one.state_dict().items(), two.state_dict().values()):
+        assert torch.equal(a, b), name
+    if first == "sharded":  # the manifest covers the shards too
+        shard = next((saved / "sharded").glob("*.distcp"))
+        shard.write_bytes(shard.read_bytes()[:-10])
+        with pytest.raises(ckpt.CheckpointError, match="damaged"):
+            ckpt.load_checkpoint(saved)
+
+
+def test_a_checkpoint_with_the_old_schedule_state_resumes_exactly(text_file, tmp_path):
+    """Checkpoints written before the schedule was a LambdaLR hold {"step_count": N}; it converts on load."""
+    config = recipe(text_file, "training.save_interval=3")
+    config.training.max_steps = 6
+    train(config, tmp_path / "a", **QUIET)
+    config.training.max_steps = 3
+    train(config, tmp_path / "b", **QUIET)
+    saved = ckpt.list_checkpoints(tmp_path / "b")[-1]
+    state = torch.load(saved / ckpt.TRAINER_STATE, weights_only=True)
+    state["scheduler"] = {"step_count": 3}
+    torch.save(state, saved / ckpt.TRAINER_STATE)
+    manifest = json.loads((saved / ckpt.MANIFEST).read_text())
+    manifest["files"][ckpt.TRAINER_STATE] = (saved / ckpt.TRAINER_STATE).stat().st_size
+    (saved / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    config.training.max_steps = 6
+    train(config, tmp_path / "b", resume="auto", **QUIET)
+    assert strip_timing(read_metrics(tmp_path / "a"), 5) == strip_timing(read_metrics(tmp_path / "b"), 5)
+
+
 def test_memory_state_is_checkpointed(text_file, tmp_path):
     result = train(recipe(text_file, "training.max_steps=3"), tmp_path / "run", **QUIET)
     local = torch.load(result.checkpoint / ckpt.rank_file(0), weights_only=True)
@@ -90,8 +137,8 @@ def test_reduced_precision_runs(text_file, tmp_path, precision):
 def test_nonfinite_steps_stop_the_run_and_name_the_module(text_file, tmp_path, monkeypatch):
     build = trainer_module.build_model
 
-    def poisoned(config):
-        model = build(config)
+    def poisoned(*args):
+        model = build(*args)
         model.blocks[0].ffn.down.register_forward_hook(lambda m, args, out: out * float("nan"))
         return model
 
@@ -112,7 +159,7 @@ def test_transformer_baseline(text_file, tmp_path):
     config = recipe(text_file, "training.max_steps=2", "model_type=transformer")
     result = train(config, tmp_path / "t", **QUIET)
     assert json.loads((result.checkpoint / ckpt.MODEL_CONFIG).read_text())["model_type"] == "transformer"
-    model, _, _ = trainer_module.load_for_inference(tmp_path / "t", torch.device("cpu"))
+    model, _, _ = load_model_and_tokenizer(tmp_path / "t", torch.device("cpu"))
     assert type(model).__name__ == "TransformerModel"
     config.training.max_steps = 3
     assert train(config, tmp_path / "t", resume="auto", **QUIET).step == 3
@@ -122,10 +169,10 @@ def test_bpe_tokenizer_run(text_file, tmp_path):
     pytest.importorskip("tokenizers")
     config = recipe(text_file, "training.max_steps=2", "data.tokenizer=bpe", "model.vocab_size=320")
     result = train(config, tmp_path / "bpe", **QUIET)
-    model, tokenizer, _ = trainer_module.load_for_inference(tmp_path / "bpe", torch.device("cpu"))
+    model, tokenizer, _ = load_model_and_tokenizer(tmp_path / "bpe", torch.device("cpu"))
     assert tokenizer.kind == "bpe" and tokenizer.vocab_size == 320 == model.config.vocab_size
     assert result.eval.bytes > result.eval.tokens  # BPE tokens stand for more than one byte on average
-    text = trainer_module.generate_text(model, tokenizer, "def ", 10, 1.0, None, 0, torch.device("cpu"))
+    text = generate_text(model, tokenizer, "def ", 10, 1.0, None, 0, torch.device("cpu"))
     assert text.startswith("def ")
 
 
