@@ -196,3 +196,25 @@ def test_7b_preset_builds_on_the_meta_device():
     assert 5.5e9 < n < 7.5e9
     assert cfg.hidden_dim == 4096 and cfg.num_layers == 24 and cfg.max_seq_len >= 32768
     assert cfg.memory_size_M == 1024 and (cfg.log_clamp_min, cfg.log_clamp_max) == (-50.0, 0.0)
+
+
+def test_checkpoints_saved_before_config_versions_load_as_they_were():
+    """tests/fixtures/mmrec_v1 was written by the code before config_version (its config.json has no
+    version and the old key max_chunk_len): it loads as version 1 and computes the logits and the
+    state that code computed, bit for bit."""
+    from pathlib import Path
+
+    fixture = Path(__file__).parent / "fixtures" / "mmrec_v1"
+    with pytest.warns(FutureWarning, match="max_segment_len"):
+        model = MMRecModel.from_pretrained(fixture)
+    assert model.config.config_version == 1 and model.config.max_segment_len == 16
+    expected = torch.load(fixture / "expected.pt")
+    out = model(expected["input_ids"])
+    assert torch.equal(out.logits, expected["logits"])
+    old_state = MemoryState.from_state_dict(expected["state"])  # the first state layout
+    new_state = out.state.state_dict()
+    for key, value in old_state.state_dict().items():
+        assert torch.equal(new_state[key], value), key
+    # and the old state continues the stream as the new one does
+    more = torch.randint(0, 37, (2, 9))
+    assert torch.equal(model(more, state=old_state).logits, model(more, state=out.state).logits)

@@ -25,6 +25,7 @@ from mm_rec.core.hds import HDSHierarchy
 from mm_rec.core.mdi import LearnableDecay, MemoryIntegration
 from mm_rec.core.memory_state import LayerState
 from mm_rec.core.recurrence import mmrec_recurrence
+from mm_rec.ops.delta_rule import CHUNK_LEN, delta_rule_flops
 
 
 class MMRecMixer(nn.Module):
@@ -116,3 +117,23 @@ class MMRecBlock(nn.Module):
         x = x + self.dropout(mixed)
         x = x + self.dropout(self.ffn(self.ffn_norm(x)))
         return x, new_state
+
+
+def layer_flops_per_token(config: MMRecConfig) -> dict[str, int]:
+    """Forward FLOPs of one MM-Rec block per token (2 per multiply-add), by part. None depends on
+    the sequence length: the memory reads cost O((W + S) * m) per bank and the delta rule O(m^2)."""
+    D, H, d, K, m = config.hidden_dim, config.num_heads, config.head_dim, config.num_memories, config.mem_dim
+    in_cols = 2 * D + config.decay_modulation_dim
+    in_cols += 3 * K * m if config.memory_input in ("input", "both") else 0
+    in_cols += 2 * K if config.level2 == "delta" else 0
+    projections = 2 * D * in_cols + 2 * D * D + 2 * K * m * D
+    projections += 2 * D * 3 * K * m if config.memory_input in ("state", "both") else 0
+    projections += 2 * config.decay_rank * D if config.decay_rank else 0
+    cost = {"projections": projections, "FFN": 6 * D * config.ffn_dim, "recurrence": 2 * H * d * d,
+            "short convolution": 2 * 3 * K * m * config.conv_size,
+            "window read": 4 * config.window_size * m * K, "slot read": 4 * config.memory_size_M * m * K}
+    if config.level2 == "delta":
+        cost["delta rule"] = delta_rule_flops(1, CHUNK_LEN, K, m, m) // CHUNK_LEN
+    else:
+        cost["level-2 mean"] = 3 * K * m
+    return cost

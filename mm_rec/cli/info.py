@@ -6,6 +6,7 @@ import argparse
 
 import torch
 
+from mm_rec.blocks.mm_rec_block import layer_flops_per_token
 from mm_rec.cli.common import HelpFormatter, add_recipe_arguments, recipe_from_args
 from mm_rec.loading import build_model
 from mm_rec.utils.debugging import COMPONENTS, component_label, component_name
@@ -36,7 +37,10 @@ def run(args: argparse.Namespace) -> int:
     n_layers = max(1, len(layers))
     title = f"{type(model).__name__}" + (f" (preset {config.model['preset']})" if "preset" in config.model else "")
     print(f"{title}: {total:,} parameters ({total / 1e9:.3f} B)")
-    print(", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
+    fields = cfg.to_dict()
+    if hasattr(cfg, "num_hds_levels"):  # the seeds' names, fixed values (properties, not fields)
+        fields.update(num_hds_levels=cfg.num_hds_levels, use_log_sum_exp=cfg.use_log_sum_exp)
+    print(", ".join(f"{k}={v}" for k, v in fields.items()))
     order = list(dict.fromkeys(COMPONENTS.values()))
     print(f"\n{'component':<58} {'per layer':>15} {'total':>15} {'share':>7}")
     for label, count in sorted(per_component.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
@@ -48,6 +52,12 @@ def run(args: argparse.Namespace) -> int:
     if hasattr(model, "init_state"):
         state = model.init_state(1, device="meta")
         floats = sum(t.numel() for k, t in state.state_dict().items() if k != "position")
-        print(f"recurrent state per sequence: {floats:,} fp32 values ({floats * 4 / 2**20:.1f} MiB), "
-              "independent of the sequence length")
+        print(f"recurrent state per sequence: {floats:,} values ({floats * 4 / 2**20:.1f} MiB in fp32), "
+              "independent of the sequence length; per layer:")
+        for piece, tensor in state.layers[0].tensors().items():
+            print(f"  {piece:<18} {str(list(tensor.shape[1:])):<22} {tensor.numel():>12,}")
+        cost = layer_flops_per_token(cfg)
+        total_cost = sum(cost.values())
+        print(f"forward cost per token and layer: {total_cost / 1e6:,.2f} MFLOP, independent of the sequence length: "
+              + ", ".join(f"{k} {v / 1e6:,.3g}" for k, v in cost.items()))
     return 0

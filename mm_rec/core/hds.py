@@ -61,6 +61,9 @@ class Hierarchy:
     token_block    [B, T]          absolute block index of every token
     token_group    [B, T]          index of the token's block among the J
     carried        the LayerState pieces this module owns, after the segment
+    position       [B]             stream position of the segment's first token
+    write_weights  [B, T, K]       attention-pooling weight of every token (None: the plain mean)
+    level2_gates   (alpha, beta)   [B, T, K] each: the delta rule's decay and write strength (or None)
     """
 
     queries: torch.Tensor
@@ -76,6 +79,9 @@ class Hierarchy:
     token_block: torch.Tensor
     token_group: torch.Tensor
     carried: dict[str, torch.Tensor]
+    position: torch.Tensor | None = None
+    write_weights: torch.Tensor | None = None
+    level2_gates: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class HDSHierarchy(nn.Module):
@@ -130,13 +136,17 @@ class HDSHierarchy(nn.Module):
         """q, k, v [B, T, K, m] for stream positions position[b] .. position[b] + T - 1; delta_gates
         [B, T, 2K] (decay and write logits, level2=delta). Returns the Hierarchy of the segment."""
         carried: dict[str, torch.Tensor] = {}
-        level2 = self._level2(q, k, v, state, delta_gates, carried)
+        level2, gates = self._level2(q, k, v, state, delta_gates, carried)
         window_keys, window_values, window_start = self._window(k, v, state, position, carried)
-        slots = self._slot_timeline(k, v, state, position, carried)
+        weights = self._pooling_weights(k)
+        slots = self._slot_timeline(k, v, weights, state, position, carried)
         return Hierarchy(queries=q, level2=level2, window_keys=window_keys, window_values=window_values,
-                         window_start=window_start, carried=carried, **slots)
+                         window_start=window_start, carried=carried, position=position, write_weights=weights,
+                         level2_gates=gates,
+                         **slots)
 
-    def _level2(self, q, k, v, state: LayerState, delta_gates, carried) -> torch.Tensor:
+    def _level2(self, q, k, v, state: LayerState, delta_gates, carried):
+        """The level-2 read [B, T, K, m] and, for the delta rule, its (alpha, beta) [B, T, K]."""
         B, T, K, m = v.shape
         if self.level2_kind == "mean":  # G_t = lambda G_{t-1} + (1 - lambda) v_t, in log space
             acc = state.aggregate.dtype
@@ -144,14 +154,14 @@ class HDSHierarchy(nn.Module):
             one_minus_lam = -torch.expm1(log_lam)
             aggregate, carried["aggregate"] = associative_scan_exponential(
                 log_lam.expand(B, T, K, m), one_minus_lam * v.to(acc), state.aggregate)
-            return aggregate
+            return aggregate, None
         acc = state.delta_memory.dtype
         decay_logits, write_logits = delta_gates.to(acc).view(B, T, 2, K).unbind(2)
         log_alpha = F.logsigmoid(decay_logits + self.delta_decay_bias.to(acc)).clamp(min=self.log_clamp_min)
         beta = torch.sigmoid(write_logits + self.delta_write_bias.to(acc))
         read, carried["delta_memory"] = gated_delta_rule(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v,
                                                          log_alpha, beta, state.delta_memory)
-        return read
+        return read, (log_alpha.exp(), beta)
 
     def _window(self, k, v, state: LayerState, position, carried):
         """Level 0: the last W tokens' keys and values before the segment, then the segment's."""
@@ -170,7 +180,7 @@ class HDSHierarchy(nn.Module):
         score = (k * self.write_query.to(k.dtype)).sum(-1) / self.mem_dim ** 0.5
         return torch.exp(POOLING_CAP * torch.tanh(score / POOLING_CAP))
 
-    def _slot_timeline(self, k, v, state: LayerState, position, carried) -> dict[str, torch.Tensor | None]:
+    def _slot_timeline(self, k, v, weights, state: LayerState, position, carried) -> dict[str, torch.Tensor | None]:
         B, T, K, m = k.shape
         C, S, r, P = self.chunk_size, self.memory_size, self.slots_per_block, self.kept_slots
         R, sub_len = S - P, C // r  # slots kept by age; tokens per sub-slot
@@ -182,7 +192,6 @@ class HDSHierarchy(nn.Module):
         num_sub = num_rel * r
 
         # Level 1: pooled sums per sub-slot by scatter (exact; no differences of running sums).
-        weights = self._pooling_weights(k)
         wk, wv = (k, v) if weights is None else (k * weights[..., None], v * weights[..., None])
         index = ((offset[:, None] + ar) // sub_len)[:, :, None, None].expand(B, T, K, m)
         key_sum = torch.zeros(B, num_sub, K, m, device=device, dtype=acc).scatter_add(1, index, wk.to(acc))
@@ -198,7 +207,8 @@ class HDSHierarchy(nn.Module):
         if weights is None:
             new_keys, new_values = key_sum / sub_len, value_sum / sub_len
         else:
-            weight_sum = torch.zeros(B, num_sub, K, device=device, dtype=acc).scatter_add(1, index[..., 0], weights.to(acc))
+            weight_sum = torch.zeros(B, num_sub, K, device=device, dtype=acc)
+            weight_sum = weight_sum.scatter_add(1, index[..., 0], weights.to(acc))
             weight_sum = weight_sum + F.pad(state.block_weight_sum.transpose(1, 2), (0, 0, 0, num_sub - r))
             carried["block_weight_sum"] = weight_sum.gather(1, open_index[..., 0]).transpose(1, 2)  # [B, K, r]
             norm = weight_sum.clamp_min(torch.finfo(acc).tiny)[..., None]  # open sub-slots may be empty

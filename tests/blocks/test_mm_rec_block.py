@@ -1,13 +1,12 @@
 """The MM-Rec block: gradcheck with every piece of state, the gate_input ablation, the short convolution."""
 
-import torch
-
-from mm_rec.blocks.mm_rec_block import MMRecBlock
-from mm_rec.config import MMRecConfig
 import pytest
+import torch
 import torch.nn.functional as F
 
 from mm_rec.blocks.layers import ShortConvolution
+from mm_rec.blocks.mm_rec_block import MMRecBlock
+from mm_rec.config import MMRecConfig
 from mm_rec.core.memory_state import LayerState
 
 

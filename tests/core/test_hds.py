@@ -13,7 +13,6 @@ from collections import deque
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mm_rec.blocks.attention import MultiMemoryAttention
 from mm_rec.config import MMRecConfig
@@ -48,6 +47,7 @@ def memory_inputs(cfg, B, T):
     return q, k, v, torch.randn(B, T, 2 * K, dtype=torch.float64)
 
 
+@torch.no_grad()
 def reference(cfg, hds, attn, q, k, v, gates):
     """One stream row from position 0: (attention reads [T, K, m], level-2 reads [T, K, m])."""
     C, S, r, P, W = cfg.chunk_size, cfg.memory_size_M, cfg.slots_per_block, cfg.kept_slots, cfg.window_size
@@ -96,8 +96,8 @@ def reference(cfg, hds, attn, q, k, v, gates):
             if (t + 1) % C == 0 and S:
                 for i in range(r):
                     key, value = sums[i][0] / sums[i][2], sums[i][1] / sums[i][2]
-                    importance = float((key @ hds.importance_query[bank] / math.sqrt(m) + hds.importance_bias[bank]).detach()) \
-                        if P else 0.0
+                    importance = 0.0 if not P else \
+                        float(key @ hds.importance_query[bank] / math.sqrt(m) + hds.importance_bias[bank])
                     recent.append((j * r + i, key, value, importance))
                 while len(recent) > R:
                     kept.append(recent.popleft())

@@ -63,4 +63,5 @@ def delta_rule_flops(batch: int, seq_len: int, banks: int, key_dim: int, value_d
     return batch * banks * seq_len * per_token
 
 
-__all__ = ["DELTA_BACKENDS", "delta_rule_chunked", "delta_rule_flops", "delta_rule_sequential", "gated_delta_rule"]
+__all__ = ["CHUNK_LEN", "DELTA_BACKENDS", "delta_rule_chunked", "delta_rule_flops", "delta_rule_sequential",
+           "gated_delta_rule"]

@@ -42,7 +42,8 @@ def delta_rule_sequential(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log
     for t in range(q.shape[1]):
         kt = k[:, t]
         erase = eye - beta[:, t, None, None] * kt[:, :, None] * kt[:, None, :]  # I - beta k k^T
-        S = torch.exp(log_alpha[:, t])[:, None, None] * (S @ erase) + beta[:, t, None, None] * v[:, t, :, None] * kt[:, None, :]
+        write = beta[:, t, None, None] * v[:, t, :, None] * kt[:, None, :]  # beta v k^T
+        S = torch.exp(log_alpha[:, t])[:, None, None] * (S @ erase) + write
         out.append((S @ q[:, t, :, None]).squeeze(-1))
     return torch.stack(out, dim=1), S
 
