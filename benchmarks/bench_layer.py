@@ -16,8 +16,9 @@ F.scaled_dot_product_attention(is_causal=True). Measured in the same run, on the
                                      [--iters 10] [--warmup 3] [--compile] [--sdpa auto]
                                      [--profile 25] [--json results.json]
 
-The MM-Rec layer runs in steady state: its carried long-term ring is full (the stream position
-is S * C tokens), as in every segment of a long stream after the first S blocks. `--profile N`
+The MM-Rec layer runs in steady state: every piece of its carried state is filled (window,
+ring, kept slots, delta memory; the stream position is 2 S blocks), as in every segment of a long
+stream after its first 2 S blocks. `--profile N`
 also prints, per layer and shape, the N GPU kernels that took the most time in one
 forward+backward (torch.profiler), to see where the time goes.
 
@@ -73,14 +74,27 @@ def layer_inputs(kind: str, config: MMRecConfig, batch: int, seq: int, device: s
     """The positional arguments of the layer's forward; the first, x [B, T, D] bf16, needs grad."""
     x = torch.randn(batch, seq, config.hidden_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
     if kind == "mmrec":
-        state = MemoryState.zeros(config.replace(num_layers=1), batch, device=device)  # fp32
-        bank = state.banks[0]
-        bank.slot_keys.normal_()
-        bank.slot_values.normal_()
-        position = torch.full_like(state.position, config.memory_size_M * config.chunk_size)  # ring full
-        return x, bank, position
+        return (x, *steady_state(config, batch, device))
     cos, sin = rope_tables(seq, config.head_dim, x.device)
     return x, cos, sin
+
+
+def steady_state(config: MMRecConfig, batch: int, device: str) -> tuple:
+    """(layer state, position) of a stream deep into a document: every piece of the state filled
+    (window, ring, kept slots with distinct old ids, delta memory), 2 * S blocks consumed."""
+    state = MemoryState.zeros(config.replace(num_layers=1), batch, device=device).layers[0]  # fp32
+    for name, tensor in state.tensors().items():
+        if tensor.is_floating_point():
+            tensor.normal_(0.0, 1.0 / config.mem_dim ** 0.5 if name == "delta_memory" else 1.0)
+    blocks = 2 * max(1, config.memory_size_M // config.slots_per_block)
+    if state.slot_ids is not None:  # ids of blocks older than the newest-by-age part, distinct
+        old = blocks - config.recent_slots // config.slots_per_block
+        ids = torch.randperm(old * config.slots_per_block, device=device)[: state.slot_ids.shape[-1]]
+        state.slot_ids.copy_(ids.expand_as(state.slot_ids))
+    if state.block_weight_sum is not None:
+        state.block_weight_sum.fill_(1.0)
+    position = torch.full((batch,), blocks * config.chunk_size, dtype=torch.long, device=device)
+    return state, position
 
 
 def measure(kind: str, config: MMRecConfig, batch: int, seq: int, args: argparse.Namespace) -> dict:

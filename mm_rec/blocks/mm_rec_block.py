@@ -133,7 +133,7 @@ def layer_flops_per_token(config: MMRecConfig) -> dict[str, int]:
             "short convolution": 2 * 3 * K * m * config.conv_size,
             "window read": 4 * config.window_size * m * K, "slot read": 4 * config.memory_size_M * m * K}
     if config.level2 == "delta":
-        cost["delta rule"] = delta_rule_flops(1, CHUNK_LEN, K, m, m) // CHUNK_LEN
+        cost["delta rule"] = delta_rule_flops(1, CHUNK_LEN, K, m, m) // CHUNK_LEN  # at 4K-token segments
     else:
         cost["level-2 mean"] = 3 * K * m
     return cost

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from mm_rec.ops import compute_dtype
-from mm_rec.ops.delta_rule.reference import CHUNK_LEN, delta_rule_chunked, delta_rule_sequential
+from mm_rec.ops.delta_rule.reference import CHUNK_LEN, chunk_len_for, delta_rule_chunked, delta_rule_sequential
 
 DELTA_BACKENDS = ("auto", "torch", "sequential")
 
@@ -53,9 +53,9 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alph
 
 
 def delta_rule_flops(batch: int, seq_len: int, banks: int, key_dim: int, value_dim: int,
-                     chunk_len: int = CHUNK_LEN) -> int:
+                     chunk_len: int | None = None) -> int:
     """Forward matmul FLOPs of the chunked form (2 per multiply-add); the backward is about twice this."""
-    L = min(chunk_len, seq_len)
+    L = min(chunk_len or chunk_len_for(seq_len), seq_len)
     per_token = 2 * (L * key_dim  # k k^T
                      + L * L + L * key_dim + L * value_dim  # triangular solve, W, U_v
                      + L * key_dim  # q k^T

@@ -29,7 +29,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-CHUNK_LEN = 64  # tokens per chunk of delta_rule_chunked
+CHUNK_LEN = 64  # tokens per chunk of delta_rule_chunked for sequences up to 4K
+
+
+def chunk_len_for(seq_len: int) -> int:
+    """Chunk length: 64 up to 4K tokens, then longer chunks, so that long sequences pass the state
+    through fewer sequential steps (each a few small matmuls: launch-bound on a GPU)."""
+    return CHUNK_LEN if seq_len <= 4096 else 128 if seq_len <= 16384 else 256
 
 
 def delta_rule_sequential(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
@@ -50,11 +56,11 @@ def delta_rule_sequential(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log
 
 def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
                        beta: torch.Tensor, initial_state: torch.Tensor,
-                       chunk_len: int = CHUNK_LEN) -> tuple[torch.Tensor, torch.Tensor]:
+                       chunk_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunkwise-parallel form (see the module docstring); autograd gives the backward."""
     N, T, mk = k.shape
     mv = v.shape[-1]
-    L = min(chunk_len, T)
+    L = min(chunk_len or chunk_len_for(T), T)
     n = -(-T // L)
     pad = n * L - T
     if pad:  # identity tokens: alpha = 1, beta = 0, k = v = 0 leave S unchanged
@@ -78,11 +84,17 @@ def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_al
     k_to_end = torch.exp(g[..., -1:] - g)[..., None] * k  # e^{g_L - g_i} k_i
     chunk_decay = torch.exp(g[..., -1])  # [N, n]
 
-    S = initial_state.to(q.dtype)
+    outputs, S = _through_chunks(U_v, W, q_decayed, attend, k_to_end, chunk_decay, initial_state.to(q.dtype))
+    o = outputs.reshape(N, n * L, mv)[:, :T]
+    return o, S
+
+
+@torch.compiler.disable  # a loop of small matmuls: compiling it unrolls n steps (minutes at 32K tokens)
+def _through_chunks(U_v, W, q_decayed, attend, k_to_end, chunk_decay, S):
+    """The sequential part: pass the state S [N, mv, mk] through the n chunks; outputs [N, n, L, mv]."""
     outputs = []
-    for c in range(n):
-        U = U_v[:, c] - W[:, c] @ S.transpose(-1, -2)  # [N, L, mv]
+    for c in range(U_v.shape[1]):
+        U = U_v[:, c] - W[:, c] @ S.transpose(-1, -2)  # [N, L, mv]: the corrections given S
         outputs.append(q_decayed[:, c] @ S.transpose(-1, -2) + attend[:, c] @ U)
         S = chunk_decay[:, c, None, None] * S + U.transpose(-1, -2) @ k_to_end[:, c]
-    o = torch.stack(outputs, dim=1).reshape(N, n * L, mv)[:, :T]
-    return o, S
+    return torch.stack(outputs, dim=1), S

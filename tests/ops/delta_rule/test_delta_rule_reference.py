@@ -1,0 +1,121 @@
+"""The gated delta rule: the chunked PyTorch form against the float64 loop (and fla's naive
+recurrence where fla-core is installed), at awkward sizes and both decay clamps."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mm_rec.ops.delta_rule import gated_delta_rule
+from mm_rec.ops.delta_rule.reference import delta_rule_chunked
+
+
+def inputs(B=2, T=67, K=3, mk=5, mv=4, dtype=torch.float64, extreme=True):
+    q = torch.randn(B, T, K, mk, dtype=dtype)
+    k = F.normalize(torch.randn(B, T, K, mk, dtype=dtype), dim=-1)
+    v = torch.randn(B, T, K, mv, dtype=dtype)
+    log_alpha = -torch.rand(B, T, K, dtype=dtype) * 3
+    beta = torch.rand(B, T, K, dtype=dtype)
+    if extreme:  # both clamps, and writes at both ends of [0, 1]
+        log_alpha[:, ::5] = -50.0
+        log_alpha[:, 1::7] = 0.0
+        beta[:, 2::9] = 1.0
+        beta[:, 3::11] = 0.0
+    S0 = torch.randn(B, K, mv, mk, dtype=dtype)
+    return q, k, v, log_alpha, beta, S0
+
+
+@pytest.mark.parametrize("T", [1, 2, 63, 64, 65, 67, 300])
+@pytest.mark.parametrize("mk,mv", [(1, 1), (5, 4), (33, 17)])
+def test_chunked_equals_the_float64_loop(T, mk, mv):
+    args = inputs(T=T, mk=mk, mv=mv)
+    o_ref, s_ref = gated_delta_rule(*args, backend="sequential")
+    o, s = gated_delta_rule(*args)
+    torch.testing.assert_close(o, o_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(s, s_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_chunk_length_does_not_change_the_result():
+    q, k, v, la, b, S0 = inputs(B=3, T=300, K=1)  # rows [N, T, m] for delta_rule_chunked: drop the bank axis
+    q, k, v, la, b, S0 = q[:, :, 0], k[:, :, 0], v[:, :, 0], la[:, :, 0], b[:, :, 0], S0[:, 0]
+    results = [delta_rule_chunked(q, k, v, la, b, S0, chunk_len) for chunk_len in (1, 7, 64, 256)]
+    for o, s in results[1:]:
+        torch.testing.assert_close(o, results[0][0], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(s, results[0][1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("cut", [1, 30, 64, 66])
+def test_state_carries_across_any_split(cut):
+    args = inputs(T=131)
+    o_full, s_full = gated_delta_rule(*args)
+    first = [x[:, :cut] for x in args[:5]]
+    second = [x[:, cut:] for x in args[:5]]
+    o1, s1 = gated_delta_rule(*first, args[5])
+    o2, s2 = gated_delta_rule(*second, s1)
+    torch.testing.assert_close(torch.cat([o1, o2], 1), o_full, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(s2, s_full, rtol=1e-10, atol=1e-12)
+
+
+def test_gradients_match_the_loop_and_gradcheck():
+    args = [x.requires_grad_() for x in inputs(T=70, extreme=False)]
+    o, s = gated_delta_rule(*args)
+    (o.sin().sum() + s.cos().sum()).backward()
+    fast = [x.grad.clone() for x in args]
+    for x in args:
+        x.grad = None
+    o, s = gated_delta_rule(*args, backend="sequential")
+    (o.sin().sum() + s.cos().sum()).backward()
+    for a, x in zip(fast, args):
+        torch.testing.assert_close(a, x.grad, rtol=1e-8, atol=1e-10)
+    small = [x.detach()[:1, :9, :2, :3].clone().requires_grad_() if x.dim() == 4 else
+             x.detach()[:1, :9, :2].clone().requires_grad_() for x in inputs(T=9, mk=3, mv=3, extreme=False)[:5]]
+    S0 = torch.randn(1, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: gated_delta_rule(*a), (*small, S0))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_accumulate_in_fp32(dtype):
+    q, k, v, la, b, S0 = inputs(T=100, extreme=False)
+    o_ref, s_ref = gated_delta_rule(q, k, v, la, b, S0, backend="sequential")
+    o, s = gated_delta_rule(q.to(dtype), k.to(dtype), v.to(dtype), la.float(), b.float(), S0.float())
+    assert o.dtype == dtype and s.dtype == torch.float32
+    assert (o.double() - o_ref).norm() / o_ref.norm() < 2e-2
+    assert (s.double() - s_ref).norm() / s_ref.norm() < 2e-2
+
+
+def test_bad_shapes_are_refused():
+    q, k, v, la, b, S0 = inputs()
+    with pytest.raises(ValueError, match="log_alpha and beta"):
+        gated_delta_rule(q, k, v, la[:, :3], b, S0)
+    with pytest.raises(ValueError, match="initial_state"):
+        gated_delta_rule(q, k, v, la, b, S0[:, :1])
+    with pytest.raises(ValueError, match="backend"):
+        gated_delta_rule(q, k, v, la, b, S0, backend="cuda")
+
+
+def _fla_naive():
+    """fla's naive recurrence, loaded from its file (fla's package __init__ imports its GPU kernels)."""
+    spec = importlib.util.find_spec("fla")
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / "ops" / "gated_delta_rule" / "naive.py"
+    if not path.is_file() or importlib.util.find_spec("einops") is None:
+        return None
+    module_spec = importlib.util.spec_from_file_location("fla_gated_delta_naive", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.naive_recurrent_gated_delta_rule
+
+
+def test_matches_fla_naive_recurrence():
+    naive = _fla_naive()
+    if naive is None:
+        pytest.skip("fla-core (and einops) not installed: pip install 'mm-rec[dev]'")
+    q, k, v, la, b, S0 = inputs(T=45, extreme=False, dtype=torch.float32)
+    o, s = gated_delta_rule(q, k, v, la, b, S0)
+    # fla: state [B, H, K, V] (key x value), q scaled by `scale` inside
+    o_fla, s_fla = naive(q, k, v, b, la, scale=1.0, initial_state=S0.transpose(-1, -2), output_final_state=True)
+    torch.testing.assert_close(o, o_fla, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(s, s_fla.transpose(-1, -2), rtol=1e-4, atol=1e-5)
