@@ -116,7 +116,7 @@ def measure(kind: str, config: MMRecConfig, batch: int, seq: int, args: argparse
 
     _, flops = count_flops(forward_backward)  # before compiling: compiled kernels are not counted
     if args.compile:
-        layer.compile()
+        layer.compile(dynamic=False)  # one static graph per shape (see apply_compile)
     fwd = time_fn(forward, warmup=args.warmup, iters=args.iters, cuda=cuda)
     both = time_fn(forward_backward, warmup=args.warmup, iters=args.iters, cuda=cuda)
     if args.profile:

@@ -59,8 +59,14 @@ class ShortConvolution(nn.Module):
     def forward(self, x: torch.Tensor, tail: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [B, T, channels], tail [B, k - 1, channels] (None for k = 1) -> (y [B, T, channels], new tail)."""
         k = self.kernel_size
+        weight = self.weight.to(x.dtype)
         if k == 1:
-            return x * self.weight[:, 0].to(x.dtype), None
+            return x * weight[:, 0], None
         full = torch.cat([tail.to(x.dtype), x], dim=1)  # [B, k - 1 + T, channels]
-        y = F.conv1d(full.transpose(1, 2), self.weight.to(x.dtype)[:, None, :], groups=x.shape[-1])
-        return y.transpose(1, 2), full[:, -(k - 1):].to(tail.dtype)
+        T = x.shape[1]
+        # k shifted multiply-adds: elementwise work that fuses into one kernel under compile, where a
+        # depthwise conv1d's backward (cuDNN, long sequences) is slow
+        y = full[:, :T] * weight[:, 0]
+        for i in range(1, k):
+            y = y + full[:, i:i + T] * weight[:, i]
+        return y, full[:, -(k - 1):].to(tail.dtype)

@@ -243,7 +243,7 @@ class HDSHierarchy(nn.Module):
             order = _priority_order(ids, importance, valid)
             eligible = valid[:, :, None, :] & (sb < gb - R // r)  # [B, K, J, N]
             eligible_sorted = eligible.gather(3, order[:, :, None, :].expand_as(eligible))
-            kept_sorted = eligible_sorted & (eligible_sorted.cumsum(3) <= P)  # the top P eligible
+            kept_sorted = _first_true(eligible_sorted, P)  # the top P eligible
             visible = visible | torch.zeros_like(kept_sorted).scatter(3, order[:, :, None, :].expand_as(eligible),
                                                                       kept_sorted)
             # The kept part after the segment: the top P of the slots older than the new ring.
@@ -264,6 +264,12 @@ class HDSHierarchy(nn.Module):
         token_group = (offset[:, None] + ar) // C
         return dict(slot_keys=slot_keys, slot_values=slot_values, slot_block=slot_block, slot_importance=importance,
                     slot_visible=visible, token_block=n_start[:, None] + token_group, token_group=token_group)
+
+
+@torch.compiler.disable  # torch 2.11's inductor fails on this cumsum's tiling ("Unexpected tiling") on CUDA
+def _first_true(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """mask with only its first `count` True entries along the last dim kept."""
+    return mask & (mask.cumsum(-1) <= count)
 
 
 def _priority_order(ids: torch.Tensor, importance: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -157,7 +157,9 @@ def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
     (the fused recurrence is an opaque custom operator either way).
     """
     for block in model.blocks:
-        block.compile(backend=backend)
+        # static shapes: torch 2.11's dynamic-shape guards fail on the MM-Rec block (IndexError in
+        # produce_guards); training runs fixed shapes anyway, a new shape recompiles once
+        block.compile(backend=backend, dynamic=False)
 
 
 def apply_fsdp(model: nn.Module, config: ParallelConfig, mesh: DeviceMesh | None = None) -> None:

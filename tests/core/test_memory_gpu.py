@@ -15,7 +15,8 @@ pytestmark = pytest.mark.gpu
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 @pytest.mark.parametrize("T", [1, 67, 300])
@@ -39,8 +40,8 @@ def test_delta_rule_on_gpu_matches_the_float64_loop(T, dtype, tol):
     o, s = gated_delta_rule(*gpu)
     assert rel(o, o_ref) < tol and rel(s, s_ref) < tol
     (o.float().sum() + s.sum()).backward()
-    for x, g in zip(gpu, grads_ref):
-        assert rel(x.grad, g) < 5 * tol
+    for x, g in zip(gpu, grads_ref):  # gradients through decays at the -50 clamp are ~1e-20: absolute
+        assert rel(x.grad, g) < 5 * tol or (x.grad.double().cpu() - g).abs().max() < 1e-6
 
 
 def small_model(**overrides) -> MMRecModel:
@@ -77,7 +78,7 @@ def test_model_on_gpu_matches_float64_cpu_forward_backward_and_state(overrides):
 
 def test_compiled_model_matches_eager_and_carries_state():
     model = small_model().cuda()
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, dynamic=False)
     ids = torch.randint(0, 97, (2, 150), device="cuda")
     eager = model(ids)
     state, logits = None, []

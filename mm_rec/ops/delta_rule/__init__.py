@@ -5,7 +5,9 @@
 over axis 1 of [B, T, K, m] tensors (K banks, each with its own [m_v, m_k] matrix memory):
 q, k [B, T, K, m_k] (the caller L2-normalises k), v [B, T, K, m_v], log_alpha and beta [B, T, K],
 initial_state [B, K, m_v, m_k]. Accumulation is fp32 whatever the input dtype (float64 stays
-float64); o comes back in v's dtype and the final state in the accumulation dtype.
+float64); with bf16/fp16 inputs the sequential chunk loop multiplies half operands (as fla's
+kernels do) while the state stays fp32; o comes back in v's dtype, the final state in the
+accumulation dtype.
 
 Backends: "torch" (chunkwise-parallel PyTorch, differentiable; CPU and GPU), "sequential" (float64
 loop, the oracle), "auto" (= torch).
@@ -46,8 +48,9 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alph
     if backend == "sequential":
         o, S = delta_rule_sequential(*args)
         o, S = o.to(acc), S.to(acc)
-    else:
-        o, S = delta_rule_chunked(*args)
+    else:  # half inputs: the chunk loop's matmuls take half operands (fp32 accumulation, fp32 state)
+        half = v.dtype if v.dtype in (torch.bfloat16, torch.float16) else None
+        o, S = delta_rule_chunked(*args, matmul_dtype=half)
     o = o.view(B, K, T, mv).transpose(1, 2)
     return o.to(v.dtype), S.view(B, K, mv, mk)
 

@@ -55,9 +55,13 @@ def delta_rule_sequential(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log
 
 
 def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
-                       beta: torch.Tensor, initial_state: torch.Tensor,
-                       chunk_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunkwise-parallel form (see the module docstring); autograd gives the backward."""
+                       beta: torch.Tensor, initial_state: torch.Tensor, chunk_len: int | None = None,
+                       matmul_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunkwise-parallel form (see the module docstring); autograd gives the backward.
+
+    Everything within a chunk (decays, the triangular solve) is computed in the inputs' dtype; the
+    sequential pass through the chunks multiplies in `matmul_dtype` (default: the same), while the
+    state S itself stays in the inputs' dtype: with bf16 inputs that is fp32 S, bf16 operands."""
     N, T, mk = k.shape
     mv = v.shape[-1]
     L = min(chunk_len or chunk_len_for(T), T)
@@ -67,7 +71,7 @@ def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_al
         q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
         log_alpha, beta = (F.pad(x, (0, pad)) for x in (log_alpha, beta))
     q, k, v = q.view(N, n, L, mk), k.view(N, n, L, mk), v.view(N, n, L, mv)
-    g = log_alpha.view(N, n, L).cumsum(-1)  # chunk-local: never a difference of long sums
+    g = _cumsum_last(log_alpha.view(N, n, L))  # chunk-local: never a difference of long sums
     beta = beta.view(N, n, L)
 
     causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
@@ -84,9 +88,16 @@ def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_al
     k_to_end = torch.exp(g[..., -1:] - g)[..., None] * k  # e^{g_L - g_i} k_i
     chunk_decay = torch.exp(g[..., -1])  # [N, n]
 
-    outputs, S = _through_chunks(U_v, W, q_decayed, attend, k_to_end, chunk_decay, initial_state.to(q.dtype))
+    low = matmul_dtype or q.dtype
+    outputs, S = _through_chunks(U_v.to(low), W.to(low), q_decayed.to(low), attend.to(low), k_to_end.to(low),
+                                 chunk_decay, initial_state.to(q.dtype))
     o = outputs.reshape(N, n * L, mv)[:, :T]
     return o, S
+
+
+@torch.compiler.disable  # torch 2.11's inductor fails on some cumsum tilings ("Unexpected tiling") on CUDA
+def _cumsum_last(x: torch.Tensor) -> torch.Tensor:
+    return x.cumsum(-1)
 
 
 @torch.compiler.disable  # a loop of small matmuls: compiling it unrolls n steps (minutes at 32K tokens)
@@ -94,7 +105,8 @@ def _through_chunks(U_v, W, q_decayed, attend, k_to_end, chunk_decay, S):
     """The sequential part: pass the state S [N, mv, mk] through the n chunks; outputs [N, n, L, mv]."""
     outputs = []
     for c in range(U_v.shape[1]):
-        U = U_v[:, c] - W[:, c] @ S.transpose(-1, -2)  # [N, L, mv]: the corrections given S
-        outputs.append(q_decayed[:, c] @ S.transpose(-1, -2) + attend[:, c] @ U)
-        S = chunk_decay[:, c, None, None] * S + U.transpose(-1, -2) @ k_to_end[:, c]
-    return torch.stack(outputs, dim=1), S
+        S_t = S.transpose(-1, -2).to(U_v.dtype)  # the operands in the matmul dtype, S kept as it is
+        U = U_v[:, c] - W[:, c] @ S_t  # [N, L, mv]: the corrections given S
+        outputs.append(q_decayed[:, c] @ S_t + attend[:, c] @ U)
+        S = chunk_decay[:, c, None, None] * S + (U.transpose(-1, -2) @ k_to_end[:, c]).to(S.dtype)
+    return torch.stack(outputs, dim=1).to(S.dtype), S
