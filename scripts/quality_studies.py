@@ -135,11 +135,11 @@ def mqar_jobs(args: argparse.Namespace) -> list[Job]:
 def passkey_jobs(args: argparse.Namespace) -> list[Job]:
     recipes = Path(args.out) / "passkey" / "recipes"
     recipes.mkdir(parents=True, exist_ok=True)
-    no_memory = yaml.safe_load((CONFIGS / "mqar_mmrec.yaml").read_text())
+    no_memory = yaml.safe_load((CONFIGS / "passkey_mmrec.yaml").read_text())
     no_memory["model"]["memory_size_M"] = 0
     (recipes / "mmrec_no_memory.yaml").write_text(yaml.safe_dump(no_memory))
-    models = {"mmrec": CONFIGS / "mqar_mmrec.yaml", "mmrec_no_memory": recipes / "mmrec_no_memory.yaml",
-              "transformer": CONFIGS / "mqar_transformer.yaml"}
+    models = {"mmrec": CONFIGS / "passkey_mmrec.yaml", "mmrec_no_memory": recipes / "mmrec_no_memory.yaml",
+              "transformer": CONFIGS / "passkey_transformer.yaml"}
     jobs = []
     for name, recipe in models.items():
         argv = ["eval", "--task", "passkey", "--train", "--config", str(recipe), "--seed", "0",
@@ -300,8 +300,9 @@ def passkey_report(out: Path, docs: Path | None) -> None:
     for path in sorted((out / "passkey").glob("*/passkey_results.json")):
         report = json.loads(path.read_text())
         lengths = sorted({r["length"] for r in report["results"]})
-        means = [sum(r["accuracy"] for r in report["results"] if r["length"] == n)
-                 / sum(1 for r in report["results"] if r["length"] == n) for n in lengths]
+        done = [[r["accuracy"] for r in report["results"] if r["length"] == n and r["accuracy"] is not None]
+                for n in lengths]  # cells not run (too long for the model, out of memory) have accuracy None
+        means = [sum(cells) / len(cells) if cells else math.nan for cells in done]
         steps = report["curve"][-1]["step"] if report.get("curve") else None
         series[f"{path.parent.name} ({steps} steps)"] = (lengths, means)
     if not series:
@@ -311,7 +312,8 @@ def passkey_report(out: Path, docs: Path | None) -> None:
     print("| model | " + " | ".join(f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths) + " |")
     print("| --- |" + " ---: |" * len(lengths))
     for name, (xs, ys) in series.items():
-        print(f"| {name} | " + " | ".join(f"{dict(zip(xs, ys)).get(n, math.nan):.3f}" for n in lengths) + " |")
+        cells = [dict(zip(xs, ys)).get(n, math.nan) for n in lengths]
+        print(f"| {name} | " + " | ".join("not run" if math.isnan(c) else f"{c:.3f}" for c in cells) + " |")
     if docs:
         _plot(docs / "quality_passkey.png", "passkey accuracy (trained at 2K)", series, "context length (tokens)",
               "accuracy", logx=True)

@@ -187,8 +187,12 @@ def _run_passkey(args: argparse.Namespace, recipe: dict) -> tuple[dict, nn.Modul
           f"{samples} prompts per cell, {args.decode}; accuracy by length (rows) and depth (columns)")
     print(f"{'length':>8}" + "".join(f"{d:>8.2f}" for d in depths) + f"{'mean':>8}")
     for length in lengths:
-        row = [r["accuracy"] for r in records if r["length"] == length]
-        print(f"{length:>8}" + "".join(f"{a:8.3f}" for a in row) + f"{sum(row) / len(row):8.3f}")
+        row = [r for r in records if r["length"] == length]
+        done = [r["accuracy"] for r in row if r["accuracy"] is not None]
+        print(f"{length:>8}" + "".join(f"{r['accuracy']:8.3f}" if r["accuracy"] is not None else f"{'-':>8}"
+                                       for r in row) + (f"{sum(done) / len(done):8.3f}" if done else ""))
+    for reason in sorted({f"{r['length']}: {r['not_run']}" for r in records if r["not_run"]}):
+        print(f"not run (-): {reason}")
     report = dict(task="passkey", num_digits=digits, train_length=train_length, train_lengths=train_lengths,
                   decode=args.decode, results=records,
                   train=asdict(train_config) if args.train else None,

@@ -137,3 +137,31 @@ def test_longdoc_report(tmp_path, capsys):
     diffs = [b - a for a, b in zip(per_file["mmrec"][1], per_file["mmrec_no_memory"][1])]
     assert f"{sum(diffs) / 4:.3f} ± " in row.split("|")[4]
 
+
+def test_passkey_recipes_score_the_long_grid():
+    from mm_rec.config import load_mapping
+
+    sections, counts = [], []
+    for name in ("passkey_mmrec.yaml", "passkey_transformer.yaml"):
+        recipe = load_mapping(studies.CONFIGS / name)
+        config = MMRecConfig.from_dict(recipe["model"])
+        with torch.device("meta"):
+            counts.append(count(build_model(config, recipe.get("model_type", "mmrec"))))
+        section = recipe["passkey"]
+        assert section["lengths"] == [2048, 8192, 32768, 65536, 131072] and section["samples"] == 5
+        assert section["depths"] == [round(0.1 * i, 1) for i in range(11)]
+        assert max(section["train_lengths"]) <= section["train_length"] == 2048
+        if recipe.get("model_type") == "transformer":  # its max_seq_len lets it read the longest prompt and answer
+            assert config.max_seq_len >= max(section["lengths"]) + section["num_digits"] - 1
+        sections.append(section)
+    assert sections[0] == sections[1] and all(4e6 < n < 5e6 for n in counts)
+    assert abs(counts[1] - counts[0]) / counts[0] < 0.05, counts
+
+
+def test_passkey_report_marks_cells_not_run(tmp_path, capsys):
+    run = tmp_path / "passkey" / "transformer"
+    run.mkdir(parents=True)
+    cells = [{"length": 2048, "depth": 0.0, "accuracy": 0.5}, {"length": 131072, "depth": 0.0, "accuracy": None}]
+    run.joinpath("passkey_results.json").write_text(json.dumps({"results": cells, "curve": [{"step": 4}]}))
+    assert studies.main(["report", "--out", str(tmp_path)]) == 0
+    assert "| transformer (4 steps) | 0.500 | not run |" in capsys.readouterr().out
