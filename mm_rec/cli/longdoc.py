@@ -83,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
     """Score the checkpoint, print the bucket table, write OUT/longdoc_results.json."""
     if not args.checkpoint:
         raise ValueError("--task longdoc needs --checkpoint DIR (a run folder or a saved model)")
+    if args.files is not None and args.files < 1:
+        raise ValueError(f"--files must be a positive number of files, got {args.files}")
     device = resolve_device(args.device or "auto")
     model, tokenizer, folder = load_model_and_tokenizer(args.checkpoint, device)
     if tokenizer.kind != "byte":
