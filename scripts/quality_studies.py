@@ -3,6 +3,7 @@
     python scripts/quality_studies.py lm      --data-dir DIR --out runs/quality   # study 1: 8 training runs
     python scripts/quality_studies.py mqar    --out runs/quality                  # study 2: the MQAR grid
     python scripts/quality_studies.py passkey --out runs/quality                  # study 3: passkey, 3 models
+    python scripts/quality_studies.py longdoc --out runs/quality                  # study 4: 3 trainings, 3 evals
     python scripts/quality_studies.py report  --out runs/quality --docs docs      # tables (stdout) and PNGs
 
 Each study is a list of `mmrec` commands (printed before they run, so every number can be
@@ -134,11 +135,11 @@ def mqar_jobs(args: argparse.Namespace) -> list[Job]:
 def passkey_jobs(args: argparse.Namespace) -> list[Job]:
     recipes = Path(args.out) / "passkey" / "recipes"
     recipes.mkdir(parents=True, exist_ok=True)
-    no_memory = yaml.safe_load((CONFIGS / "mqar_mmrec.yaml").read_text())
+    no_memory = yaml.safe_load((CONFIGS / "passkey_mmrec.yaml").read_text())
     no_memory["model"]["memory_size_M"] = 0
     (recipes / "mmrec_no_memory.yaml").write_text(yaml.safe_dump(no_memory))
-    models = {"mmrec": CONFIGS / "mqar_mmrec.yaml", "mmrec_no_memory": recipes / "mmrec_no_memory.yaml",
-              "transformer": CONFIGS / "mqar_transformer.yaml"}
+    models = {"mmrec": CONFIGS / "passkey_mmrec.yaml", "mmrec_no_memory": recipes / "mmrec_no_memory.yaml",
+              "transformer": CONFIGS / "passkey_transformer.yaml"}
     jobs = []
     for name, recipe in models.items():
         argv = ["eval", "--task", "passkey", "--train", "--config", str(recipe), "--seed", "0",
@@ -152,6 +153,47 @@ def passkey_jobs(args: argparse.Namespace) -> list[Job]:
                      "--device", "cpu"]
         jobs.append(Job(name, argv))
     return jobs
+
+
+# ---------------------------------------------------------------------- study 4: long documents
+LONGDOC_MODELS = {  # name -> (recipe, --set overrides); S = 0 is a different model, trained on its own
+    "mmrec": ("longdoc_mmrec.yaml", []),
+    "mmrec_no_memory": ("longdoc_mmrec.yaml", ["model.memory_size_M=0"]),
+    "transformer": ("longdoc_transformer.yaml", []),
+}
+
+
+def longdoc_jobs(args: argparse.Namespace) -> tuple[list[Job], list[Job]]:
+    """The training runs, and the evaluation of each (run after them: it reads their checkpoints)."""
+    study = Path(args.out) / "longdoc"
+    trains, evals = [], []
+    for name, (recipe, overrides) in LONGDOC_MODELS.items():
+        sets = list(overrides)
+        if args.longdoc_steps:
+            sets += [f"training.max_steps={args.longdoc_steps}", f"training.lr_decay_steps={args.longdoc_steps}"]
+        if args.smoke:
+            sets += ["training.max_steps=2", "training.eval_interval=2", "training.eval_tokens=4096",
+                     "training.batch_size=2", "training.seq_len=256", "training.sample_tokens=0",
+                     "training.device=cpu"]
+        argv = ["train", "--config", str(CONFIGS / recipe), "--seed", "0", "--out", str(study / name)]
+        trains.append(Job(name, argv + (["--set", *sets] if sets else [])))
+        argv = ["eval", "--task", "longdoc", "--checkpoint", str(study / name), "--out", str(study / f"{name}_eval")]
+        if args.smoke:
+            argv += ["--max-bytes", "4096", "--files", "2", "--segment-len", "512", "--reset-every", "1024",
+                     "--device", "cpu"]
+        evals.append(Job(f"{name}_eval", argv))
+    return trains, evals
+
+
+def run_longdoc(args: argparse.Namespace) -> int:
+    """Train the three models (--jobs at a time), then score each one."""
+    phases = [[job for job in jobs if not args.only or args.only in job.name] for jobs in longdoc_jobs(args)]
+    if args.dry_run:
+        for job in phases[0] + phases[1]:
+            print(shlex.join(["mmrec", *job.argv]))
+        return 0
+    failed = sum(run_jobs(jobs, Path(args.out) / "longdoc", args.jobs, args.job_timeout) for jobs in phases)
+    return 1 if failed else 0
 
 
 # ---------------------------------------------------------------------- running
@@ -258,8 +300,9 @@ def passkey_report(out: Path, docs: Path | None) -> None:
     for path in sorted((out / "passkey").glob("*/passkey_results.json")):
         report = json.loads(path.read_text())
         lengths = sorted({r["length"] for r in report["results"]})
-        means = [sum(r["accuracy"] for r in report["results"] if r["length"] == n)
-                 / sum(1 for r in report["results"] if r["length"] == n) for n in lengths]
+        done = [[r["accuracy"] for r in report["results"] if r["length"] == n and r["accuracy"] is not None]
+                for n in lengths]  # cells not run (too long for the model, out of memory) have accuracy None
+        means = [sum(cells) / len(cells) if cells else math.nan for cells in done]
         steps = report["curve"][-1]["step"] if report.get("curve") else None
         series[f"{path.parent.name} ({steps} steps)"] = (lengths, means)
     if not series:
@@ -269,10 +312,58 @@ def passkey_report(out: Path, docs: Path | None) -> None:
     print("| model | " + " | ".join(f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths) + " |")
     print("| --- |" + " ---: |" * len(lengths))
     for name, (xs, ys) in series.items():
-        print(f"| {name} | " + " | ".join(f"{dict(zip(xs, ys)).get(n, math.nan):.3f}" for n in lengths) + " |")
+        cells = [dict(zip(xs, ys)).get(n, math.nan) for n in lengths]
+        print(f"| {name} | " + " | ".join("not run" if math.isnan(c) else f"{c:.3f}" for c in cells) + " |")
     if docs:
         _plot(docs / "quality_passkey.png", "passkey accuracy (trained at 2K)", series, "context length (tokens)",
               "accuracy", logx=True)
+
+
+def _paired(a: list[float], b: list[float]) -> tuple[float, float | None]:
+    """Mean of a - b over files and its standard error."""
+    diffs = [x - y for x, y in zip(a, b)]
+    mean = sum(diffs) / len(diffs)
+    if len(diffs) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
+
+
+def _mean_se(mean: float, se: float | None) -> str:
+    return f"{mean:.3f}" + (f" ± {se:.3f}" if se is not None else "")
+
+
+def longdoc_report(out: Path, docs: Path | None) -> None:
+    reports = {}
+    for name in LONGDOC_MODELS:
+        path = out / "longdoc" / f"{name}_eval" / "longdoc_results.json"
+        if path.is_file():
+            reports[name] = json.loads(path.read_text())
+    if not reports:
+        return
+    first = next(iter(reports.values()))
+    ranges = [b["range"] for b in next(iter(first["modes"].values()))]
+    print(f"\n### Long documents: nats per byte by position, mean ± s.e. over {len(first['files'])} held-out files "
+          f"(first {first['max_bytes']} bytes each; reset every {first['reset_every']})\n")
+    print("| model (steps) | scoring | " + " | ".join(ranges) + " |")
+    print("| --- | --- |" + " ---: |" * len(ranges))
+    series = {}
+    for name, report in reports.items():
+        for mode, buckets in {**report["modes"], **report["differences"]}.items():
+            cells = [_mean_se(b["mean"], b["se"]) for b in buckets]
+            print(f"| {name} ({report['step']}) | {mode} | " + " | ".join(cells) + " |")
+            if mode in report["modes"]:
+                series[f"{name} {mode}"] = ([(b["lo"] + b["hi"]) / 2 for b in buckets], [b["mean"] for b in buckets])
+    if "mmrec" in reports and "mmrec_no_memory" in reports:  # the same files: differences are paired per file
+        with_memory, without = reports["mmrec"]["modes"]["carried"], reports["mmrec_no_memory"]["modes"]["carried"]
+        if reports["mmrec"]["files"] == reports["mmrec_no_memory"]["files"]:
+            cells = [_mean_se(*_paired(b["per_file"], a["per_file"])) for a, b in zip(with_memory, without)]
+            print("| S = 0 minus S > 0 | carried | " + " | ".join(cells) + " |")
+    for report in reports.values():
+        for note in report.get("notes", []):
+            print(f"\n{note}")
+    if docs:
+        _plot(docs / "quality_longdoc.png", "long documents: loss by position", series, "byte position (bucket centre)",
+              "nats per byte", logx=True)
 
 
 def _plot(path: Path, title: str, series: dict, xlabel: str, ylabel: str, logx: bool = False) -> None:
@@ -299,7 +390,7 @@ def _plot(path: Path, title: str, series: dict, xlabel: str, ylabel: str, logx: 
 # ---------------------------------------------------------------------- command line
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("study", choices=["lm", "mqar", "passkey", "report"])
+    parser.add_argument("study", choices=["lm", "mqar", "passkey", "longdoc", "report"])
     parser.add_argument("--out", default="runs/quality", help="folder of the runs (default: runs/quality)")
     parser.add_argument("--data-dir", default="../shared/data", help="lm: folder with the two text files")
     parser.add_argument("--jobs", type=int, default=4, help="commands run at the same time")
@@ -309,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mqar-time-budget", type=float, help="mqar: stop each run's training after this many s")
     parser.add_argument("--passkey-steps", type=int, help="passkey: training steps (default: the recipe's)")
     parser.add_argument("--passkey-time-budget", type=float, help="passkey: stop training after this many s")
+    parser.add_argument("--longdoc-steps", type=int, help="longdoc: training steps (default: the recipes')")
     parser.add_argument("--docs", help="report: write the PNGs into this folder")
     parser.add_argument("--smoke", action="store_true", help="a few steps per run on the CPU (a check, not a result)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
@@ -319,7 +411,10 @@ def main(argv: list[str] | None = None) -> int:
         lm_report(out, docs)
         mqar_report(out, docs)
         passkey_report(out, docs)
+        longdoc_report(out, docs)
         return 0
+    if args.study == "longdoc":  # two phases: the evaluations read the trained checkpoints
+        return run_longdoc(args)
     jobs = {"lm": lm_jobs, "mqar": mqar_jobs, "passkey": passkey_jobs}[args.study](args)
     if args.only:
         jobs = [job for job in jobs if args.only in job.name]

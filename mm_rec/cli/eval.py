@@ -20,11 +20,13 @@ from mm_rec.utils.device import autocast_for, resolve_device
 DESCRIPTION = """\
   mmrec eval --checkpoint runs/x --data held_out.txt
   mmrec eval --checkpoint runs/x            # the validation split of its training data
-  mmrec eval --task mqar --checkpoint DIR   # long-context recall tasks"""
+  mmrec eval --task mqar --checkpoint DIR   # long-context recall tasks
+  mmrec eval --task longdoc --checkpoint DIR --out DIR   # loss by position far into long files"""
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint (or --task mqar|passkey)",
+    p = commands.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint "
+                                         "(or --task mqar|passkey|longdoc)",
                             formatter_class=HelpFormatter, description=DESCRIPTION)
     p.add_argument("--checkpoint", help="run folder (its newest checkpoint) or checkpoint / save_pretrained folder")
     p.add_argument("--data", help="text file, folder or .bin to score (default: the validation split of the "

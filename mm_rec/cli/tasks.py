@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mm_rec.cli import longdoc
 from mm_rec.config import MMRecConfig, load_mapping
 from mm_rec.evaluation import mqar, passkey
 from mm_rec.evaluation.train_task import TaskTrainConfig, train_on_task
@@ -63,7 +64,7 @@ def add_eval_task_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `mmrec eval --task mqar|passkey`. --task, --checkpoint, --config, --device, --seed
     and --out are added only where the parser does not have them yet (`mmrec eval` has its own
     --checkpoint and --device), so call this after adding those. The task options are always added."""
-    _add_shared(parser, "--task", choices=["mqar", "passkey"], help="evaluation task")
+    _add_shared(parser, "--task", choices=["mqar", "passkey", "longdoc"], help="evaluation task")
     _add_shared(parser, "--checkpoint", help="model folder (save_pretrained, or a run folder: its newest checkpoint); "
                 "with --train: the initial weights")
     _add_shared(parser, "--config", help="task recipe YAML: model section and mqar/passkey sections")
@@ -85,6 +86,7 @@ def add_eval_task_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--digits", type=int, help="passkey: digits of the key")
     group.add_argument("--decode", choices=["teacher_forced", "greedy"], default="teacher_forced",
                        help="passkey: one teacher-forced forward, or model.generate")
+    longdoc.add_arguments(parser)
 
 
 def _train_config(section: dict, args: argparse.Namespace) -> TaskTrainConfig:
@@ -185,8 +187,12 @@ def _run_passkey(args: argparse.Namespace, recipe: dict) -> tuple[dict, nn.Modul
           f"{samples} prompts per cell, {args.decode}; accuracy by length (rows) and depth (columns)")
     print(f"{'length':>8}" + "".join(f"{d:>8.2f}" for d in depths) + f"{'mean':>8}")
     for length in lengths:
-        row = [r["accuracy"] for r in records if r["length"] == length]
-        print(f"{length:>8}" + "".join(f"{a:8.3f}" for a in row) + f"{sum(row) / len(row):8.3f}")
+        row = [r for r in records if r["length"] == length]
+        done = [r["accuracy"] for r in row if r["accuracy"] is not None]
+        print(f"{length:>8}" + "".join(f"{r['accuracy']:8.3f}" if r["accuracy"] is not None else f"{'-':>8}"
+                                       for r in row) + (f"{sum(done) / len(done):8.3f}" if done else ""))
+    for reason in sorted({f"{r['length']}: {r['not_run']}" for r in records if r["not_run"]}):
+        print(f"not run (-): {reason}")
     report = dict(task="passkey", num_digits=digits, train_length=train_length, train_lengths=train_lengths,
                   decode=args.decode, results=records,
                   train=asdict(train_config) if args.train else None,
@@ -200,6 +206,8 @@ def run_eval_task(args: argparse.Namespace) -> int:
     Prints the results; with --out writes <out>/<task>_results.json, and with --train also the
     trained model (save_pretrained). Returns the process exit code.
     """
+    if args.task == "longdoc":  # scores a trained checkpoint: mm_rec.cli.longdoc
+        return longdoc.run(args)
     runners = {"mqar": _run_mqar, "passkey": _run_passkey}
     if args.task not in runners:
         raise ValueError(f"run_eval_task handles --task mqar or passkey, got {args.task!r}")

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from mm_rec.constants import IGNORE_INDEX
-from mm_rec.evaluation.scoring import predict_tokens
+from mm_rec.evaluation.scoring import carried_state, predict_tokens
 
 INTRO = "A pass key is hidden somewhere in the long text below. Find it and remember it.\n"
 NEEDLE = " The pass key is {key}. Keep it in mind."
@@ -136,23 +136,23 @@ class PasskeyScore:
 
 
 def score_passkey(model_or_logits: nn.Module | torch.Tensor, batch: PasskeyBatch, method: str = "teacher_forced",
-                  batch_size: int = 8) -> PasskeyScore:
+                  batch_size: int = 8, piece_len: int | None = None) -> PasskeyScore:
     """Score a model (or logits [B, L + n, V] for batch.input_ids with teacher forcing).
 
-    method "teacher_forced": the argmax at the answer positions of one forward over prompt + key;
-    "greedy": `model.generate(prompt, n, temperature=0)`, `batch_size` rows at a time.
+    method "teacher_forced": the argmax at the answer positions of a forward over prompt + key;
+    "greedy": `model.generate(prompt, n, temperature=0)`, `batch_size` rows at a time. A model
+    with a state reads the prompt in pieces of `piece_len` tokens (default: its
+    config.max_segment_len) with the state carried and keeps only the logits it scores, so a
+    128K-token prompt needs the memory of one piece (`mm_rec.evaluation.scoring`).
     """
     answers = batch.answers
     if method == "teacher_forced":
-        predicted = predict_tokens(model_or_logits, batch.input_ids, batch.answer_positions, batch_size)
+        predicted = predict_tokens(model_or_logits, batch.input_ids, batch.answer_positions, batch_size, piece_len)
     elif method == "greedy":
         if not hasattr(model_or_logits, "generate"):
             raise ValueError("greedy passkey scoring needs a model with a generate(...) method")
-        device = next(model_or_logits.parameters()).device
-        prompts = batch.input_ids[:, :batch.prompt_length]
-        predicted = torch.cat([
-            model_or_logits.generate(rows.to(device), answers.shape[1], temperature=0.0)[:, batch.prompt_length:].cpu()
-            for rows in prompts.split(batch_size)])
+        predicted = torch.cat([_greedy(model_or_logits, rows, answers.shape[1], piece_len)
+                               for rows in batch.input_ids[:, :batch.prompt_length].split(batch_size)])
     else:
         raise ValueError(f"unknown passkey scoring method {method!r}; use 'teacher_forced' or 'greedy'")
     correct = predicted == answers
@@ -160,20 +160,50 @@ def score_passkey(model_or_logits: nn.Module | torch.Tensor, batch: PasskeyBatch
                         digit_accuracy=correct.double().mean().item(), num_samples=answers.shape[0])
 
 
+def _greedy(model: nn.Module, prompts: torch.Tensor, num_tokens: int, piece_len: int | None) -> torch.Tensor:
+    """[B, num_tokens] greedy continuation (CPU) of prompts [B, L]. A model with a state reads all
+    but the last prompt token in pieces, then generates from that state (the same tokens as
+    `generate` over the whole prompt: segment invariance)."""
+    device = next(model.parameters()).device
+    prompts = prompts.to(device)
+    if not hasattr(model, "init_state"):
+        return model.generate(prompts, num_tokens, temperature=0.0)[:, prompts.shape[1]:].cpu()
+    state = carried_state(model, prompts[:, :-1], piece_len) if prompts.shape[1] > 1 else None
+    return model.generate(prompts[:, -1:], num_tokens, temperature=0.0, state=state)[:, 1:].cpu()
+
+
 def passkey_grid(model: nn.Module, lengths: Sequence[int], depths: Sequence[float], num_samples: int,
                  seed: int = 0, num_digits: int = 5, method: str = "teacher_forced",
-                 tokens_per_forward: int = 65536) -> list[dict]:
+                 tokens_per_forward: int = 65536, piece_len: int | None = None) -> list[dict]:
     """Score `num_samples` prompts per (length, depth) cell; one record per cell with length, depth,
-    accuracy, digit_accuracy and num_samples. Each cell has its own seed, so adding a length or a
-    depth leaves the other cells unchanged."""
+    accuracy, digit_accuracy, num_samples and not_run. Each cell has its own seed, so adding a
+    length or a depth leaves the other cells unchanged.
+
+    Rows per forward: `tokens_per_forward` // the tokens of one row's forward (a piece for a
+    model with a state, the whole prompt for one without). A model without a state (the
+    Transformer; RoPE has no length limit of its own) is run only where prompt and answer fit its
+    config.max_seq_len; a cell that is not run (too long, or out of GPU memory) has accuracy and
+    digit_accuracy None and says why in not_run.
+    """
+    stateful = hasattr(model, "init_state")
+    step = (piece_len or model.config.max_segment_len) if stateful else None
     records = []
     for length in lengths:
-        rows_per_forward = max(1, tokens_per_forward // length)
+        tokens = length + num_digits - 1  # the forward reads the prompt and all but the last digit
+        too_long = not stateful and tokens > model.config.max_seq_len
+        rows_per_forward = max(1, tokens_per_forward // (min(tokens, step) if stateful else tokens))
         for depth in depths:
-            batch = make_passkey_batch(length, num_samples, f"passkey-{seed}-{length}-{depth}", depth, num_digits)
-            score = score_passkey(model, batch, method, rows_per_forward)
-            records.append(dict(length=length, depth=depth, accuracy=score.accuracy,
-                                digit_accuracy=score.digit_accuracy, num_samples=score.num_samples))
+            record = dict(length=length, depth=depth, accuracy=None, digit_accuracy=None, num_samples=num_samples,
+                          not_run=f"{tokens} tokens > max_seq_len {model.config.max_seq_len}" if too_long else None)
+            if not too_long:
+                batch = make_passkey_batch(length, num_samples, f"passkey-{seed}-{length}-{depth}", depth, num_digits)
+                try:
+                    score = score_passkey(model, batch, method, rows_per_forward, step)
+                    record.update(accuracy=score.accuracy, digit_accuracy=score.digit_accuracy)
+                except torch.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                    record["not_run"] = f"out of GPU memory at {rows_per_forward} row(s) of {tokens} tokens"
+            records.append(record)
     return records
 
 

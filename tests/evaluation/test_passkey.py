@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mm_rec import MMRecConfig, MMRecModel
+from mm_rec.baselines.transformer import TransformerModel
 from mm_rec.cli.tasks import add_eval_task_arguments, run_eval_task
 from mm_rec.evaluation.passkey import (
     FILLER_SENTENCES,
@@ -20,6 +21,7 @@ from mm_rec.evaluation.passkey import (
     passkey_grid,
     score_passkey,
 )
+from mm_rec.evaluation.scoring import logits_at
 
 NEEDLE_TAIL = NEEDLE[NEEDLE.index("{key}") + len("{key}"):]  # text between the key and the rest of the filler
 LONGEST_SENTENCE = max(len(s) for s in FILLER_SENTENCES) + 1
@@ -184,3 +186,80 @@ def test_training_lengths_curriculum(tmp_path, monkeypatch):
     recipe.write_text("passkey:\n  train_length: 200\n  train_lengths: [160, 400]\n")
     with pytest.raises(ValueError, match="beyond train_length"):
         run_eval_task(args)
+
+
+class ForwardSpy(torch.nn.Module):
+    """A model wrapper that records the tokens and logits of every forward."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model, self.config, self.seen = model, model.config, []
+        if hasattr(model, "init_state"):
+            self.init_state = model.init_state
+
+    def forward(self, input_ids, state=None, **kwargs):
+        out = self.model(input_ids, state=state, **kwargs)
+        self.seen.append((input_ids.shape[1], None if out.logits is None else tuple(out.logits.shape)))
+        return out
+
+    def generate(self, *args, **kwargs):
+        return self.model.generate(*args, **kwargs)
+
+
+def test_pieces_with_the_state_carried_equal_one_forward():
+    """A long prompt is read in pieces (the state carried, only the answer logits kept): the same
+    logits as one forward over the whole prompt, and no forward longer than a piece."""
+    torch.manual_seed(0)
+    model = tiny_model().double().eval()
+    batch = make_passkey_batch(200, 3, seed=8, num_digits=5)
+    with torch.no_grad():
+        full = model(batch.input_ids).logits
+    expected = full[torch.arange(3)[:, None], batch.answer_positions]
+    spy = ForwardSpy(model)
+    chunked = logits_at(spy, batch.input_ids, batch.answer_positions, piece_len=37)
+    torch.testing.assert_close(chunked, expected, rtol=1e-10, atol=1e-10)
+    assert chunked.shape == (3, 5, 256)
+    assert max(t for t, _ in spy.seen) <= 37 and sum(t for t, _ in spy.seen) == 204  # the last digit is not read
+    for method in ("teacher_forced", "greedy"):
+        pieces, whole = score_passkey(model, batch, method, 2, piece_len=37), score_passkey(model, batch, method, 3)
+        assert pieces == whole
+
+    spy.seen.clear()  # greedy: all but the last prompt token in pieces, then `generate` from that state
+    score_passkey(spy, make_passkey_batch(200, 1, seed=8, num_digits=5), "greedy", piece_len=64)
+    assert [t for t, _ in spy.seen] == [64, 64, 64, 7]
+
+
+def test_grid_rows_per_forward_follow_the_piece():
+    model = ForwardSpy(tiny_model())
+    passkey_grid(model, [600], [0.5], num_samples=4, tokens_per_forward=400, piece_len=200)
+    assert {t for t, _ in model.seen} == {200, 4} and all(shape[0] == 2 for _, shape in model.seen)
+
+
+def test_transformer_beyond_its_length_is_not_run(monkeypatch):
+    config = MMRecConfig(vocab_size=256, hidden_dim=32, num_layers=1, num_heads=2, ffn_dim=64, max_seq_len=300)
+    model = TransformerModel(config).eval()
+    records = passkey_grid(model, [200, 296, 297], [0.0, 1.0], num_samples=2)
+    run = [(r["length"], r["not_run"] is None, r["accuracy"] is not None) for r in records]
+    assert run == [(200, True, True)] * 2 + [(296, True, True)] * 2 + [(297, False, False)] * 2  # 297 + 4 > 300
+    assert "max_seq_len 300" in records[-1]["not_run"]
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr("mm_rec.evaluation.passkey.score_passkey", out_of_memory)
+    (record,) = passkey_grid(model, [200], [0.5], num_samples=2)
+    assert record["accuracy"] is None and "out of GPU memory" in record["not_run"]
+
+
+def test_cli_marks_cells_not_run(tmp_path, capsys):
+    config = MMRecConfig(vocab_size=256, hidden_dim=32, num_layers=1, num_heads=2, ffn_dim=64, max_seq_len=250)
+    TransformerModel(config).save_pretrained(tmp_path / "model")
+    parser = argparse.ArgumentParser()
+    add_eval_task_arguments(parser)
+    args = parser.parse_args(["--task", "passkey", "--checkpoint", str(tmp_path / "model"), "--lengths", "180,400",
+                              "--depths", "0,1", "--samples", "1", "--out", str(tmp_path / "eval")])
+    assert run_eval_task(args) == 0
+    out = capsys.readouterr().out
+    assert "not run (-): 400: 404 tokens > max_seq_len 250" in out
+    report = json.loads((tmp_path / "eval" / "passkey_results.json").read_text())
+    assert [r["accuracy"] is None for r in report["results"]] == [False, False, True, True]

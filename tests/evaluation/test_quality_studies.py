@@ -87,3 +87,81 @@ def test_report_reads_the_runs(tmp_path, capsys):
     mean_1k = (cells[0]["accuracy"] + cells[1]["accuracy"]) / 2
     mean_2k = (cells[2]["accuracy"] + cells[3]["accuracy"]) / 2
     assert f"| mmrec (9 steps) | {mean_1k:.3f} | {mean_2k:.3f} |" in out
+
+
+def test_longdoc_recipes_match_and_hold_the_study_files_out():
+    from mm_rec.evaluation.long_documents import select_documents
+
+    mmrec = RunConfig.load(studies.CONFIGS / "longdoc_mmrec.yaml")
+    transformer = RunConfig.load(studies.CONFIGS / "longdoc_transformer.yaml")
+    assert (mmrec.model_type, transformer.model_type) == ("mmrec", "transformer")
+    assert mmrec.training == transformer.training and mmrec.data == transformer.data
+    assert mmrec.data.path is None and mmrec.data.tokenizer == "byte" and mmrec.data.carry_state
+    with torch.device("meta"):
+        n_mmrec = count(build_model(mmrec.model_config(), mmrec.model_type))
+        n_transformer = count(build_model(transformer.model_config(), transformer.model_type))
+    assert 10e6 < n_mmrec < 15e6 and abs(n_transformer - n_mmrec) / n_mmrec < 0.02, (n_mmrec, n_transformer)
+    assert transformer.model_config().max_seq_len == transformer.training.seq_len  # its sliding window
+    for _, overrides in studies.LONGDOC_MODELS.values():
+        RunConfig.load(studies.CONFIGS / "longdoc_mmrec.yaml", overrides)
+    # enough long files lie in the validation split to give standard errors over files
+    assert len(select_documents(32768, mmrec.data.val_fraction).documents) >= 10
+
+
+def test_longdoc_commands_train_then_evaluate(capsys, tmp_path):
+    assert studies.main(["longdoc", "--dry-run", "--out", str(tmp_path), "--longdoc-steps", "50"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[1] for line in lines] == ["train"] * 3 + ["eval"] * 3
+    assert all("training.max_steps=50" in line for line in lines[:3]) and "model.memory_size_M=0" in lines[1]
+    assert all(f"--checkpoint {tmp_path / 'longdoc' / name} " in line
+               for name, line in zip(studies.LONGDOC_MODELS, lines[3:]))
+
+
+def test_longdoc_report(tmp_path, capsys):
+    rng = random.Random(3)
+    files = [{"name": f"f{i}.py", "bytes": 40000} for i in range(4)]
+    per_file = {}
+    for name in ("mmrec", "mmrec_no_memory"):
+        per_file[name] = [[rng.uniform(1, 2) for _ in files] for _ in range(2)]
+        buckets = [{"range": r, "lo": lo, "hi": hi, "per_file": v, "mean": sum(v) / len(v), "se": 0.01}
+                   for r, lo, hi, v in zip(["0-2K", "2K-8K"], [0, 2048], [2048, 8192], per_file[name])]
+        run = tmp_path / "longdoc" / f"{name}_eval"
+        run.mkdir(parents=True)
+        run.joinpath("longdoc_results.json").write_text(json.dumps(
+            {"files": files, "max_bytes": 8192, "reset_every": 2048, "step": 30, "notes": [],
+             "modes": {"carried": buckets, "reset": buckets}, "differences": {"reset - carried": buckets}}))
+    assert studies.main(["report", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| mmrec (30) | carried | " in out and "| mmrec_no_memory (30) | reset - carried | " in out
+    row = next(line for line in out.splitlines() if line.startswith("| S = 0 minus S > 0"))
+    diffs = [b - a for a, b in zip(per_file["mmrec"][1], per_file["mmrec_no_memory"][1])]
+    assert f"{sum(diffs) / 4:.3f} ± " in row.split("|")[4]
+
+
+def test_passkey_recipes_score_the_long_grid():
+    from mm_rec.config import load_mapping
+
+    sections, counts = [], []
+    for name in ("passkey_mmrec.yaml", "passkey_transformer.yaml"):
+        recipe = load_mapping(studies.CONFIGS / name)
+        config = MMRecConfig.from_dict(recipe["model"])
+        with torch.device("meta"):
+            counts.append(count(build_model(config, recipe.get("model_type", "mmrec"))))
+        section = recipe["passkey"]
+        assert section["lengths"] == [2048, 8192, 32768, 65536, 131072] and section["samples"] == 5
+        assert section["depths"] == [round(0.1 * i, 1) for i in range(11)]
+        assert max(section["train_lengths"]) <= section["train_length"] == 2048
+        if recipe.get("model_type") == "transformer":  # its max_seq_len lets it read the longest prompt and answer
+            assert config.max_seq_len >= max(section["lengths"]) + section["num_digits"] - 1
+        sections.append(section)
+    assert sections[0] == sections[1] and all(4e6 < n < 5e6 for n in counts)
+    assert abs(counts[1] - counts[0]) / counts[0] < 0.05, counts
+
+
+def test_passkey_report_marks_cells_not_run(tmp_path, capsys):
+    run = tmp_path / "passkey" / "transformer"
+    run.mkdir(parents=True)
+    cells = [{"length": 2048, "depth": 0.0, "accuracy": 0.5}, {"length": 131072, "depth": 0.0, "accuracy": None}]
+    run.joinpath("passkey_results.json").write_text(json.dumps({"results": cells, "curve": [{"step": 4}]}))
+    assert studies.main(["report", "--out", str(tmp_path)]) == 0
+    assert "| transformer (4 steps) | 0.500 | not run |" in capsys.readouterr().out
