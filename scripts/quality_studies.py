@@ -2,6 +2,7 @@
 
     python scripts/quality_studies.py lm      --data-dir DIR --out runs/quality   # study 1: 8 training runs
     python scripts/quality_studies.py mqar    --out runs/quality                  # study 2: the MQAR grid
+    python scripts/quality_studies.py mqar-zoology --out runs/quality --compile   # study 2b: MQAR, Zoology's protocol
     python scripts/quality_studies.py passkey --out runs/quality                  # study 3: passkey, 3 models
     python scripts/quality_studies.py longdoc --out runs/quality                  # study 4: 3 trainings, 3 evals
     python scripts/quality_studies.py report  --out runs/quality --docs docs      # tables (stdout) and PNGs
@@ -11,6 +12,7 @@ reproduced one command at a time), run `--jobs` at a time; small models leave a 
 so several share it. `--job-timeout` interrupts a command (SIGINT: the trainer saves and its
 metrics so far stay); `--smoke` shrinks every run to a few steps for a check on a CPU.
 Every run writes into OUT/<study>/<run>/: metrics.jsonl (lm) or <task>_results.json, and log.txt.
+`report` reads every study's runs it finds.
 """
 
 from __future__ import annotations
@@ -73,10 +75,10 @@ MQAR_WIDTHS = [64, 128, 256]
 MQAR_VOCAB = 1024  # keys and values from disjoint halves: up to 512 pairs
 
 
-def mqar_model(width: int, model_type: str) -> dict:
+def mqar_model(width: int, model_type: str, vocab_size: int = MQAR_VOCAB) -> dict:
     """Two layers of `width`, as the published MQAR comparisons (Zoology); the memory's ring spans
     S * C = 64 * 16 = 1024 tokens, the longest row."""
-    model = dict(vocab_size=MQAR_VOCAB, hidden_dim=width, num_layers=2, num_heads=max(1, width // 64),
+    model = dict(vocab_size=vocab_size, hidden_dim=width, num_layers=2, num_heads=max(1, width // 64),
                  ffn_dim=2 * width, max_seq_len=1024, max_segment_len=1024)
     if model_type == "mmrec":
         model.update(num_memories=2, mem_dim=min(64, width), memory_size_M=64, chunk_size=16, decay_rank=32)
@@ -95,7 +97,8 @@ def matching_ffn_dim(transformer_model: dict) -> int:
 
     width = transformer_model["hidden_dim"]
     with torch.device("meta"):
-        target = build_model(MMRecConfig(**mqar_model(width, "mmrec"))).num_parameters()
+        mmrec = mqar_model(width, "mmrec", transformer_model["vocab_size"])
+        target = build_model(MMRecConfig(**mmrec)).num_parameters()
         best = None
         for ffn in range(32, 16 * width + 1, 32):
             config = MMRecConfig(**{**transformer_model, "ffn_dim": ffn})
@@ -128,6 +131,56 @@ def mqar_jobs(args: argparse.Namespace) -> list[Job]:
                 if args.smoke:
                     argv += ["--device", "cpu"]
                 jobs.append(Job(name, argv))
+    return jobs
+
+
+# ---------------------------------------------------------------------- study 2b: MQAR, Zoology's protocol
+ZOOLOGY_WIDTHS = [64, 128, 256]
+ZOOLOGY_LRS = [1e-4, 4.6e-4, 2.2e-3, 1e-2]  # Zoology's sweep, np.logspace(-4, -2, 4)
+ZOOLOGY_VOCAB = 8192
+ZOOLOGY_TEST_SETS = "512:64,64:4,128:8,256:16,256:32,256:64"  # the main cell, then the training cells held out
+ZOOLOGY_ABLATION_WIDTH = 128
+ZOOLOGY_ABLATIONS = {  # MM-Rec's memory pieces switched off one at a time (docs/architecture.md)
+    "no_window": {"window_size": 0},
+    "level2_mean": {"level2": "mean"},
+    "state_input": {"memory_input": "state", "conv_size": 0},
+    "slot_mean": {"slot_write": "mean"},
+    "retention_age": {"retention": "age"},
+}
+
+
+def zoology_jobs(args: argparse.Namespace) -> list[Job]:
+    """Transformer and MM-Rec at every width and learning rate on Zoology's mixed training set,
+    plus the MM-Rec ablations at one width: one `mmrec eval --task mqar --protocol zoology` each."""
+    from mm_rec.evaluation.mqar_zoology import ZOOLOGY_TRAIN_SETS
+
+    recipes = Path(args.out) / "mqar-zoology" / "recipes"
+    recipes.mkdir(parents=True, exist_ok=True)
+    variants = [(f"{model_type}_w{width}", model_type, mqar_model(width, model_type, ZOOLOGY_VOCAB))
+                for model_type in ("transformer", "mmrec") for width in ZOOLOGY_WIDTHS]
+    variants += [(f"mmrec_w{ZOOLOGY_ABLATION_WIDTH}_{name}", "mmrec",
+                  {**mqar_model(ZOOLOGY_ABLATION_WIDTH, "mmrec", ZOOLOGY_VOCAB), **overrides})
+                 for name, overrides in ZOOLOGY_ABLATIONS.items()]
+    jobs = []
+    for variant, model_type, model in variants:
+        recipe = recipes / f"{variant}.yaml"
+        recipe.write_text(yaml.safe_dump(dict(model_type=model_type, model=model)))
+        for lr in ZOOLOGY_LRS:
+            name = f"{variant}_lr{lr:.1e}"
+            argv = ["eval", "--task", "mqar", "--protocol", "zoology", "--train", "--config", str(recipe),
+                    "--lr", f"{lr:g}", "--vocab", str(ZOOLOGY_VOCAB), "--seed", "0",
+                    "--out", str(Path(args.out) / "mqar-zoology" / name)]
+            if args.smoke:
+                argv += ["--train-sets", "64:4:64", "--test-sets", "64:4:16", "--max-epochs", "1", "--device", "cpu"]
+            else:
+                argv += ["--train-sets", ZOOLOGY_TRAIN_SETS, "--test-sets", ZOOLOGY_TEST_SETS]
+            if args.zoology_max_epochs:
+                argv += ["--max-epochs", str(args.zoology_max_epochs)]
+            if args.zoology_time_budget:
+                argv += ["--time-budget", str(args.zoology_time_budget)]
+            if args.compile:
+                argv += ["--compile"]
+            jobs.append(Job(name, argv))
     return jobs
 
 
@@ -295,6 +348,65 @@ def mqar_report(out: Path, docs: Path | None) -> None:
               + ", ".join(f"{t}:{p}" for t, p in MQAR_TASKS) + ")", series, "sequence length", "accuracy", logx=True)
 
 
+def zoology_report(out: Path, docs: Path | None) -> None:
+    """Per run (model, width, ablation): the best accuracy on the main test cell at every learning
+    rate, the best over them and the fewest steps to pass 0.99; then every test cell at each run's
+    best learning rate."""
+    runs: dict[str, dict[float, dict]] = {}
+    for path in sorted((out / "mqar-zoology").glob("*_lr*/mqar_results.json")):
+        report = json.loads(path.read_text())
+        variant, lr = path.parent.name.rsplit("_lr", 1)
+        runs.setdefault(variant, {})[float(lr)] = report
+    if not runs:
+        return
+    lrs = sorted({lr for by_lr in runs.values() for lr in by_lr})
+
+    def main_accuracy(report: dict) -> float:
+        return report["best_accuracy"][report["settings"]["main_cell"]]
+
+    def order(variant: str) -> tuple:
+        model_type, width, *ablation = variant.split("_", 2)
+        return (ablation != [], model_type != "transformer", int(width[1:]), ablation)
+
+    any_report = next(iter(next(iter(runs.values())).values()))
+    main, cells = any_report["settings"]["main_cell"], list(any_report["best_accuracy"])
+    print(f"\n### MQAR, Zoology's protocol: best accuracy at {main} per learning rate "
+          "(step where 0.99 was passed)\n")
+    print("| run | parameters | state (values) | " + " | ".join(f"lr {lr:.1e}" for lr in lrs)
+          + " | best | steps to 0.99 |")
+    print("| --- | ---: | ---: |" + " ---: |" * (len(lrs) + 2))
+    best_runs = {}
+    for variant in sorted(runs, key=order):
+        by_lr = runs[variant]
+        some = next(iter(by_lr.values()))
+        row = []
+        for lr in lrs:
+            report = by_lr.get(lr)
+            reached = report and report.get("target_reached")
+            row.append("" if report is None else f"{main_accuracy(report):.3f}" + (f" ({reached['step']})"
+                                                                                   if reached else ""))
+        best_lr = max(by_lr, key=lambda lr: main_accuracy(by_lr[lr]))
+        best_runs[variant] = by_lr[best_lr]
+        steps = [r["target_reached"]["step"] for r in by_lr.values() if r.get("target_reached")]
+        print(f"| {variant} | {some['parameters']:,} | {some['state_size']:,} | " + " | ".join(row)
+              + f" | **{main_accuracy(by_lr[best_lr]):.3f}** | {min(steps) if steps else '—'} |")
+    print("\n### the same runs at their best learning rate: best accuracy per test cell\n")
+    print("| run | lr | epochs | " + " | ".join(cells) + " |")
+    print("| --- | ---: | ---: |" + " ---: |" * len(cells))
+    for variant, report in best_runs.items():
+        print(f"| {variant} | {report['settings']['lr']:.1e} | {report['epochs']} | "
+              + " | ".join(f"{report['best_accuracy'].get(c, math.nan):.3f}" for c in cells) + " |")
+    if docs:
+        series = {}
+        for model_type in ("transformer", "mmrec"):
+            points = [(int(v.split("_")[1][1:]), main_accuracy(r)) for v, r in best_runs.items()
+                      if v.startswith(model_type + "_") and v.count("_") == 1]
+            if points:
+                series[model_type] = ([w for w, _ in sorted(points)], [a for _, a in sorted(points)])
+        _plot(docs / "quality_mqar_zoology.png", f"MQAR, Zoology's protocol: accuracy at {main} (best lr)", series,
+              "model width", "accuracy", logx=True)
+
+
 def passkey_report(out: Path, docs: Path | None) -> None:
     series = {}
     for path in sorted((out / "passkey").glob("*/passkey_results.json")):
@@ -390,7 +502,7 @@ def _plot(path: Path, title: str, series: dict, xlabel: str, ylabel: str, logx: 
 # ---------------------------------------------------------------------- command line
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("study", choices=["lm", "mqar", "passkey", "longdoc", "report"])
+    parser.add_argument("study", choices=["lm", "mqar", "mqar-zoology", "passkey", "longdoc", "report"])
     parser.add_argument("--out", default="runs/quality", help="folder of the runs (default: runs/quality)")
     parser.add_argument("--data-dir", default="../shared/data", help="lm: folder with the two text files")
     parser.add_argument("--jobs", type=int, default=4, help="commands run at the same time")
@@ -398,6 +510,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job-timeout", type=float, help="interrupt a command after this many seconds")
     parser.add_argument("--mqar-steps", type=int, default=2000, help="mqar: training steps per run")
     parser.add_argument("--mqar-time-budget", type=float, help="mqar: stop each run's training after this many s")
+    parser.add_argument("--zoology-max-epochs", type=int, help="mqar-zoology: epochs at most (default: 64)")
+    parser.add_argument("--zoology-time-budget", type=float,
+                        help="mqar-zoology: stop each run after the epoch that crosses this many s")
+    parser.add_argument("--compile", action="store_true", help="mqar-zoology: torch.compile each block (GPU runs)")
     parser.add_argument("--passkey-steps", type=int, help="passkey: training steps (default: the recipe's)")
     parser.add_argument("--passkey-time-budget", type=float, help="passkey: stop training after this many s")
     parser.add_argument("--longdoc-steps", type=int, help="longdoc: training steps (default: the recipes')")
@@ -410,12 +526,13 @@ def main(argv: list[str] | None = None) -> int:
         docs = Path(args.docs) if args.docs else None
         lm_report(out, docs)
         mqar_report(out, docs)
+        zoology_report(out, docs)
         passkey_report(out, docs)
         longdoc_report(out, docs)
         return 0
     if args.study == "longdoc":  # two phases: the evaluations read the trained checkpoints
         return run_longdoc(args)
-    jobs = {"lm": lm_jobs, "mqar": mqar_jobs, "passkey": passkey_jobs}[args.study](args)
+    jobs = {"lm": lm_jobs, "mqar": mqar_jobs, "mqar-zoology": zoology_jobs, "passkey": passkey_jobs}[args.study](args)
     if args.only:
         jobs = [job for job in jobs if args.only in job.name]
     if args.dry_run:

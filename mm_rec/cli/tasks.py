@@ -14,6 +14,10 @@ section per task:
 
 The generators and scorers are mm_rec.evaluation.mqar and .passkey, the training loop
 mm_rec.evaluation.train_task; this module reads the options and the recipe and wires them up.
+
+`--task mqar --protocol zoology` is Zoology's protocol instead (mm_rec.evaluation.mqar_zoology):
+their data, a fixed training set trained for epochs, test cells scored after every epoch; it
+reads only the model from the recipe, its settings from the options.
 """
 
 from __future__ import annotations
@@ -30,10 +34,10 @@ from torch import nn
 
 from mm_rec.cli import longdoc
 from mm_rec.config import MMRecConfig, load_mapping
-from mm_rec.evaluation import mqar, passkey
+from mm_rec.evaluation import mqar, mqar_zoology, passkey
 from mm_rec.evaluation.train_task import TaskTrainConfig, train_on_task
 from mm_rec.loading import build_model, load_model
-from mm_rec.utils.device import autocast_for, resolve_device
+from mm_rec.utils.device import autocast_for, resolve_device, resolve_precision
 
 TOKENS_PER_FORWARD = 65536  # evaluation rows per forward = this // sequence length (at least 1)
 VALIDATION_ROWS = 256  # held-out rows (MQAR) or prompts (passkey) scored during training
@@ -86,11 +90,14 @@ def add_eval_task_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--digits", type=int, help="passkey: digits of the key")
     group.add_argument("--decode", choices=["teacher_forced", "greedy"], default="teacher_forced",
                        help="passkey: one teacher-forced forward, or model.generate")
+    group.add_argument("--lr", type=float, help="peak learning rate (overrides the recipe; zoology: "
+                       f"default {ZOOLOGY_LR})")
+    add_zoology_arguments(parser)
     longdoc.add_arguments(parser)
 
 
 def _train_config(section: dict, args: argparse.Namespace) -> TaskTrainConfig:
-    overrides = {"steps": args.steps, "time_budget_s": args.time_budget}
+    overrides = {"steps": args.steps, "time_budget_s": args.time_budget, "lr": args.lr}
     return TaskTrainConfig.from_dict({**section, **{k: v for k, v in overrides.items() if v is not None}})
 
 
@@ -213,8 +220,10 @@ def run_eval_task(args: argparse.Namespace) -> int:
         raise ValueError(f"run_eval_task handles --task mqar or passkey, got {args.task!r}")
     if args.seed is None:  # a --seed of the caller's parser (add_eval_task_arguments keeps it) may default to None
         args.seed = 0
+    _check_protocol_options(args)
     recipe = load_mapping(args.config) if args.config else {}
-    report, model = runners[args.task](args, recipe)
+    runner = _run_mqar_zoology if args.protocol == "zoology" else runners[args.task]
+    report, model = runner(args, recipe)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -225,3 +234,173 @@ def run_eval_task(args: argparse.Namespace) -> int:
             model.save_pretrained(out)
         print(f"results written to {out / f'{args.task}_results.json'}" + (f", model to {out}" if args.train else ""))
     return 0
+
+
+# ---------------------------------------------------------------------- --task mqar --protocol zoology
+PROTOCOLS = ("stream", "zoology")
+ZOOLOGY_LR, ZOOLOGY_MAX_EPOCHS, ZOOLOGY_TRAIN_ROWS = 1e-3, 64, 100_000
+# options that belong to one protocol only (dest names); the others are shared
+ZOOLOGY_OPTIONS = ("train_sets", "test_sets", "train_rows", "test_rows", "max_epochs", "train_batch_size", "power_a",
+                   "random_non_queries", "target_accuracy", "compile")
+STREAM_OPTIONS = ("steps", "train_length", "lengths", "samples", "pairs", "queries", "alpha")
+ZOOLOGY_HELP = f"""\
+Zoology's MQAR protocol: their data (keys from [1, V/2), values from [V/2, V), power-law query
+gaps, answers at the queries), a fixed training set trained for epochs, test cells scored after
+every epoch, early stop above --target-accuracy on the first test cell. Cells are T:P or T:P:ROWS
+(T tokens per row, P key-value pairs). Shared with the stream protocol: --train, --config (its
+model section), --checkpoint, --vocab (default {mqar_zoology.ZOOLOGY_VOCAB}), --lr, --time-budget (stop after the
+epoch that crosses it), --seed, --out (mqar_results.json, rewritten after every epoch).
+  mmrec eval --task mqar --protocol zoology --train --config RECIPE --lr 1e-3 --out DIR
+  mmrec eval --task mqar --protocol zoology --checkpoint DIR --test-sets 512:64,1024:128"""
+
+
+def add_zoology_arguments(parser: argparse.ArgumentParser) -> None:
+    """--protocol and the options of `--protocol zoology` (called by add_eval_task_arguments)."""
+    group = parser.add_argument_group("mqar --protocol zoology", ZOOLOGY_HELP)
+    group.add_argument("--protocol", choices=PROTOCOLS, default="stream",
+                       help="mqar: stream (fresh batches from mm_rec.evaluation.mqar for --steps) or zoology")
+    group.add_argument("--train-sets", metavar="CELLS",
+                       help=f"training cells (default: Zoology's mix {mqar_zoology.ZOOLOGY_TRAIN_SETS})")
+    group.add_argument("--test-sets", metavar="CELLS",
+                       help="test cells, each scored on its own; the first decides the early stop "
+                            f"(default: {mqar_zoology.ZOOLOGY_TEST_SETS})")
+    group.add_argument("--train-rows", metavar="N", type=int,
+                       help=f"rows of a training cell given as T:P (default: {ZOOLOGY_TRAIN_ROWS})")
+    group.add_argument("--test-rows", metavar="N", type=int,
+                       help=f"rows of a test cell given as T:P (default: {mqar_zoology.ZOOLOGY_TEST_ROWS})")
+    group.add_argument("--max-epochs", metavar="N", type=int,
+                       help=f"epochs at most; the cosine ends here (default: {ZOOLOGY_MAX_EPOCHS})")
+    group.add_argument("--train-batch-size", metavar="N", type=int,
+                       help="rows per step at every length (default: Zoology's rule: 512 at T <= 128, then 64K "
+                            "tokens: 256 at T = 256, 128 at 512, 64 at 1024)")
+    group.add_argument("--power-a", metavar="A", type=float,
+                       help="power-law parameter of the query gaps (default: 0.01)")
+    group.add_argument("--random-non-queries", action=argparse.BooleanOptionalAction, default=None,
+                       help="fill the query region between the queries with random tokens, or zeros "
+                            "(default: random, as Zoology's generator)")
+    group.add_argument("--target-accuracy", metavar="A", type=float,
+                       help="stop once the first test cell's accuracy exceeds this (default: 0.99)")
+    group.add_argument("--compile", action="store_true", help="torch.compile each block (GPU runs)")
+
+
+def _check_protocol_options(args: argparse.Namespace) -> None:
+    """ValueError for options of the other protocol: they would be ignored silently otherwise."""
+    def given(names: tuple[str, ...]) -> list[str]:
+        return ["--" + name.replace("_", "-") for name in names if getattr(args, name, None) not in (None, False)]
+
+    if args.protocol == "zoology":
+        if args.task != "mqar":
+            raise ValueError(f"--protocol zoology is a protocol of --task mqar, not of --task {args.task}")
+        if given(STREAM_OPTIONS):
+            raise ValueError(f"{', '.join(given(STREAM_OPTIONS))}: not options of --protocol zoology "
+                             "(it takes --train-sets, --test-sets, --max-epochs, ...; see --help)")
+    elif given(ZOOLOGY_OPTIONS):
+        raise ValueError(f"{', '.join(given(ZOOLOGY_OPTIONS))}: options of --protocol zoology "
+                         "(add --protocol zoology)")
+
+
+def _zoology_config(args: argparse.Namespace) -> mqar_zoology.ZoologyConfig:
+    vocab = args.vocab or mqar_zoology.ZOOLOGY_VOCAB
+    for name in ("train_rows", "test_rows", "max_epochs", "train_batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be a positive integer")
+    if args.lr is not None and not args.lr > 0:
+        raise ValueError(f"--lr {args.lr}: must be > 0")
+    if args.power_a is not None and not args.power_a > 0:
+        raise ValueError(f"--power-a {args.power_a}: must be > 0")
+    if args.time_budget is not None and not args.time_budget > 0:
+        raise ValueError(f"--time-budget {args.time_budget}: must be > 0 seconds")
+    training = ("train_sets", "train_rows", "max_epochs", "train_batch_size", "lr", "time_budget", "target_accuracy",
+                "compile")
+    given = ["--" + name.replace("_", "-") for name in training if getattr(args, name) not in (None, False)]
+    if given and not args.train:
+        raise ValueError(f"{', '.join(given)}: training options; add --train (without it the model is only scored)")
+    train_sets = mqar_zoology.parse_cells(args.train_sets or mqar_zoology.ZOOLOGY_TRAIN_SETS,
+                                          args.train_rows or ZOOLOGY_TRAIN_ROWS, vocab, "--train-sets") \
+        if args.train else ()
+    test_sets = mqar_zoology.parse_cells(args.test_sets or mqar_zoology.ZOOLOGY_TEST_SETS,
+                                         args.test_rows or mqar_zoology.ZOOLOGY_TEST_ROWS, vocab, "--test-sets")
+    options = dict(power_a=args.power_a, random_non_queries=args.random_non_queries,
+                   target_accuracy=args.target_accuracy, time_budget_s=args.time_budget)
+    return mqar_zoology.ZoologyConfig(vocab_size=vocab, train_sets=train_sets, test_sets=test_sets,
+                                      lr=args.lr or ZOOLOGY_LR, max_epochs=args.max_epochs or ZOOLOGY_MAX_EPOCHS,
+                                      batch_size=args.train_batch_size, compile=args.compile, seed=args.seed,
+                                      **{k: v for k, v in options.items() if v is not None})
+
+
+def state_size(model: nn.Module, seq_len: int) -> tuple[int, str]:
+    """(values a model keeps per sequence, what they are): MM-Rec's recurrent state (`mmrec info`'s
+    count: every piece of init_state(1) but the position; constant in T), the Transformer's KV
+    cache at `seq_len`."""
+    if hasattr(model, "init_state"):
+        state = model.init_state(1, device="meta")
+        return (sum(t.numel() for k, t in state.state_dict().items() if k != "position"),
+                "recurrent state (init_state(1)), independent of T")
+    config = model.config
+    return (mqar_zoology.transformer_cache_size(config.num_layers, config.hidden_dim, seq_len),
+            f"KV cache at T = {seq_len} (2 * layers * T * hidden_dim)")
+
+
+def _write_json(path: Path, report: dict) -> None:
+    """Write `report` so that a reader sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".tmp-{path.name}")
+    staging.write_text(json.dumps(report, indent=2) + "\n")
+    staging.replace(path)
+
+
+def _run_mqar_zoology(args: argparse.Namespace, recipe: dict) -> tuple[dict, nn.Module]:
+    config = _zoology_config(args)
+    model, device = _prepare_model(args, recipe)
+    if model.config.vocab_size < config.vocab_size:
+        raise ValueError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the task's "
+                         f"({config.vocab_size}): set model.vocab_size in the recipe, or --vocab")
+    main = config.test_sets[0]
+    floats, floats_what = state_size(model, main.seq_len)
+    def cells(sets: tuple[mqar_zoology.MQARCell, ...]) -> str:
+        return ", ".join(f"{c.name} x {c.rows}" for c in sets)
+
+    print(f"MQAR, Zoology's protocol: {type(model).__name__} ({model.num_parameters() / 1e6:.2f}M parameters, "
+          f"{floats:,} values of state per sequence: {floats_what}), vocab {config.vocab_size}, "
+          f"chance {mqar_zoology.chance_accuracy(config.vocab_size):.5f}")
+    print(f"train {cells(config.train_sets)}; test {cells(config.test_sets)}; power_a {config.power_a}, "
+          f"random non-queries {config.random_non_queries}")
+    tests = mqar_zoology.build_test_sets(config, device)
+    settings = dict(asdict(config), main_cell=main.name, device=str(device),
+                    precision=resolve_precision("auto", device))
+    report = dict(task="mqar", protocol="zoology", recipe=recipe, model_config=model.config.to_dict(),
+                  model=type(model).__name__, parameters=model.num_parameters(), state_size=floats,
+                  state_size_kind=floats_what, chance=mqar_zoology.chance_accuracy(config.vocab_size),
+                  settings=settings, seed=args.seed)
+    out = Path(args.out) / "mqar_results.json" if args.out else None
+
+    def fill(result: mqar_zoology.ZoologyResult) -> dict:
+        reached = result.first_above(main.name, config.target_accuracy)
+        settings.update(batch_sizes=result.batch_sizes, steps_per_epoch=result.steps_per_epoch,
+                        warmup_steps=result.warmup_steps, planned_steps=result.planned_steps)
+        return dict(report, curve=[asdict(p) for p in result.curve], best_accuracy=result.best_accuracy,
+                    target_reached=None if reached is None else dict(epoch=reached.epoch, step=reached.step,
+                                                                     seconds=reached.seconds),
+                    stopped=result.stopped or "running", epochs=len(result.curve),
+                    steps=result.curve[-1].step if result.curve else 0,
+                    results=[dict(seq_len=c.seq_len, num_pairs=c.num_pairs, rows=c.rows,
+                                  accuracy=result.curve[-1].accuracy[c.name],
+                                  best_accuracy=result.best_accuracy[c.name]) for c in config.test_sets])
+
+    if args.train:
+        groups = mqar_zoology.build_train_groups(config, device)
+        print("rows per step: " + ", ".join(f"{g.batch_size} at T = {g.seq_len}" for g in groups))
+        result = mqar_zoology.train_zoology(model, groups, tests, config,
+                                            on_epoch=(lambda r: _write_json(out, fill(r))) if out else None)
+        report = fill(result)
+        best = "  ".join(f"{name} {acc:.4f}" for name, acc in result.best_accuracy.items())
+        reached = report["target_reached"]
+        print(f"best accuracy {best}; {main.name} above {config.target_accuracy}: "
+              + (f"epoch {reached['epoch']}, step {reached['step']}" if reached else "not reached"))
+    else:  # score a given model once
+        accuracy = mqar_zoology.evaluate(model, tests, device)
+        report.update(results=[dict(seq_len=c.seq_len, num_pairs=c.num_pairs, rows=c.rows,
+                                    accuracy=accuracy[c.name]) for c in config.test_sets])
+        print("accuracy " + "  ".join(f"{name} {acc:.4f}" for name, acc in accuracy.items()))
+    model.eval()
+    return report, model

@@ -51,11 +51,36 @@ def test_mqar_models_match_in_size(width):
         assert config["memory_size_M"] * config["chunk_size"] >= length and 2 * pairs <= studies.MQAR_VOCAB
 
 
+@pytest.mark.parametrize("width", studies.ZOOLOGY_WIDTHS)
+def test_zoology_models_match_in_size_and_fit_the_task(width):
+    with torch.device("meta"):
+        n_mmrec = count(MMRecModel(MMRecConfig(**studies.mqar_model(width, "mmrec", studies.ZOOLOGY_VOCAB))))
+        transformer = studies.mqar_model(width, "transformer", studies.ZOOLOGY_VOCAB)
+        n_transformer = count(TransformerModel(MMRecConfig(**transformer)))
+    assert abs(n_transformer - n_mmrec) / n_mmrec < 0.02, (n_mmrec, n_transformer)
+    assert transformer["vocab_size"] == studies.ZOOLOGY_VOCAB and transformer["max_seq_len"] >= 512
+
+
 def test_commands_are_listed(capsys, tmp_path):
-    for study, expected in (("lm", 8), ("mqar", 30), ("passkey", 3)):
+    for study, expected in (("lm", 8), ("mqar", 30), ("mqar-zoology", 44), ("passkey", 3)):
         assert studies.main([study, "--dry-run", "--out", str(tmp_path)]) == 0
         lines = capsys.readouterr().out.strip().splitlines()
         assert len(lines) == expected and all(line.startswith("mmrec ") for line in lines)
+
+
+def test_zoology_sweep(capsys, tmp_path):
+    assert studies.main(["mqar-zoology", "--dry-run", "--out", str(tmp_path), "--only", "mmrec_w128_",
+                         "--zoology-time-budget", "300", "--compile"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 * (1 + len(studies.ZOOLOGY_ABLATIONS))  # every learning rate of each variant
+    assert all("--protocol zoology" in line and "--time-budget 300" in line and "--compile" in line
+               for line in lines)
+    assert {line.split("--lr ")[1].split()[0] for line in lines} == {f"{lr:g}" for lr in studies.ZOOLOGY_LRS}
+    recipes = tmp_path / "mqar-zoology" / "recipes"
+    for name, overrides in studies.ZOOLOGY_ABLATIONS.items():  # each ablation is its recipe's model section
+        recipe = RunConfig.load(recipes / f"mmrec_w{studies.ZOOLOGY_ABLATION_WIDTH}_{name}.yaml")
+        assert all(getattr(recipe.model_config(), key) == value for key, value in overrides.items())
+        assert recipe.model_config().vocab_size == studies.ZOOLOGY_VOCAB
 
 
 def test_report_reads_the_runs(tmp_path, capsys):
@@ -73,6 +98,16 @@ def test_report_reads_the_runs(tmp_path, capsys):
     run.mkdir(parents=True)
     run.joinpath("mqar_results.json").write_text(json.dumps(
         {"results": [{"accuracy": accuracy}], "curve": [{"step": 5}, {"step": 17}]}))
+    # per variant and lr: the best accuracy at the main cell, the step where 0.99 was passed
+    for variant, results in (("transformer_w64", ((1e-4, 0.5, None), (2.2e-3, 0.995, 900))),
+                             ("mmrec_w128_no_window", ((1e-4, 0.25, None), (1e-2, 0.125, None)))):
+        for lr, best_main, step in results:
+            run = tmp_path / "mqar-zoology" / f"{variant}_lr{lr:.1e}"
+            run.mkdir(parents=True)
+            run.joinpath("mqar_results.json").write_text(json.dumps(
+                {"settings": {"main_cell": "512:64", "lr": lr}, "best_accuracy": {"512:64": best_main, "64:4": 1.0},
+                 "target_reached": step and {"epoch": 3, "step": step}, "parameters": 1000, "state_size": 77,
+                 "epochs": 4}))
     run = tmp_path / "passkey" / "mmrec"
     run.mkdir(parents=True)
     cells = [{"length": n, "depth": d, "accuracy": rng.random()} for n in (1024, 2048) for d in (0.0, 1.0)]
@@ -84,6 +119,12 @@ def test_report_reads_the_runs(tmp_path, capsys):
     for variant in studies.LM_VARIANTS:
         assert f"**{best[variant]['val_loss']:.3f}** ({best[variant]['step']})" in best_row
     assert f"{accuracy:.3f} (17)" in out
+    lines = out.splitlines()
+    transformer = next(line for line in lines if line.startswith("| transformer_w64 |"))
+    assert transformer == "| transformer_w64 | 1,000 | 77 | 0.500 | 0.995 (900) |  | **0.995** | 900 |"
+    ablation = next(line for line in lines if line.startswith("| mmrec_w128_no_window |"))
+    assert ablation == "| mmrec_w128_no_window | 1,000 | 77 | 0.250 |  | 0.125 | **0.250** | — |"
+    assert "| transformer_w64 | 2.2e-03 | 4 | 0.995 | 1.000 |" in lines
     mean_1k = (cells[0]["accuracy"] + cells[1]["accuracy"]) / 2
     mean_2k = (cells[2]["accuracy"] + cells[3]["accuracy"]) / 2
     assert f"| mmrec (9 steps) | {mean_1k:.3f} | {mean_2k:.3f} |" in out
