@@ -81,6 +81,17 @@ class LanguageModel(nn.Module):
         new = list(self.generate_stream(input_ids, max_new_tokens, temperature, top_k, top_p, state, generator))
         return torch.cat([input_ids.long()] + [t[:, None] for t in new], dim=1)
 
+    def _build_stack(self, config: MMRecConfig, block: type[nn.Module]) -> None:
+        """The skeleton both models share: token embedding, `num_layers` blocks of `block`, the final
+        RMSNorm and the LM head (tied to the embedding when config.tie_embeddings)."""
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_dim)
+        self.blocks = nn.ModuleList(block(config) for _ in range(config.num_layers))
+        self.final_norm = RMSNorm(config.hidden_dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.hidden_dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -168,13 +179,7 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
 class MMRecModel(LanguageModel):
     def __init__(self, config: MMRecConfig):
         super().__init__()
-        self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.hidden_dim)
-        self.blocks = nn.ModuleList(MMRecBlock(config) for _ in range(config.num_layers))
-        self.final_norm = RMSNorm(config.hidden_dim, config.norm_eps)
-        self.lm_head = nn.Linear(config.hidden_dim, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.embed.weight
+        self._build_stack(config, MMRecBlock)
         self.gradient_checkpointing = False  # per-segment recomputation for long inputs
         self.reset_parameters()
 

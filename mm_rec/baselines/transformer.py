@@ -103,13 +103,7 @@ class TransformerModel(LanguageModel):
         super().__init__()
         if config.head_dim % 2:
             raise ValueError(f"rotary embeddings need an even head dim, got hidden_dim/num_heads = {config.head_dim}")
-        self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.hidden_dim)
-        self.blocks = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_layers))
-        self.final_norm = RMSNorm(config.hidden_dim, config.norm_eps)
-        self.lm_head = nn.Linear(config.hidden_dim, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.embed.weight
+        self._build_stack(config, TransformerBlock)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
