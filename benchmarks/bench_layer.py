@@ -1,6 +1,6 @@
 """One MM-Rec layer against one Llama-style Transformer layer, forward and forward+backward.
 
-DESIGN.md section 6: at D = 4096 an MM-Rec layer must be no slower than a Transformer layer with
+docs/architecture.md, section 6: at D = 4096 an MM-Rec layer must be no slower than a Transformer layer with
 FlashAttention at T = 2K (B = 4) and at least 2x faster at T = 32K (B = 1). Both layers are
 built from the same preset (hidden_dim, num_heads, ffn_dim; MM-Rec adds its memory), with bf16
 parameters and activations (as under FSDP's bf16 mixed precision), the MM-Rec recurrent state

@@ -10,7 +10,7 @@ MFU, peak memory and the scaling efficiency
 
     efficiency(N) = tokens_per_s(N) / (N * tokens_per_s(1))
 
-(DESIGN.md section 6: >= 90% at 2 and 4 GPUs; issue 8: >= 80% at 8). The 1-GPU baseline must
+(docs/architecture.md, section 6: >= 90% at 2 and 4 GPUs; issue 8: >= 80% at 8). The 1-GPU baseline must
 not be memory-squeezed, or the efficiencies say more about it than about scaling: the table
 flags a baseline above 85% of the GPU's memory. `--dry-run` prints the commands only.
 """

@@ -1,4 +1,4 @@
-"""Model-level invariants (DESIGN.md section 5): I3, I4, I5, I7, I9, generation and persistence."""
+"""Model-level invariants (docs/architecture.md, section 5): I3, I4, I5, I7, I9, generation and persistence."""
 
 import json
 

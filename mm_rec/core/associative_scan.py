@@ -1,7 +1,7 @@
 """Log-space associative scan of the linear recurrence h_t = exp(log_a_t) * h_{t-1} + b_t.
 
 The pair operator (l1, b1) o (l2, b2) = (l1 + l2, exp(l2) * b1 + b2) is associative; its first
-component is the log of the exponential product prod_i a_i. Rules (DESIGN.md section 3):
+component is the log of the exponential product prod_i a_i. Rules (docs/architecture.md, section 2):
 
 * log_a is clamped to [log_clamp_min, log_clamp_max] = [-50, 0] before anything else;
 * accumulation is fp32 whatever the input dtype (float64 stays float64);

@@ -9,7 +9,7 @@ truncated backpropagation through time) and rows are reset at document boundarie
 loss or gradient norm is NaN/Inf is skipped (no update; the carried state is reset) and counted;
 `max_nonfinite_steps` of them in a row stop the run with `NonFiniteError`.
 
-Exact resume (DESIGN.md I6): a checkpoint holds everything the next step depends on (weights,
+Exact resume (invariant I6, docs/architecture.md): a checkpoint holds everything the next step depends on (weights,
 AdamW moments, schedule position, every RNG, the data position, the carried state), so N steps,
 save, resume in a fresh process, N more steps give the same losses bit for bit on CPU as 2N
 steps in one run.
