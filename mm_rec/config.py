@@ -17,6 +17,7 @@ from typing import Any
 
 GATE_INPUTS = ("state", "input")
 MEMORY_INPUTS = ("input", "state", "both")
+CONV_INITS = ("shift", "random")
 LEVEL2_KINDS = ("delta", "mean")
 SLOT_WRITES = ("attention", "mean")
 RETENTIONS = ("learned", "age")
@@ -59,6 +60,7 @@ class MMRecConfig:
     # ---- how the memory is written and read (docs/architecture.md; each switch is an ablation)
     memory_input: str = "input"  # q/k/v from the block input x ("input"), from RMSNorm(h) ("state"), or both
     conv_size: int = 4  # short causal depthwise convolution over the memory's q/k/v inputs (0: none)
+    conv_init: str = "shift"  # "shift": q and v start on the current token, k on the previous one; "random"
     window_size: int | None = None  # level 0 exact attention over the last W tokens; None: 2 * chunk_size; 0: off
     level2: str = "delta"  # level-2 memory: "delta" (gated delta-rule matrix) or "mean" (decayed mean of v)
     slot_write: str = "attention"  # block slot = learned attention pooling ("attention") or the plain "mean"
@@ -118,6 +120,7 @@ class MMRecConfig:
         need(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         need(self.gate_input in GATE_INPUTS, "gate_input", f"must be one of {GATE_INPUTS}")
         need(self.memory_input in MEMORY_INPUTS, "memory_input", f"must be one of {MEMORY_INPUTS}")
+        need(self.conv_init in CONV_INITS, "conv_init", f"must be one of {CONV_INITS}")
         need(self.level2 in LEVEL2_KINDS, "level2", f"must be one of {LEVEL2_KINDS}")
         need(self.slot_write in SLOT_WRITES, "slot_write", f"must be one of {SLOT_WRITES}")
         need(self.retention in RETENTIONS, "retention", f"must be one of {RETENTIONS}")

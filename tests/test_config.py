@@ -31,6 +31,7 @@ def test_presets_validate(name):
     ("retention", "lru", "one of"),
     ("slots_per_block", 5, "divide chunk_size"),
     ("conv_size", -1, "non-negative"),
+    ("conv_init", "zeros", "one of"),
     ("window_size", -2, "non-negative"),
     ("recent_slots", 33, "<= memory_size_M"),
     ("config_version", 3, "newer one needs a newer mm_rec"),

@@ -46,15 +46,24 @@ class ShortConvolution(nn.Module):
     at its start), so a stream cut anywhere gives the same outputs.
     """
 
-    def __init__(self, channels: int, kernel_size: int):
+    def __init__(self, channels: int, kernel_size: int, delays: torch.Tensor | None = None):
+        """`delays` [channels] (int, < kernel_size): start channel c as a pure delay of delays[c]
+        tokens (y_t[c] = x_{t - delays[c]}[c], plus N(0, 0.02) noise); None: nn.Conv1d's uniform init."""
         super().__init__()
         self.kernel_size = kernel_size
         self.weight = nn.Parameter(torch.empty(channels, kernel_size))
+        self.register_buffer("delays", delays, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        bound = 1.0 / self.kernel_size ** 0.5  # nn.Conv1d's default for a depthwise kernel
-        nn.init.uniform_(self.weight, -bound, bound)
+        if self.delays is None:
+            bound = 1.0 / self.kernel_size ** 0.5  # nn.Conv1d's default for a depthwise kernel
+            nn.init.uniform_(self.weight, -bound, bound)
+            return
+        with torch.no_grad():
+            self.weight.normal_(0.0, 0.02)
+            tap = (self.kernel_size - 1 - self.delays).clamp(min=0)  # weight[:, k - 1] multiplies x_t
+            self.weight[torch.arange(self.weight.shape[0]), tap.to(self.weight.device)] += 1.0
 
     def forward(self, x: torch.Tensor, tail: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [B, T, channels], tail [B, k - 1, channels] (None for k = 1) -> (y [B, T, channels], new tail)."""

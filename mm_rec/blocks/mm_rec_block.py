@@ -50,7 +50,13 @@ class MMRecMixer(nn.Module):
         self.W_g = nn.Parameter(torch.empty(H, d, d))
         self.b_g = nn.Parameter(torch.zeros(H, d))
         self.state_norm = RMSNorm(D, config.norm_eps)
-        self.memory_conv = ShortConvolution(3 * K * m, config.conv_size) if config.conv_size else None
+        self.memory_conv = None
+        if config.conv_size:
+            # "shift": the convolution starts as an induction head's inputs: queries and values see
+            # the current token, keys the previous one, so a query matches the token that followed
+            # an earlier occurrence of the current one from the first step (docs/design-notes.md)
+            delays = torch.tensor([0] * K * m + [1] * K * m + [0] * K * m) if config.conv_init == "shift" else None
+            self.memory_conv = ShortConvolution(3 * K * m, config.conv_size, delays)
         self.hds = HDSHierarchy(config)
         self.attention = MultiMemoryAttention(config)
         self.integration = MemoryIntegration(config)

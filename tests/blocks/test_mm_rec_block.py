@@ -72,3 +72,21 @@ def test_short_convolution_is_causal_and_carries_its_tail(kernel_size, T, cut):
     first, tail = conv(x[:, :cut], tail) if cut else (x[:, :0], tail)
     second, _ = conv(x[:, cut:], tail)
     torch.testing.assert_close(torch.cat([first, second], 1), y)
+
+
+def test_shift_init_starts_keys_on_the_previous_token():
+    """conv_init=shift: q and v of the memory start as (noisy) copies of the current token's
+    projection, k of the previous one's; conv_init=random is nn.Conv1d's uniform init."""
+    cfg, block = tiny_block(conv_size=3)
+    conv = block.mixer.memory_conv
+    Km = cfg.num_memories * cfg.mem_dim
+    x = torch.randn(1, 6, 3 * Km, dtype=torch.float64)
+    y, _ = conv(x, torch.zeros(1, 2, 3 * Km, dtype=torch.float64))
+    close = dict(rtol=0, atol=0.2)  # the N(0, 0.02) noise on the taps
+    torch.testing.assert_close(y[:, :, :Km], x[:, :, :Km], **close)
+    torch.testing.assert_close(y[:, 1:, Km:2 * Km], x[:, :-1, Km:2 * Km], **close)
+    torch.testing.assert_close(y[:, :, 2 * Km:], x[:, :, 2 * Km:], **close)
+    assert (conv.weight.detach() - torch.eye(3, dtype=torch.float64)[[2] * Km + [1] * Km + [2] * Km]).abs().max() < 0.2
+    _, random_block = tiny_block(conv_size=3, conv_init="random")
+    weight = random_block.mixer.memory_conv.weight
+    assert weight.abs().max() <= 3 ** -0.5 and weight.std() > 0.1
