@@ -187,7 +187,12 @@ class MMRecConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> MMRecConfig:
         """Load a YAML or JSON file. A recipe with a `model:` section uses that section."""
-        values = load_mapping(path)
+        return cls.from_recipe(load_mapping(path))
+
+    @classmethod
+    def from_recipe(cls, values: dict[str, Any]) -> MMRecConfig:
+        """The model of a recipe mapping: its `model:` section if it has one (else the mapping
+        itself), optionally starting from a `preset`."""
         if "model" in values and isinstance(values["model"], dict):
             values = values["model"]
         if "preset" in values:

@@ -37,6 +37,7 @@ from mm_rec.config import MMRecConfig, load_mapping
 from mm_rec.evaluation import mqar, mqar_zoology, passkey
 from mm_rec.evaluation.train_task import TaskTrainConfig, train_on_task
 from mm_rec.loading import build_model, load_model
+from mm_rec.training.config import apply_overrides
 from mm_rec.utils.device import autocast_for, resolve_device, resolve_precision
 
 TOKENS_PER_FORWARD = 65536  # evaluation rows per forward = this // sequence length (at least 1)
@@ -75,6 +76,9 @@ def add_eval_task_arguments(parser: argparse.ArgumentParser) -> None:
     _add_shared(parser, "--device", help="cuda or cpu (default: cuda when available)")
     _add_shared(parser, "--seed", type=int, default=0, help="seed of the model init and every task batch")
     _add_shared(parser, "--out", help="directory for <task>_results.json (and the model trained with --train)")
+    _add_shared(parser, "--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
+                help="with --train: override recipe keys, e.g. --set model.window_size=0 model.level2=mean "
+                     "(the ablations of docs/quality.md)")
     group = parser.add_argument_group("mqar and passkey")
     group.add_argument("--train", action="store_true", help="train on the task first (recipe: <task>.train)")
     group.add_argument("--steps", type=int, help="training steps (overrides the recipe)")
@@ -107,7 +111,7 @@ def _prepare_model(args: argparse.Namespace, recipe: dict) -> tuple[nn.Module, t
     if args.checkpoint:
         model = load_model(args.checkpoint)
     elif args.train and args.config:
-        model = build_model(MMRecConfig.from_file(args.config), recipe.get("model_type", "mmrec"))
+        model = build_model(MMRecConfig.from_recipe(recipe), recipe.get("model_type", "mmrec"))
     else:
         raise ValueError("give --checkpoint DIR (a saved model), or --train with --config RECIPE")
     return model.to(device), device
@@ -222,12 +226,17 @@ def run_eval_task(args: argparse.Namespace) -> int:
         args.seed = 0
     _check_protocol_options(args)
     recipe = load_mapping(args.config) if args.config else {}
+    if getattr(args, "overrides", None):
+        if not args.train:
+            raise ValueError("--set changes the recipe of a model to train: give it with --train")
+        recipe = apply_overrides(recipe, args.overrides)
     runner = _run_mqar_zoology if args.protocol == "zoology" else runners[args.task]
     report, model = runner(args, recipe)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         report.update(model=type(model).__name__, parameters=model.num_parameters(), checkpoint=args.checkpoint,
+                      overrides=list(getattr(args, "overrides", None) or []),
                       config=args.config, seed=args.seed)
         (out / f"{args.task}_results.json").write_text(json.dumps(report, indent=2) + "\n")
         if args.train:

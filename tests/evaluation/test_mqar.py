@@ -239,3 +239,22 @@ def test_cli_trains_saves_and_reevaluates(tmp_path, capsys):
 def test_cli_needs_a_model():
     with pytest.raises(ValueError, match="--checkpoint"):
         run_eval_task(parse(["--task", "mqar"]))
+
+
+def test_cli_set_overrides_the_model_to_train(tmp_path):
+    """--set model.KEY=VALUE with --train builds the ablation (here: no window, level-2 mean)."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "model: {vocab_size: 64, hidden_dim: 32, num_layers: 1, num_heads: 2, ffn_dim: 64, num_memories: 2,\n"
+        "        mem_dim: 8, memory_size_M: 4, chunk_size: 8}\n"
+        "mqar: {vocab_size: 64, seq_len: 32, num_pairs: 4, samples: 8,\n"
+        "       train: {steps: 1, batch_size: 2, eval_every: 1, warmup_steps: 0}}\n")
+    out = tmp_path / "run"
+    args = parse(["--task", "mqar", "--train", "--config", str(recipe), "--out", str(out),
+                  "--set", "model.window_size=0", "model.level2=mean"])
+    assert run_eval_task(args) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["window_size"] == 0 and config["level2"] == "mean"
+    assert json.loads((out / "mqar_results.json").read_text())["overrides"] == ["model.window_size=0", "model.level2=mean"]
+    with pytest.raises(ValueError, match="--train"):
+        run_eval_task(parse(["--task", "mqar", "--checkpoint", str(out), "--set", "model.window_size=4"]))
