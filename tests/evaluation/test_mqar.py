@@ -255,6 +255,7 @@ def test_cli_set_overrides_the_model_to_train(tmp_path):
     assert run_eval_task(args) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["window_size"] == 0 and config["level2"] == "mean"
-    assert json.loads((out / "mqar_results.json").read_text())["overrides"] == ["model.window_size=0", "model.level2=mean"]
+    report = json.loads((out / "mqar_results.json").read_text())
+    assert report["overrides"] == ["model.window_size=0", "model.level2=mean"]
     with pytest.raises(ValueError, match="--train"):
         run_eval_task(parse(["--task", "mqar", "--checkpoint", str(out), "--set", "model.window_size=4"]))
