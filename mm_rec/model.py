@@ -190,12 +190,13 @@ class MMRecModel(LanguageModel):
         * embeddings and projections: N(0, init_std), GPT-2 style;
         * the two projections that write into the residual stream (mixer out_proj, FFN down):
           N(0, init_std / sqrt(2 * num_layers)), so the residual variance stays O(1) with depth;
-        * every other parameter is initialised by the module that owns it (`MMRecMixer.
-          reset_parameters`: W_g, the decay, the memory's time scales, slopes and write queries).
+        * every other parameter is initialised by the module that owns it (`MMRecBlock.
+          reset_parameters` -> `MMRecMixer.reset_parameters`: W_g, the decay, the short
+          convolution, the memory's time scales, slopes and write queries).
         """
         self._init_linear_embedding_norm(residual_writes=("mixer.out_proj", "ffn.down"))
         for block in self.blocks:
-            block.mixer.reset_parameters()
+            block.reset_parameters()
 
     # ------------------------------------------------------------------ state
     def init_state(self, batch_size: int, device=None) -> MemoryState:

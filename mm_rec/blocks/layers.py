@@ -1,6 +1,8 @@
-"""Small building blocks: RMSNorm and the SwiGLU feed-forward network."""
+"""Small building blocks: RMSNorm, the SwiGLU feed-forward network and the short causal convolution."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,13 +48,16 @@ class ShortConvolution(nn.Module):
     at its start), so a stream cut anywhere gives the same outputs.
     """
 
-    def __init__(self, channels: int, kernel_size: int, delays: torch.Tensor | None = None):
-        """`delays` [channels] (int, < kernel_size): start channel c as a pure delay of delays[c]
+    def __init__(self, channels: int, kernel_size: int, delays: Sequence[int] | None = None):
+        """`delays` (channels ints, < kernel_size): start channel c as a pure delay of delays[c]
         tokens (y_t[c] = x_{t - delays[c]}[c], plus N(0, 0.02) noise); None: nn.Conv1d's uniform init."""
         super().__init__()
         self.kernel_size = kernel_size
         self.weight = nn.Parameter(torch.empty(channels, kernel_size))
-        self.register_buffer("delays", delays, persistent=False)
+        # a plain tuple, not a buffer: a model built on the meta device re-initialises from it
+        self.delays = None if delays is None else tuple(int(d) for d in delays)
+        if self.delays is not None and len(self.delays) != channels:
+            raise ValueError(f"delays has {len(self.delays)} entries for {channels} channels")
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -62,8 +67,8 @@ class ShortConvolution(nn.Module):
             return
         with torch.no_grad():
             self.weight.normal_(0.0, 0.02)
-            tap = (self.kernel_size - 1 - self.delays).clamp(min=0)  # weight[:, k - 1] multiplies x_t
-            self.weight[torch.arange(self.weight.shape[0]), tap.to(self.weight.device)] += 1.0
+            for channel, delay in enumerate(self.delays):  # weight[:, k - 1] multiplies x_t
+                self.weight[channel, max(self.kernel_size - 1 - delay, 0)] += 1.0
 
     def forward(self, x: torch.Tensor, tail: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [B, T, channels], tail [B, k - 1, channels] (None for k = 1) -> (y [B, T, channels], new tail)."""

@@ -55,7 +55,7 @@ class MMRecMixer(nn.Module):
             # "shift": the convolution starts as an induction head's inputs: queries and values see
             # the current token, keys the previous one, so a query matches the token that followed
             # an earlier occurrence of the current one from the first step (docs/design-notes.md)
-            delays = torch.tensor([0] * K * m + [1] * K * m + [0] * K * m) if config.conv_init == "shift" else None
+            delays = [0] * K * m + [1] * K * m + [0] * K * m if config.conv_init == "shift" else None
             self.memory_conv = ShortConvolution(3 * K * m, config.conv_size, delays)
         self.hds = HDSHierarchy(config)
         self.attention = MultiMemoryAttention(config)
@@ -116,6 +116,10 @@ class MMRecBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.hidden_dim, config.norm_eps)
         self.ffn = SwiGLU(config.hidden_dim, config.ffn_dim)
         self.dropout = nn.Dropout(config.dropout)
+
+    def reset_parameters(self) -> None:
+        """The block's parameters beyond its linear layers and norms (the mixer's own)."""
+        self.mixer.reset_parameters()
 
     def forward(self, x: torch.Tensor, state: LayerState, position: torch.Tensor) -> tuple[torch.Tensor, LayerState]:
         """x [B, T, D] at stream positions position[b] + t -> (x [B, T, D], the layer's new state)."""

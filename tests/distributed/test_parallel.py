@@ -90,6 +90,10 @@ def _worker(rank: int, port: int, workdir: str) -> None:
     if info.is_main:
         torch.save(losses, Path(workdir) / "losses.pt")
     cleanup_distributed()
+    (Path(workdir) / f"done-{rank}").touch()
+    # skip the interpreter's teardown: gloo's threads can abort there on a loaded 2-core machine
+    # ("terminate called without an active exception") after all the work is done
+    os._exit(0)
 
 
 def free_port() -> int:
@@ -116,14 +120,19 @@ def rel_diff(a: list[float], b: list[float]) -> float:
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_fsdp_and_ddp_match_one_process_and_resume_on_another_world_size(tmp_path):
-    try:
-        spawn(_worker, (free_port(), str(tmp_path)), WORLD_SIZE)
-    except mp.ProcessExitedException as err:
-        # gloo can abort at process teardown on a loaded 2-core machine ("terminate called
-        # without an active exception"); a signal is not a wrong result, so try once more.
-        if err.exit_code is not None and err.exit_code >= 0:
-            raise
-        spawn(_worker, (free_port(), str(tmp_path)), WORLD_SIZE)
+    for attempt in range(2):
+        try:
+            spawn(_worker, (free_port(), str(tmp_path)), WORLD_SIZE)
+            break
+        except mp.ProcessExitedException as err:
+            # a worker killed by a signal (gloo aborting at teardown on a loaded machine) is not a
+            # wrong result: accept the run if every worker finished its work, else try once more
+            if err.exit_code is not None and err.exit_code >= 0:
+                raise
+            if all((tmp_path / f"done-{rank}").exists() for rank in range(WORLD_SIZE)):
+                break
+            if attempt == 1:
+                raise
     losses = torch.load(tmp_path / "losses.pt")
 
     mmrec = build(MMRecModel, MMREC_CONFIG)
