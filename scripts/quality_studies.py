@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shlex
 import signal
 import subprocess
@@ -72,6 +73,18 @@ def lm_jobs(args: argparse.Namespace) -> list[Job]:
 # ---------------------------------------------------------------------- study 2: MQAR over lengths, pairs and widths
 MQAR_TASKS = [(64, 4), (128, 8), (256, 16), (512, 64), (1024, 256)]  # (sequence length, key-value pairs)
 MQAR_WIDTHS = [64, 128, 256]
+MQAR_ABLATION_WIDTH = 128
+MQAR_ABLATION_TASKS = [(64, 4), (512, 64)]  # the CPU cell and the target cell
+MQAR_MAX_LENGTH = 1024  # the models' max_seq_len; rows are also scored at 4x and 16x the training length up to it
+ABLATIONS = {  # MM-Rec's memory pieces switched off one at a time (docs/architecture.md), as --set overrides
+    "no_window": {"window_size": 0},
+    "level2_mean": {"level2": "mean"},
+    "state_input": {"memory_input": "state", "conv_size": 0},
+    "no_conv": {"conv_size": 0},
+    "conv_random": {"conv_init": "random"},
+    "slot_mean": {"slot_write": "mean"},
+    "retention_age": {"retention": "age"},
+}
 MQAR_VOCAB = 1024  # keys and values from disjoint halves: up to 512 pairs
 
 
@@ -122,15 +135,23 @@ def mqar_jobs(args: argparse.Namespace) -> list[Job]:
             recipe.write_text(yaml.safe_dump(dict(model_type=model_type, model=mqar_model(width, model_type),
                                                   mqar=dict(vocab_size=MQAR_VOCAB, alpha=1.0, train=train))))
             for length, pairs in MQAR_TASKS:
-                name = f"{model_type}_w{width}_T{length}_P{pairs}"
-                argv = ["eval", "--task", "mqar", "--train", "--config", str(recipe), "--train-length", str(length),
-                        "--pairs", str(pairs), "--lengths", str(length), "--samples", "8" if args.smoke else "512",
-                        "--seed", "0", "--out", str(Path(args.out) / "mqar" / name)]
-                if args.mqar_time_budget:
-                    argv += ["--time-budget", str(args.mqar_time_budget)]
-                if args.smoke:
-                    argv += ["--device", "cpu"]
-                jobs.append(Job(name, argv))
+                ablations = {"": {}}
+                if model_type == "mmrec" and width == MQAR_ABLATION_WIDTH and (length, pairs) in MQAR_ABLATION_TASKS:
+                    ablations.update({f"_{name}": overrides for name, overrides in ABLATIONS.items()})
+                lengths = sorted({min(length * k, MQAR_MAX_LENGTH) for k in (1, 4, 16)})
+                for suffix, overrides in ablations.items():
+                    name = f"{model_type}_w{width}{suffix}_T{length}_P{pairs}"
+                    argv = ["eval", "--task", "mqar", "--train", "--config", str(recipe), "--train-length", str(length),
+                            "--pairs", str(pairs), "--lengths", ",".join(map(str, lengths)),
+                            "--samples", "8" if args.smoke else "512",
+                            "--seed", "0", "--out", str(Path(args.out) / "mqar" / name)]
+                    if overrides:
+                        argv += ["--set", *(f"model.{key}={value}" for key, value in overrides.items())]
+                    if args.mqar_time_budget:
+                        argv += ["--time-budget", str(args.mqar_time_budget)]
+                    if args.smoke:
+                        argv += ["--device", "cpu"]
+                    jobs.append(Job(name, argv))
     return jobs
 
 
@@ -140,13 +161,6 @@ ZOOLOGY_LRS = [1e-4, 4.6e-4, 2.2e-3, 1e-2]  # Zoology's sweep, np.logspace(-4, -
 ZOOLOGY_VOCAB = 8192
 ZOOLOGY_TEST_SETS = "512:64,64:4,128:8,256:16,256:32,256:64"  # the main cell, then the training cells held out
 ZOOLOGY_ABLATION_WIDTH = 128
-ZOOLOGY_ABLATIONS = {  # MM-Rec's memory pieces switched off one at a time (docs/architecture.md)
-    "no_window": {"window_size": 0},
-    "level2_mean": {"level2": "mean"},
-    "state_input": {"memory_input": "state", "conv_size": 0},
-    "slot_mean": {"slot_write": "mean"},
-    "retention_age": {"retention": "age"},
-}
 
 
 def zoology_jobs(args: argparse.Namespace) -> list[Job]:
@@ -160,7 +174,7 @@ def zoology_jobs(args: argparse.Namespace) -> list[Job]:
                 for model_type in ("transformer", "mmrec") for width in ZOOLOGY_WIDTHS]
     variants += [(f"mmrec_w{ZOOLOGY_ABLATION_WIDTH}_{name}", "mmrec",
                   {**mqar_model(ZOOLOGY_ABLATION_WIDTH, "mmrec", ZOOLOGY_VOCAB), **overrides})
-                 for name, overrides in ZOOLOGY_ABLATIONS.items()]
+                 for name, overrides in ABLATIONS.items()]
     jobs = []
     for variant, model_type, model in variants:
         recipe = recipes / f"{variant}.yaml"
@@ -317,14 +331,21 @@ def lm_report(out: Path, docs: Path | None) -> None:
 
 
 def mqar_report(out: Path, docs: Path | None) -> None:
-    results = {}
+    results, ablations = {}, {}
     for path in sorted((out / "mqar").glob("*/mqar_results.json")):
+        match = re.fullmatch(r"(mmrec|transformer)_w(\d+)(?:_(.+))?_T(\d+)_P(\d+)", path.parent.name)
+        if not match:
+            continue
         report = json.loads(path.read_text())
-        model_type, width, length, pairs = path.parent.name.split("_")
+        model_type, width, ablation, length, pairs = match.groups()
+        key = (model_type, int(width), int(length), int(pairs))
         steps = report["curve"][-1]["step"] if report.get("curve") else None
-        results[(model_type, int(width[1:]), int(length[1:]), int(pairs[1:]))] = (report["results"][0]["accuracy"],
-                                                                                steps)
-    if not results:
+        by_length = {r["seq_len"]: r["accuracy"] for r in report["results"]}
+        if ablation is None:
+            results[key] = (by_length[int(length)], steps)
+        if model_type == "mmrec" and int(width) == MQAR_ABLATION_WIDTH or ablation is not None:
+            ablations.setdefault(key[2:], {})[ablation or "none (defaults)"] = (by_length, steps)
+    if not results and not ablations:
         return
     print("\n### MQAR accuracy (steps done)\n")
     print("| model | width | " + " | ".join(f"T={t}, P={p}" for t, p in MQAR_TASKS) + " |")
@@ -346,6 +367,15 @@ def mqar_report(out: Path, docs: Path | None) -> None:
                     series[f"{model_type} w{width}"] = ([t for t, _ in points], [a for _, a in points])
         _plot(docs / "quality_mqar.png", "MQAR accuracy (pairs grow with the length: "
               + ", ".join(f"{t}:{p}" for t, p in MQAR_TASKS) + ")", series, "sequence length", "accuracy", logx=True)
+    for (length, pairs), runs in sorted(ablations.items()):
+        lengths = sorted({n for by_length, _ in runs.values() for n in by_length})
+        print(f"\n### MQAR ablations, MM-Rec width {MQAR_ABLATION_WIDTH}, trained at T={length}, P={pairs}: "
+              "accuracy by scored length (steps done)\n")
+        print("| switched off | " + " | ".join(f"T={n}" for n in lengths) + " | steps |")
+        print("| --- |" + " ---: |" * len(lengths) + " ---: |")
+        for name, (by_length, steps) in sorted(runs.items(), key=lambda item: item[0] != "none (defaults)"):
+            cells = [f"{by_length[n]:.3f}" if n in by_length else "" for n in lengths]
+            print(f"| {name} | " + " | ".join(cells) + f" | {steps} |")
 
 
 def zoology_report(out: Path, docs: Path | None) -> None:

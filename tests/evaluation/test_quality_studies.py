@@ -62,7 +62,8 @@ def test_zoology_models_match_in_size_and_fit_the_task(width):
 
 
 def test_commands_are_listed(capsys, tmp_path):
-    for study, expected in (("lm", 8), ("mqar", 30), ("mqar-zoology", 44), ("passkey", 3)):
+    for study, expected in (("lm", 8), ("mqar", 30 + 2 * len(studies.ABLATIONS)),
+                            ("mqar-zoology", 4 * (6 + len(studies.ABLATIONS))), ("passkey", 3)):
         assert studies.main([study, "--dry-run", "--out", str(tmp_path)]) == 0
         lines = capsys.readouterr().out.strip().splitlines()
         assert len(lines) == expected and all(line.startswith("mmrec ") for line in lines)
@@ -72,12 +73,12 @@ def test_zoology_sweep(capsys, tmp_path):
     assert studies.main(["mqar-zoology", "--dry-run", "--out", str(tmp_path), "--only", "mmrec_w128_",
                          "--zoology-time-budget", "300", "--compile"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 4 * (1 + len(studies.ZOOLOGY_ABLATIONS))  # every learning rate of each variant
+    assert len(lines) == 4 * (1 + len(studies.ABLATIONS))  # every learning rate of each variant
     assert all("--protocol zoology" in line and "--time-budget 300" in line and "--compile" in line
                for line in lines)
     assert {line.split("--lr ")[1].split()[0] for line in lines} == {f"{lr:g}" for lr in studies.ZOOLOGY_LRS}
     recipes = tmp_path / "mqar-zoology" / "recipes"
-    for name, overrides in studies.ZOOLOGY_ABLATIONS.items():  # each ablation is its recipe's model section
+    for name, overrides in studies.ABLATIONS.items():  # each ablation is its recipe's model section
         recipe = RunConfig.load(recipes / f"mmrec_w{studies.ZOOLOGY_ABLATION_WIDTH}_{name}.yaml")
         assert all(getattr(recipe.model_config(), key) == value for key, value in overrides.items())
         assert recipe.model_config().vocab_size == studies.ZOOLOGY_VOCAB
@@ -97,7 +98,12 @@ def test_report_reads_the_runs(tmp_path, capsys):
     run = tmp_path / "mqar" / "transformer_w128_T512_P64"
     run.mkdir(parents=True)
     run.joinpath("mqar_results.json").write_text(json.dumps(
-        {"results": [{"accuracy": accuracy}], "curve": [{"step": 5}, {"step": 17}]}))
+        {"results": [{"seq_len": 512, "accuracy": accuracy}], "curve": [{"step": 5}, {"step": 17}]}))
+    ablated = {64: rng.random(), 256: rng.random()}  # an ablation run, scored past its training length
+    run = tmp_path / "mqar" / "mmrec_w128_level2_mean_T64_P4"
+    run.mkdir(parents=True)
+    run.joinpath("mqar_results.json").write_text(json.dumps(
+        {"results": [{"seq_len": n, "accuracy": a} for n, a in ablated.items()], "curve": [{"step": 3}]}))
     # per variant and lr: the best accuracy at the main cell, the step where 0.99 was passed
     for variant, results in (("transformer_w64", ((1e-4, 0.5, None), (2.2e-3, 0.995, 900))),
                              ("mmrec_w128_no_window", ((1e-4, 0.25, None), (1e-2, 0.125, None)))):
@@ -119,6 +125,7 @@ def test_report_reads_the_runs(tmp_path, capsys):
     for variant in studies.LM_VARIANTS:
         assert f"**{best[variant]['val_loss']:.3f}** ({best[variant]['step']})" in best_row
     assert f"{accuracy:.3f} (17)" in out
+    assert f"| level2_mean | {ablated[64]:.3f} | {ablated[256]:.3f} | 3 |" in out
     lines = out.splitlines()
     transformer = next(line for line in lines if line.startswith("| transformer_w64 |"))
     assert transformer == "| transformer_w64 | 1,000 | 77 | 0.500 | 0.995 (900) |  | **0.995** | 900 |"
