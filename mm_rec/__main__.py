@@ -1,7 +1,5 @@
 """`python -m mm_rec ...` is `mmrec ...`."""
 
-import sys
+from mm_rec.cli import entry_point
 
-from mm_rec.cli import main
-
-sys.exit(main())
+entry_point()

@@ -74,9 +74,10 @@ def lm_jobs(args: argparse.Namespace) -> list[Job]:
 MQAR_TASKS = [(64, 4), (128, 8), (256, 16), (512, 64), (1024, 256)]  # (sequence length, key-value pairs)
 MQAR_WIDTHS = [64, 128, 256]
 MQAR_ABLATION_WIDTH = 128
-MQAR_ABLATION_TASKS = [(64, 4), (512, 64)]  # the CPU cell and the target cell
+MQAR_ABLATION_TASKS = [(64, 4), (256, 16), (512, 64)]  # the CPU cells and the target cell
 MQAR_MAX_LENGTH = 1024  # the models' max_seq_len; rows are also scored at 4x and 16x the training length up to it
 ABLATIONS = {  # MM-Rec's memory pieces switched off one at a time (docs/architecture.md), as --set overrides
+    "no_ring": {"memory_size_M": 0},
     "no_window": {"window_size": 0},
     "level2_mean": {"level2": "mean"},
     "state_input": {"memory_input": "state", "conv_size": 0},

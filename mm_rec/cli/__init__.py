@@ -23,6 +23,7 @@ from mm_rec import __version__
 from mm_rec.cli import bench, generate, info, inspect, plot, train
 from mm_rec.cli import eval as eval_command
 from mm_rec.cli.common import EXIT_BAD_INPUT, EXIT_INTERRUPTED
+from mm_rec.distributed.runtime import launched_by_torchrun
 
 # One module per command (litgpt's layout): each adds its subparser, whose `func` runs it;
 # mm_rec.cli.tasks (`mmrec eval --task mqar|passkey`) belongs to eval.
@@ -67,3 +68,18 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into head & co.
         sys.stdout = open(os.devnull, "w")
         return 0
+
+
+def entry_point() -> None:
+    """The `mmrec` script and `python -m mm_rec`: run `main`, then exit with its code.
+
+    Under torchrun the process skips the interpreter's teardown once the work is done (the
+    process group is destroyed and every file written by then): gloo's threads can abort there
+    ("terminate called without an active exception", SIGABRT) on a loaded CPU machine, which
+    torchrun would report as a failed run."""
+    code = main()
+    if launched_by_torchrun():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

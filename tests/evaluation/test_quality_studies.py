@@ -62,7 +62,7 @@ def test_zoology_models_match_in_size_and_fit_the_task(width):
 
 
 def test_commands_are_listed(capsys, tmp_path):
-    for study, expected in (("lm", 8), ("mqar", 30 + 2 * len(studies.ABLATIONS)),
+    for study, expected in (("lm", 8), ("mqar", 30 + 3 * len(studies.ABLATIONS)),
                             ("mqar-zoology", 4 * (6 + len(studies.ABLATIONS))), ("passkey", 3)):
         assert studies.main([study, "--dry-run", "--out", str(tmp_path)]) == 0
         lines = capsys.readouterr().out.strip().splitlines()
