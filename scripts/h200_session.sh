@@ -1,67 +1,113 @@
 #!/usr/bin/env bash
-# One ~9-minute call on one H200 (the device tool's nvidia-h200): the layer benchmark alone on the
-# GPU, then, sharing the GPU, the GPU tests of the memory and the quality studies of
-# docs/quality.md cut to fit (MQAR under Zoology's protocol at width 128, passkey, long documents),
-# each stopped by a time budget. Results: $OUT/bench_layer.log, $OUT/gpu_tests.log and
-# $OUT/runs.tgz (every run's JSON and log; no weights).
+# GPU sessions on one H200 (the device tool's nvidia-h200), each one call of under 10 minutes.
+# Every number in docs/quality.md and docs/benchmarks.md marked with a phase below came from it.
 #
-#   OUT=/tmp/h200 bash scripts/h200_session.sh        # budgets in seconds below
+#   OUT=/tmp/h200 bash scripts/h200_session.sh recall   # layer benchmark alone, then (sharing the GPU)
+#                                                       # GPU tests, MQAR (Zoology) and passkey
+#   OUT=/tmp/h200 bash scripts/h200_session.sh lm       # layer benchmark alone, then LM and long documents
+#   OUT=/tmp/h200 LR=0.001 bash scripts/h200_session.sh ablations   # MQAR (Zoology) with memory pieces off
+#
+# Runs share the GPU (small models leave it mostly idle), so steps, not wall time, compare them.
+# Each run is stopped by a time budget (it then evaluates and writes its results); the results
+# come back in $OUT: logs and runs.tgz (every run's JSON and log; no weights).
 set -u
+PHASE=${1:?usage: h200_session.sh recall|lm|ablations}
 OUT=${OUT:-runs/h200-out}
 RUNS=runs/h200
-STUDY_BUDGET=${STUDY_BUDGET:-330}   # wall seconds for the studies, after the benchmark
 mkdir -p "$OUT" "$RUNS"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
-MMREC="python3 -m mm_rec"
+MMREC=${MMREC:-"python3 -m mm_rec"}
 { nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"; date -u; } > "$OUT/env.txt" 2>&1
+SECONDS=0
 
-# 1. the layer benchmark, alone on the GPU
-timeout 150 python3 benchmarks/bench_layer.py --preset 7b --shapes 4x2048,1x32768 --iters 6 --warmup 2 \
-    --compile > "$OUT/bench_layer.log" 2>&1
-
-# 2. sharing the GPU: tests and studies
-timeout 200 python3 -m pytest -q -m gpu tests/core/test_memory_gpu.py tests/test_model_gpu.py -rf \
-    -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1 &
-
-python3 scripts/quality_studies.py mqar-zoology --dry-run --out "$RUNS" > "$RUNS/mqar_commands.txt" 2>&1
-SETS="--train-sets 64:4:100000,128:8:20000,256:16:20000,256:32:20000,256:64:20000 --test-sets 512:64,256:64,128:8"
-R=$RUNS/mqar-zoology/recipes
-zoology() {  # name recipe lr
-    mkdir -p "$RUNS/mqar/$1"
-    timeout -s INT $((STUDY_BUDGET + 20)) $MMREC eval --task mqar --protocol zoology --train --config "$R/$2.yaml" \
-        --lr "$3" --vocab 8192 --seed 0 --time-budget $((STUDY_BUDGET - 60)) $SETS --out "$RUNS/mqar/$1" \
-        > "$RUNS/mqar/$1/log.txt" 2>&1 &
+zoology_recipes() {  # the recipes of scripts/quality_studies.py mqar-zoology
+    python3 scripts/quality_studies.py mqar-zoology --dry-run --out "$RUNS" > "$RUNS/mqar_commands.txt" 2>&1
 }
-zoology transformer_lr2.2e-3 transformer_w128 0.0022
-zoology transformer_lr4.6e-4 transformer_w128 0.00046
-zoology mmrec_lr2.2e-3 mmrec_w128 0.0022
-zoology mmrec_lr4.6e-4 mmrec_w128 0.00046
-for ablation in no_window level2_mean state_input slot_mean retention_age; do
-    zoology "mmrec_${ablation}_lr2.2e-3" "mmrec_w128_${ablation}" 0.0022
-done
-
-passkey() {  # name recipe
-    mkdir -p "$RUNS/passkey/$1"
-    timeout -s INT $((STUDY_BUDGET + 20)) $MMREC eval --task passkey --train --config "$2" --seed 0 \
-        --time-budget $((STUDY_BUDGET - 130)) --lengths 2k,8k,32k,128k --samples 3 --out "$RUNS/passkey/$1" \
-        > "$RUNS/passkey/$1/log.txt" 2>&1 &
+ZOOLOGY_SETS="--train-sets 64:4:100000,128:8:20000,256:16:20000,256:32:20000,256:64:20000 --test-sets 512:64,256:64,128:8,1024:64"
+zoology() {  # name recipe lr budget: train on Zoology's mix, stop after the epoch crossing the budget
+    mkdir -p "$RUNS/mqar-zoology/$1"
+    timeout -s INT $(($4 + 60)) $MMREC eval --task mqar --protocol zoology --train \
+        --config "$RUNS/mqar-zoology/recipes/$2.yaml" --lr "$3" --vocab 8192 --seed 0 --time-budget "$4" \
+        $ZOOLOGY_SETS --out "$RUNS/mqar-zoology/$1" > "$RUNS/mqar-zoology/$1/log.txt" 2>&1 &
 }
-passkey mmrec configs/passkey_mmrec.yaml
-passkey transformer configs/passkey_transformer.yaml
-
-longdoc() {  # name recipe [overrides]: train (SIGINT saves a checkpoint), then score
-    local name=$1 recipe=$2; shift 2
-    mkdir -p "$RUNS/longdoc"
-    ( timeout -s INT $((STUDY_BUDGET - 90)) $MMREC train --config "$recipe" --seed 0 --out "$RUNS/longdoc/$name" "$@" \
-          > "$RUNS/longdoc/$name.train.log" 2>&1
-      timeout 80 $MMREC eval --task longdoc --checkpoint "$RUNS/longdoc/$name" --out "$RUNS/longdoc/${name}_eval" \
-          > "$RUNS/longdoc/$name.eval.log" 2>&1 ) &
+passkey() {  # name recipe train_budget [overrides]
+    local name=$1 recipe=$2 budget=$3; shift 3
+    mkdir -p "$RUNS/passkey/$name"
+    timeout -s INT $((budget + 200)) $MMREC eval --task passkey --train --config "$recipe" --seed 0 \
+        --time-budget "$budget" --lengths 2k,8k,32k,64k,128k --samples 5 --out "$RUNS/passkey/$name" "$@" \
+        > "$RUNS/passkey/$name/log.txt" 2>&1 &
 }
-longdoc mmrec configs/longdoc_mmrec.yaml
-longdoc mmrec_no_memory configs/longdoc_mmrec.yaml --set model.memory_size_M=0
-longdoc transformer configs/longdoc_transformer.yaml
+finish() {
+    wait
+    tar czf "$OUT/runs.tgz" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.distcp' --exclude=tensorboard \
+        --exclude=data "$RUNS"
+    echo "phase $PHASE done in $SECONDS s"
+    ls -la "$OUT"
+}
 
-wait
-tar czf "$OUT/runs.tgz" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.distcp' --exclude=tensorboard \
-    --exclude=data "$RUNS"
-ls -la "$OUT"
+case $PHASE in
+recall)
+    # sharing the GPU: the GPU tests, MQAR under Zoology's protocol (width 128; MM-Rec also with
+    # one memory piece off at a time), passkey
+    timeout 240 python3 -m pytest -q -m gpu tests -rf -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1 &
+    zoology_recipes
+    BUDGET=${BUDGET:-470}
+    zoology transformer_w128_lr1e-3 transformer_w128 0.001 $BUDGET
+    zoology transformer_w128_lr2.2e-3 transformer_w128 0.0022 $BUDGET
+    zoology mmrec_w128_lr2.2e-3 mmrec_w128 0.0022 $BUDGET
+    for ablation in ${ABLATIONS:-no_window level2_mean state_input}; do  # one memory piece off at a time
+        zoology "mmrec_w128_${ablation}_lr2.2e-3" "mmrec_w128_${ablation}" 0.0022 $BUDGET
+    done
+    passkey mmrec configs/passkey_mmrec.yaml $((BUDGET - 130))
+    passkey transformer configs/passkey_transformer.yaml $((BUDGET - 130))
+    finish
+    ;;
+lm)
+    # 1. the layer benchmark alone on the GPU, with the top kernels of each layer
+    timeout ${BENCH_TIME:-120} python3 benchmarks/bench_layer.py --preset 7b --shapes ${BENCH_SHAPES:-4x2048} \
+        --iters 5 --warmup 2 --compile --profile 20 > "$OUT/bench_layer.log" 2>&1
+    echo "bench done at $SECONDS s"
+    # 2. sharing the GPU: MM-Rec against the Transformer on both corpora, and the long-document
+    #    study (three models trained, then scored); every training stopped by SIGINT at its budget
+    END=${END:-575}
+    TRAIN_END=$((END - 95))
+    DATA=${DATA:-runs/data}
+    lm() {  # name recipe data [overrides]
+        local name=$1 recipe=$2 data=$3; shift 3
+        mkdir -p "$RUNS/lm"
+        timeout -s INT $((TRAIN_END - SECONDS)) $MMREC train --config "$recipe" --data "$data" --seed 0 \
+            --out "$RUNS/lm/$name" "$@" > "$RUNS/lm/$name.log" 2>&1 &
+    }
+    lm shakespeare_mmrec configs/shakespeare_char.yaml $DATA/tinyshakespeare.txt
+    lm shakespeare_transformer configs/shakespeare_char_transformer.yaml $DATA/tinyshakespeare.txt
+    lm tinystories_mmrec configs/tinystories_bpe.yaml $DATA/tinystories_subset.txt
+    lm tinystories_transformer configs/tinystories_bpe_transformer.yaml $DATA/tinystories_subset.txt
+    longdoc() {  # name recipe [overrides]: train (SIGINT saves a checkpoint), then score
+        local name=$1 recipe=$2; shift 2
+        mkdir -p "$RUNS/longdoc"
+        ( timeout -s INT $((TRAIN_END - SECONDS)) $MMREC train --config "$recipe" --seed 0 \
+              --out "$RUNS/longdoc/$name" --set training.max_steps=${LONGDOC_STEPS:-1000} \
+              training.lr_decay_steps=${LONGDOC_STEPS:-1000} training.eval_interval=250 "$@" \
+              > "$RUNS/longdoc/$name.train.log" 2>&1
+          timeout $((END - SECONDS)) $MMREC eval --task longdoc --checkpoint "$RUNS/longdoc/$name" \
+              --out "$RUNS/longdoc/${name}_eval" > "$RUNS/longdoc/$name.eval.log" 2>&1 ) &
+    }
+    longdoc mmrec configs/longdoc_mmrec.yaml
+    longdoc mmrec_no_memory configs/longdoc_mmrec.yaml model.memory_size_M=0
+    longdoc transformer configs/longdoc_transformer.yaml
+    finish
+    ;;
+ablations)
+    # MM-Rec at width 128 with one memory piece off at a time (scripts/quality_studies.py ABLATIONS),
+    # at the learning rate of the best main run; the ring spans every row, so retention is moot here
+    zoology_recipes
+    BUDGET=${BUDGET:-300}
+    for ablation in ${ABLATIONS:-no_window level2_mean state_input no_conv slot_mean no_ring}; do
+        zoology "mmrec_w128_${ablation}_lr${LR:-1e-3}" "mmrec_w128_${ablation}" "${LR:-0.001}" $BUDGET
+    done
+    finish
+    ;;
+*)
+    echo "unknown phase $PHASE"; exit 2
+    ;;
+esac
