@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mm_rec"
 # Lowest first; a module may import from its own layer and the ones before it.
 LAYERS = [
     ["mm_rec.constants", "mm_rec.config"],
-    ["mm_rec.ops"],
+    ["mm_rec.ops", "mm_rec.jax"],  # mm_rec.jax: the JAX scan and recurrence, optional (below)
     ["mm_rec.core"],
     ["mm_rec.blocks"],
     ["mm_rec.model", "mm_rec"],  # the package root re-exports the model API
@@ -103,6 +103,24 @@ def test_evaluation_never_imports_the_cli_and_tasks_not_their_package():
             assert not any(n == "mm_rec.cli" or n.startswith("mm_rec.cli.") for n in names), module
         if module in ("mm_rec.evaluation.mqar", "mm_rec.evaluation.passkey"):
             assert "mm_rec.evaluation" not in names, module
+
+
+def test_the_jax_package_is_optional_and_standalone():
+    """mm_rec imports without JAX: nothing outside mm_rec.jax imports it. And mm_rec.jax needs
+    neither torch nor the rest of the package (only the parent package's __init__ runs)."""
+    for module, source in package_modules().items():
+        tree = ast.parse(source)
+        names = {name for name, _, _ in imports(tree, module)}
+        top_level = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                     for alias in node.names}
+        top_level |= {(node.module or "").split(".")[0] for node in ast.walk(tree)
+                      if isinstance(node, ast.ImportFrom) and not node.level}
+        if module == "mm_rec.jax" or module.startswith("mm_rec.jax."):
+            assert all(n == "mm_rec.jax" or n.startswith("mm_rec.jax.") for n in names), (module, names)
+            assert "torch" not in top_level, module
+        else:
+            assert not any(n == "mm_rec.jax" or n.startswith("mm_rec.jax.") for n in names), module
+            assert "jax" not in top_level, module
 
 
 def test_the_checker_finds_what_it_forbids():
