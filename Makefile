@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
-EXTRAS ?= dev,bpe,plot
+EXTRAS ?= dev,bpe,plot,jax
 
 .PHONY: setup demo test test-gpu lint bench-cpu clean
 
