@@ -2,8 +2,6 @@
 (mm_rec.core.recurrence with backend="sequential") forward and backward, with the PyTorch
 function's defaults, dtype rules and argument checks. Also jit and vmap."""
 
-from functools import partial
-
 import numpy as np
 import pytest
 import torch
@@ -44,13 +42,12 @@ def random_inputs(B, T, H, d):
     return tuple(x.numpy() for x in inputs)
 
 
-@partial(jax.jit, static_argnames="dtype")
-def recurrence_and_grads(args, cotangents, dtype):
-    """h, h_last and the gradients of <h, dh> + <h_last, d_last> to every argument; z, log_gamma
-    and W_g cast to `dtype` (b_g and h0 stay fp32)."""
-    args = tuple(x.astype(dtype) for x in args[:3]) + args[3:]
+@jax.jit
+def recurrence_and_grads(args, cotangents):
+    """h, h_last and the gradients of <h, dh> + <h_last, d_last> to every argument. (Inputs are cast
+    to bf16 before, not in here: XLA may skip an f32 -> bf16 -> f32 round trip inside a jitted function.)"""
     (h, h_last), vjp = jax.vjp(mmrec_recurrence, *args)
-    return h, h_last, vjp((cotangents[0].astype(h.dtype), cotangents[1]))
+    return h, h_last, vjp(cotangents)
 
 
 def torch_reference(args, cotangents=None):
@@ -71,8 +68,7 @@ def test_matches_float64_loop_forward_and_backward(T, H, d, defaults):
     z, log_gamma, W_g, b_g, h0 = random_inputs(2, T, H, d)
     args = (z, log_gamma, W_g) if defaults else (z, log_gamma, W_g, b_g, h0)
     cotangents = (torch.randn(2, T, H, d).numpy(), torch.randn(2, H, d).numpy())
-    h, h_last, grads = recurrence_and_grads(tuple(map(jnp.asarray, args)), tuple(map(jnp.asarray, cotangents)),
-                                            "float32")
+    h, h_last, grads = recurrence_and_grads(tuple(map(jnp.asarray, args)), tuple(map(jnp.asarray, cotangents)))
     h_ref, last_ref, grads_ref = torch_reference(args, cotangents)
     assert h.dtype == jnp.float32 and h_last.dtype == jnp.float32
     assert h.shape == (2, T, H, d) and h_last.shape == (2, H, d)
@@ -99,9 +95,9 @@ def test_is_the_formula():
 def test_bf16_inputs_keep_an_fp32_state():
     z, log_gamma, W_g, b_g, h0 = random_inputs(2, 67, 2, 33)
     cotangents = (torch.randn(2, 67, 2, 33).numpy(), torch.randn(2, 2, 33).numpy())
-    args = (z, log_gamma, W_g, b_g, h0)
-    h, h_last, grads = recurrence_and_grads(tuple(map(jnp.asarray, args)), tuple(map(jnp.asarray, cotangents)),
-                                            "bfloat16")
+    bf16 = lambda x: jnp.asarray(x, jnp.bfloat16)
+    args = (bf16(z), bf16(log_gamma), bf16(W_g), jnp.asarray(b_g), jnp.asarray(h0))
+    h, h_last, grads = recurrence_and_grads(args, (bf16(cotangents[0]), jnp.asarray(cotangents[1])))
     assert h.dtype == jnp.bfloat16 and h_last.dtype == jnp.float32
     assert [g.dtype for g in grads] == [jnp.bfloat16] * 3 + [jnp.float32] * 2
     # The reference gets the bf16-rounded inputs and cotangent, exactly.
