@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 from mm_rec.jax.associative_scan import LOG_CLAMP_MAX, LOG_CLAMP_MIN, associative_scan_exponential
 from mm_rec.jax.recurrence import mmrec_recurrence
 
-try:  # jax >= 0.6; before, shard_map lived in jax.experimental (same keyword arguments)
+try:  # newer jax; older versions (0.4.30 included) have it in jax.experimental, with the same keywords
     from jax import shard_map
 except ImportError:
     from jax.experimental.shard_map import shard_map
