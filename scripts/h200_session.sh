@@ -37,6 +37,19 @@ passkey() {  # name recipe train_budget [overrides]
         --time-budget "$budget" --lengths 2k,8k,32k,64k,128k --samples 5 --out "$RUNS/passkey/$name" "$@" \
         > "$RUNS/passkey/$name/log.txt" 2>&1 &
 }
+lm() {  # name recipe data end [overrides]: train until the run ends or SIGINT at second `end` of the session
+    local name=$1 recipe=$2 data=$3 end=$4; shift 4
+    mkdir -p "$RUNS/lm"
+    timeout -s INT $((end - SECONDS)) $MMREC train --config "$recipe" --data "$data" --seed 0 \
+        --out "$RUNS/lm/$name" "$@" > "$RUNS/lm/$name.log" 2>&1 &
+}
+lm_pairs() {  # end: MM-Rec and the Transformer on Tiny Shakespeare and TinyStories
+    local data=${DATA:-runs/data}
+    lm shakespeare_mmrec configs/shakespeare_char.yaml $data/tinyshakespeare.txt $1
+    lm shakespeare_transformer configs/shakespeare_char_transformer.yaml $data/tinyshakespeare.txt $1
+    lm tinystories_mmrec configs/tinystories_bpe.yaml $data/tinystories_subset.txt $1
+    lm tinystories_transformer configs/tinystories_bpe_transformer.yaml $data/tinystories_subset.txt $1
+}
 finish() {
     wait
     tar czf "$OUT/runs.tgz" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.distcp' --exclude=tensorboard \
@@ -47,17 +60,18 @@ finish() {
 
 case $PHASE in
 recall)
-    # sharing the GPU: the GPU tests, MQAR under Zoology's protocol (width 128; MM-Rec also with
-    # one memory piece off at a time), passkey
+    # sharing the GPU: the GPU tests, MQAR under Zoology's protocol (width 128; $ABLATIONS: MM-Rec
+    # with one memory piece off at a time), passkey, and (WITH_LM=1) the language-model pairs
     timeout 240 python3 -m pytest -q -m gpu tests -rf -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1 &
     zoology_recipes
     BUDGET=${BUDGET:-470}
     zoology transformer_w128_lr1e-3 transformer_w128 0.001 $BUDGET
     zoology transformer_w128_lr2.2e-3 transformer_w128 0.0022 $BUDGET
     zoology mmrec_w128_lr2.2e-3 mmrec_w128 0.0022 $BUDGET
-    for ablation in ${ABLATIONS:-no_window level2_mean state_input}; do  # one memory piece off at a time
+    for ablation in ${ABLATIONS:-}; do  # one memory piece off at a time
         zoology "mmrec_w128_${ablation}_lr2.2e-3" "mmrec_w128_${ablation}" 0.0022 $BUDGET
     done
+    [ -n "${WITH_LM:-1}" ] && lm_pairs $((BUDGET + 60))
     passkey mmrec configs/passkey_mmrec.yaml $((BUDGET - 130))
     passkey transformer configs/passkey_transformer.yaml $((BUDGET - 130))
     finish
@@ -71,17 +85,7 @@ lm)
     #    study (three models trained, then scored); every training stopped by SIGINT at its budget
     END=${END:-575}
     TRAIN_END=$((END - 95))
-    DATA=${DATA:-runs/data}
-    lm() {  # name recipe data [overrides]
-        local name=$1 recipe=$2 data=$3; shift 3
-        mkdir -p "$RUNS/lm"
-        timeout -s INT $((TRAIN_END - SECONDS)) $MMREC train --config "$recipe" --data "$data" --seed 0 \
-            --out "$RUNS/lm/$name" "$@" > "$RUNS/lm/$name.log" 2>&1 &
-    }
-    lm shakespeare_mmrec configs/shakespeare_char.yaml $DATA/tinyshakespeare.txt
-    lm shakespeare_transformer configs/shakespeare_char_transformer.yaml $DATA/tinyshakespeare.txt
-    lm tinystories_mmrec configs/tinystories_bpe.yaml $DATA/tinystories_subset.txt
-    lm tinystories_transformer configs/tinystories_bpe_transformer.yaml $DATA/tinystories_subset.txt
+    [ -n "${WITH_LM:-1}" ] && lm_pairs $TRAIN_END
     longdoc() {  # name recipe [overrides]: train (SIGINT saves a checkpoint), then score
         local name=$1 recipe=$2; shift 2
         mkdir -p "$RUNS/longdoc"
