@@ -3,6 +3,8 @@
 Measures, in one run and on the same inputs:
   * MM-Rec tiny (exact nonlinear recurrence, torch backend),
   * MM-Rec tiny with `gate_input: input` (the linear-recurrence ablation, solved by the scan),
+* MM-Rec tiny with the version-1 memory (config_version 1: q/k/v from the state, block means,
+  an age ring, the level-2 mean; what checkpoints from before the token-level memory compute),
   * the Llama-style Transformer baseline of the same sizes (when mm_rec.baselines is present),
 and, from one profiled step, the share of time spent in the core recurrence loop (forward and
 backward) and in the associative scan.
@@ -26,6 +28,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from mm_rec import MMRecConfig, MMRecModel
+from mm_rec.config import LEGACY_V1
 from mm_rec.loading import build_model
 
 
@@ -74,6 +77,8 @@ def main() -> None:
     variants: list[tuple[str, torch.nn.Module]] = [
         (f"MM-Rec {label} (exact recurrence)", build_model(cfg)),
         (f"MM-Rec {label} (gate_input: input, scan)", build_model(cfg.replace(gate_input="input"))),
+        (f"MM-Rec {label}, version-1 memory (config_version 1)",
+         build_model(cfg.replace(config_version=1, recent_slots=cfg.memory_size_M, **LEGACY_V1))),
         ("Transformer baseline (same sizes)", build_model(cfg, "transformer")),
     ]
 

@@ -434,8 +434,14 @@ def zoology_report(out: Path, docs: Path | None) -> None:
                       if v.startswith(model_type + "_") and v.count("_") == 1]
             if points:
                 series[model_type] = ([w for w, _ in sorted(points)], [a for _, a in sorted(points)])
-        _plot(docs / "quality_mqar_zoology.png", f"MQAR, Zoology's protocol: accuracy at {main} (best lr)", series,
-              "model width", "accuracy", logx=True)
+        if any(len(xs) > 1 for xs, _ in series.values()):  # a curve over widths needs two of them
+            _plot(docs / "quality_mqar_zoology.png", f"MQAR, Zoology's protocol: accuracy at {main} (best lr)",
+                  series, "model width", "accuracy", logx=True)
+        curves = {f"{variant} (lr {report['settings']['lr']:.1e})":
+                  ([point["step"] for point in report["curve"]], [point["accuracy"][main] for point in report["curve"]])
+                  for variant, report in best_runs.items()}
+        _plot(docs / "quality_mqar_zoology_curves.png",
+              f"MQAR, Zoology's protocol: accuracy at {main} after each epoch", curves, "training step", "accuracy")
 
 
 def passkey_report(out: Path, docs: Path | None) -> None:
