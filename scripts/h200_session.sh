@@ -2,16 +2,19 @@
 # GPU sessions on one H200 (the device tool's nvidia-h200), each one call of under 10 minutes.
 # Every number in docs/quality.md and docs/benchmarks.md marked with a phase below came from it.
 #
-#   OUT=/tmp/h200 bash scripts/h200_session.sh recall   # layer benchmark alone, then (sharing the GPU)
-#                                                       # GPU tests, MQAR (Zoology) and passkey
-#   OUT=/tmp/h200 bash scripts/h200_session.sh lm       # layer benchmark alone, then LM and long documents
+#   OUT=/tmp/h200 bash scripts/h200_session.sh recall   # sharing the GPU: GPU tests, MQAR (Zoology),
+#                                                       # passkey, the language-model pairs (WITH_LM=1)
+#   OUT=/tmp/h200 bash scripts/h200_session.sh lm       # layer benchmark alone, then long documents
+#                                                       # (and the language-model pairs with WITH_LM=1)
 #   OUT=/tmp/h200 LR=0.001 bash scripts/h200_session.sh ablations   # MQAR (Zoology) with memory pieces off
+#   OUT=/tmp/h200 PASSKEY_ABLATIONS="retention=age level2=mean" bash scripts/h200_session.sh passkey
+#   OUT=/tmp/h200 bash scripts/h200_session.sh widths     # MQAR (Zoology) at widths 64 and 256
 #
 # Runs share the GPU (small models leave it mostly idle), so steps, not wall time, compare them.
 # Each run is stopped by a time budget (it then evaluates and writes its results); the results
 # come back in $OUT: logs and runs.tgz (every run's JSON and log; no weights).
 set -u
-PHASE=${1:?usage: h200_session.sh recall|lm|ablations}
+PHASE=${1:?usage: h200_session.sh recall|lm|ablations|passkey|widths}
 OUT=${OUT:-runs/h200-out}
 RUNS=runs/h200
 mkdir -p "$OUT" "$RUNS"
@@ -85,7 +88,7 @@ lm)
     #    study (three models trained, then scored); every training stopped by SIGINT at its budget
     END=${END:-575}
     TRAIN_END=$((END - 95))
-    [ -n "${WITH_LM:-1}" ] && lm_pairs $TRAIN_END
+    [ -n "${WITH_LM:-}" ] && lm_pairs $TRAIN_END
     longdoc() {  # name recipe [overrides]: train (SIGINT saves a checkpoint), then score
         local name=$1 recipe=$2; shift 2
         mkdir -p "$RUNS/longdoc"
@@ -108,6 +111,26 @@ ablations)
     BUDGET=${BUDGET:-300}
     for ablation in ${ABLATIONS:-no_window level2_mean state_input no_conv slot_mean no_ring}; do
         zoology "mmrec_w128_${ablation}_lr${LR:-1e-3}" "mmrec_w128_${ablation}" "${LR:-0.001}" $BUDGET
+    done
+    finish
+    ;;
+passkey)
+    # MM-Rec trained alone for the recipe's 3000 steps, then (PASSKEY_ABLATIONS) with one memory
+    # piece off at a time, each scored at 8K and 32K; the Transformer for reference
+    BUDGET=${BUDGET:-420}
+    passkey mmrec configs/passkey_mmrec.yaml $BUDGET
+    for ablation in ${PASSKEY_ABLATIONS:-}; do  # e.g. "retention=age memory_size_M=0 level2=mean window_size=0"
+        passkey "mmrec_${ablation%%=*}" configs/passkey_mmrec.yaml $BUDGET --lengths 8k,32k --set "model.$ablation"
+    done
+    finish
+    ;;
+widths)
+    # MQAR (Zoology) at widths 64 and 256, MM-Rec and the Transformer: the curve over widths with state sizes
+    zoology_recipes
+    BUDGET=${BUDGET:-420}
+    for width in 64 256; do
+        zoology "mmrec_w${width}_lr2.2e-3" "mmrec_w${width}" 0.0022 $BUDGET
+        zoology "transformer_w${width}_lr2.2e-3" "transformer_w${width}" 0.0022 $BUDGET
     done
     finish
     ;;
