@@ -8,7 +8,7 @@ generation, the command line and the benchmarks.
 
 `load_model` reads three kinds of folder:
 
-    save_pretrained folder   config.json (with a "model_type" marker for the baseline) + model.safetensors
+    save_pretrained folder   config.json (with its "model_type" marker: "mmrec" or "transformer") + model.safetensors
     checkpoint folder        the same plus the training state (mm_rec.training.checkpoint); a
                              sharded one holds sharded/ (DCP shards) instead of model.safetensors
     run folder               RUN/checkpoints/step_XXXXXXXX/: its newest checkpoint
@@ -46,7 +46,7 @@ def build_model(config: MMRecConfig, model_type: str = "mmrec") -> LanguageModel
 
 def load_model(path: str | Path, device: torch.device | str | None = None) -> LanguageModel:
     """The model saved in `path` (any of the folders above) on `device` (default: CPU), in eval
-    mode; the class comes from config.json's model_type marker (none: MM-Rec)."""
+    mode; the class comes from config.json's model_type marker (none, in older folders: MM-Rec)."""
     return _load(find_model_dir(path), device)
 
 
@@ -65,9 +65,9 @@ def load_model_and_tokenizer(path: str | Path,
 
 def _load(folder: Path, device: torch.device | str | None) -> LanguageModel:
     model_type, config = read_pretrained_config(folder)
-    if model_type is not None and model_type not in MODEL_CLASSES:
+    if model_type not in MODEL_CLASSES:
         raise ValueError(f"{folder / CONFIG_NAME}: unknown model_type {model_type!r}; use one of {MODEL_TYPES}")
-    model_class = MODEL_CLASSES[model_type or "mmrec"]
+    model_class = MODEL_CLASSES[model_type]
     if (folder / SHARDED).is_dir() and not (folder / WEIGHTS_NAME).is_file():
         return _load_sharded(folder, model_class(config)).to(device).eval()
     return model_class.from_pretrained(folder, device).eval()
