@@ -56,13 +56,15 @@ def run(args: argparse.Namespace) -> int:
     recipe = _saved_recipe(model_dir)
     data_cfg = recipe.get("data", {})
     separator = data_cfg.get("document_separator")
+    text_field = data_cfg.get("text_field", "text")  # of .jsonl / .parquet / datasets data
     if args.data is not None:
-        data = tokenize_in_memory(resolve_source(args.data), tokenizer, separator, args.bin_dtype, args.max_tokens)
+        source = resolve_source(args.data, text_field)
+        data = tokenize_in_memory(source, tokenizer, separator, args.bin_dtype, args.max_tokens)
         start, end, what = 0, len(data), args.data
     else:  # the validation split of the data the checkpoint was trained on
         if "data" not in recipe:
             raise ValueError(f"{model_dir} holds no {RECIPE}; give --data PATH")
-        data = tokenize_in_memory(resolve_source(data_cfg.get("path")), tokenizer, separator,
+        data = tokenize_in_memory(resolve_source(data_cfg.get("path"), text_field), tokenizer, separator,
                                   data_cfg.get("bin_dtype", "uint16"))
         start = data.split_point(data_cfg.get("val_fraction", 0.05))
         end = len(data) if args.max_tokens is None else min(len(data), start + args.max_tokens)

@@ -258,7 +258,7 @@ class Trainer:
     def _prepare_data(self, checkpoint: ckpt.Checkpoint | None) -> None:
         tc, dc = self.config.training, self.config.data
         cache_dir = Path(dc.cache_dir) if dc.cache_dir else self.run_dir / "data"
-        source = resolve_source(dc.path)
+        source = resolve_source(dc.path, dc.text_field)
         if checkpoint is not None:
             self.tokenizer = load_tokenizer(checkpoint.path) or ByteTokenizer()
         else:  # a BPE tokenizer is trained once, by the main process; the others load it from the cache
