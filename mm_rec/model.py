@@ -168,8 +168,8 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
     """ValueError for generation arguments that `sample_next_token` cannot honour."""
     if max_new_tokens < 0:
         raise ValueError("max_new_tokens must be >= 0")
-    if temperature < 0:
-        raise ValueError("temperature must be >= 0")
+    if not temperature >= 0 or math.isinf(temperature):  # NaN fails every comparison
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError("top_k must be >= 1")
     if top_p is not None and not 0 < top_p <= 1:
