@@ -2,7 +2,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
-EXTRAS ?= dev,bpe,plot,jax
+# Everything the tests exercise (a missing optional package skips its tests) and what the default
+# recipes log to (TensorBoard). lm-eval is the largest (~30 packages, ~1 min to install); its tests run offline.
+EXTRAS ?= dev,bpe,plot,jax,tensorboard,hf,eval,data
 
 .PHONY: setup demo test test-gpu lint bench-cpu clean
 

@@ -16,7 +16,12 @@ checks all three.
     loading, generation        build_model / load_model for every caller; text from a prompt
     training                   recipes, the loop, optimizer and schedule, checkpoints
     evaluation                 recall tasks and their scoring, memory inspection, the task trainer
+    integrations               transformers and lm-evaluation-harness (optional extras hf, eval)
     cli                        `mmrec`: one module per command
+
+Importing the package installs `mm_rec.integrations.hook`, which registers MM-Rec with
+transformers (AutoConfig, AutoModelForCausalLM) and lm_eval when they are imported: the one
+import from a higher layer, deferred until that library is in use (tests/test_layering.py).
 """
 
 from mm_rec.blocks.attention import HDSAttention, MultiMemoryAttention
@@ -27,6 +32,7 @@ from mm_rec.core.hds import HDSHierarchy
 from mm_rec.core.mdi import LearnableDecay, MemoryIntegration
 from mm_rec.core.memory_state import MemoryBank, MemoryState
 from mm_rec.core.recurrence import mmrec_recurrence
+from mm_rec.integrations.hook import install as _install_integrations
 from mm_rec.model import MMRecModel, MMRecOutput
 
 __version__ = "0.1.0"
@@ -36,3 +42,5 @@ __all__ = [
     "MMRecConfig", "MMRecModel", "MMRecOutput", "MemoryBank", "MemoryIntegration", "MemoryState",
     "MultiMemoryAttention", "associative_scan_exponential", "mmrec_recurrence",
 ]
+
+_install_integrations()  # costs nothing until transformers or lm_eval is imported

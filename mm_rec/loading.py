@@ -8,17 +8,20 @@ generation, the command line and the benchmarks.
 
 `load_model` reads three kinds of folder:
 
-    save_pretrained folder   config.json (with a "model_type" marker for the baseline) + model.safetensors
+    save_pretrained folder   config.json (with its "model_type" marker: "mmrec" or "transformer") + model.safetensors
     checkpoint folder        the same plus the training state (mm_rec.training.checkpoint); a
                              sharded one holds sharded/ (DCP shards) instead of model.safetensors
     run folder               RUN/checkpoints/step_XXXXXXXX/: its newest checkpoint
 
 A missing folder or file raises FileNotFoundError; damaged or foreign contents ValueError, each
-with a one-line message naming the file.
+with a one-line message naming the file. Given a run folder, a newest checkpoint that cannot be
+read is skipped with a warning and the one before it loaded (as `--resume auto` does).
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -44,30 +47,53 @@ def build_model(config: MMRecConfig, model_type: str = "mmrec") -> LanguageModel
     return MODEL_CLASSES[model_type](config)
 
 
-def load_model(path: str | Path, device: torch.device | str | None = None) -> LanguageModel:
+def load_model(path: str | Path, device: torch.device | str | None = None,
+               warn: Callable[[str], None] | None = None) -> LanguageModel:
     """The model saved in `path` (any of the folders above) on `device` (default: CPU), in eval
-    mode; the class comes from config.json's model_type marker (none: MM-Rec)."""
-    return _load(find_model_dir(path), device)
+    mode; the class comes from config.json's model_type marker (none, in older folders: MM-Rec).
+    `warn` reports a skipped damaged checkpoint (default: a line on stderr)."""
+    return _newest_good(path, lambda folder: _load(folder, device), warn)[0]
 
 
-def load_model_and_tokenizer(path: str | Path,
-                             device: torch.device | str | None = None) -> tuple[LanguageModel, Tokenizer, Path]:
+def load_model_and_tokenizer(path: str | Path, device: torch.device | str | None = None,
+                             warn: Callable[[str], None] | None = None) -> tuple[LanguageModel, Tokenizer, Path]:
     """`load_model`, plus the tokenizer saved beside the model (bytes when there is none: a small
     vocabulary may still fit ASCII text) and the folder they were read from."""
-    folder = find_model_dir(path)
-    model = _load(folder, device)
-    tokenizer = load_tokenizer(folder) or ByteTokenizer()
-    vocab_size = model.config.vocab_size
-    if tokenizer.kind != "byte" and tokenizer.vocab_size > vocab_size:
-        raise ValueError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens, the model only {vocab_size}")
+
+    def load(folder: Path) -> tuple[LanguageModel, Tokenizer]:
+        model = _load(folder, device)
+        tokenizer = load_tokenizer(folder) or ByteTokenizer()
+        vocab_size = model.config.vocab_size
+        if tokenizer.kind != "byte" and tokenizer.vocab_size > vocab_size:
+            raise ValueError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens, the model only {vocab_size}")
+        return model, tokenizer
+
+    (model, tokenizer), folder = _newest_good(path, load, warn)
     return model, tokenizer, folder
+
+
+def _newest_good(path: str | Path, load: Callable[[Path], object], warn: Callable[[str], None] | None):
+    """(load(folder), folder) for the model folder `path`, or for the newest checkpoint of the run
+    folder `path` that loads: damaged newer ones are skipped with a warning."""
+    folder = find_model_dir(path)
+    if folder == Path(path):  # a model folder itself: its damage is the error
+        return load(folder), folder
+    warn = warn or (lambda message: print(message, file=sys.stderr))
+    for candidate in reversed(list_checkpoints(path)):
+        try:
+            return load(candidate), candidate
+        except (ValueError, OSError) as err:
+            if candidate == list_checkpoints(path)[0]:
+                raise
+            warn(f"warning: skipping {candidate}: {' '.join(str(err).split())}")
+    raise AssertionError("unreachable: find_model_dir found a checkpoint")
 
 
 def _load(folder: Path, device: torch.device | str | None) -> LanguageModel:
     model_type, config = read_pretrained_config(folder)
-    if model_type is not None and model_type not in MODEL_CLASSES:
+    if model_type not in MODEL_CLASSES:
         raise ValueError(f"{folder / CONFIG_NAME}: unknown model_type {model_type!r}; use one of {MODEL_TYPES}")
-    model_class = MODEL_CLASSES[model_type or "mmrec"]
+    model_class = MODEL_CLASSES[model_type]
     if (folder / SHARDED).is_dir() and not (folder / WEIGHTS_NAME).is_file():
         return _load_sharded(folder, model_class(config)).to(device).eval()
     return model_class.from_pretrained(folder, device).eval()

@@ -44,11 +44,12 @@ class LanguageModel(nn.Module):
     """What MMRecModel and the Transformer baseline share: the input checks, `generate` over the
     subclass's `generate_stream`, and the save_pretrained folder (config.json, model.safetensors).
 
-    `model_type` is the config.json marker that tells loaders which class to build; MM-Rec's is
-    None (no marker), so its folders stay plain MMRecConfig JSON.
+    `model_type` is the config.json marker that tells loaders which class to build ("mmrec" or
+    "transformer"); it is also the model_type transformers' AutoConfig reads. Folders written
+    before MM-Rec wrote its marker have none, and read as "mmrec".
     """
 
-    model_type: str | None = None
+    model_type: str = "mmrec"
     config: MMRecConfig
 
     def _check_token_inputs(self, input_ids: torch.Tensor, labels: torch.Tensor | None) -> None:
@@ -111,7 +112,7 @@ class LanguageModel(nn.Module):
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write config.json (the config, plus the `model_type` marker if any) and model.safetensors."""
+        """Write config.json (the `model_type` marker and the config) and model.safetensors."""
         from safetensors.torch import save_model
 
         directory = Path(directory)
@@ -128,8 +129,7 @@ class LanguageModel(nn.Module):
         directory = Path(directory)
         model_type, config = read_pretrained_config(directory)
         if model_type != cls.model_type:
-            found, wanted = model_type or "mmrec", cls.model_type or "mmrec"
-            raise ValueError(f"{directory} holds a {found!r} model, not a {wanted!r} one")
+            raise ValueError(f"{directory} holds a {model_type!r} model, not a {cls.model_type!r} one")
         if not (directory / WEIGHTS_NAME).is_file():
             raise FileNotFoundError(f"{directory / WEIGHTS_NAME} not found (expected a save_pretrained directory)")
         model = cls(config)
@@ -142,13 +142,13 @@ class LanguageModel(nn.Module):
 
 
 def write_pretrained_config(model: LanguageModel, directory: Path) -> None:
-    """config.json of a save_pretrained folder: the model's `model_type` marker, if any, and its config."""
-    marker = {"model_type": model.model_type} if model.model_type else {}
-    (directory / CONFIG_NAME).write_text(json.dumps({**marker, **model.config.to_dict()}, indent=2) + "\n")
+    """config.json of a save_pretrained folder: the model's `model_type` marker and its config."""
+    values = {"model_type": model.model_type, **model.config.to_dict()}
+    (directory / CONFIG_NAME).write_text(json.dumps(values, indent=2) + "\n")
 
 
-def read_pretrained_config(directory: Path) -> tuple[str | None, MMRecConfig]:
-    """The `model_type` marker (None: MM-Rec) and the config in a save_pretrained folder's
+def read_pretrained_config(directory: Path) -> tuple[str, MMRecConfig]:
+    """The `model_type` marker (none, in older folders: "mmrec") and the config in a save_pretrained folder's
     config.json. FileNotFoundError when it is missing, ValueError when it is not valid JSON or
     not a valid configuration."""
     path = directory / CONFIG_NAME
@@ -160,7 +160,7 @@ def read_pretrained_config(directory: Path) -> tuple[str | None, MMRecConfig]:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
     if not isinstance(values, dict):
         raise ValueError(f"{path} must hold a JSON object of config fields, got {type(values).__name__}")
-    model_type = values.pop("model_type", None)
+    model_type = values.pop("model_type", "mmrec")
     return model_type, MMRecConfig.from_saved(values)  # no config_version: written before versions, v1
 
 
@@ -168,8 +168,8 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
     """ValueError for generation arguments that `sample_next_token` cannot honour."""
     if max_new_tokens < 0:
         raise ValueError("max_new_tokens must be >= 0")
-    if temperature < 0:
-        raise ValueError("temperature must be >= 0")
+    if not temperature >= 0 or math.isinf(temperature):  # NaN fails every comparison
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError("top_k must be >= 1")
     if top_p is not None and not 0 < top_p <= 1:

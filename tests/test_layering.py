@@ -15,16 +15,21 @@ LAYERS = [
     ["mm_rec.ops", "mm_rec.jax"],  # mm_rec.jax: the JAX scan and recurrence, optional (below)
     ["mm_rec.core"],
     ["mm_rec.blocks"],
-    ["mm_rec.model", "mm_rec"],  # the package root re-exports the model API
+    # the package root re-exports the model API, and installs the integrations' registration hook
+    ["mm_rec.model", "mm_rec", "mm_rec.integrations.hook"],
     ["mm_rec.baselines"],
     ["mm_rec.data", "mm_rec.utils", "mm_rec.distributed"],
     ["mm_rec.loading", "mm_rec.generation"],
     ["mm_rec.training"],
     ["mm_rec.evaluation"],
+    ["mm_rec.integrations"],  # transformers and lm_eval (optional)
     ["mm_rec.cli", "mm_rec.__main__"],
 ]
 # Imported inside functions because they are slow to import (FSDP, DCP) or optional (Triton).
 LAZY_IMPORTS_ALLOWED = ("mm_rec.distributed", "mm_rec.ops")
+# The one upward import: `import mm_rec` installs the hook, which imports an integration (which
+# registers itself) only once its library (transformers, lm_eval) has been imported. Inside a function only.
+DEFERRED_REGISTRATION = {"mm_rec.integrations.hook": ("mm_rec.integrations.hf", "mm_rec.integrations.lm_eval")}
 
 
 def layer_of(module: str) -> int:
@@ -79,6 +84,8 @@ def violations(source: str, module: str) -> list[str]:
     problems = []
     own = layer_of(module)
     for name, line, lazy in imports(tree, module):
+        if lazy and name in DEFERRED_REGISTRATION.get(module, ()):
+            continue
         if layer_of(name) > own:
             problems.append(f"{module}:{line} imports {name}, a higher layer")
         if lazy and not name.startswith(LAZY_IMPORTS_ALLOWED):
@@ -132,4 +139,9 @@ def test_the_checker_finds_what_it_forbids():
         "mm_rec.cli.tasks:2 imports mm_rec.evaluation.scoring inside a function"]
     assert violations("def f():\n    from mm_rec.distributed import barrier\n", "mm_rec.training.trainer") == []
     assert violations("from . import scoring\n", "mm_rec.evaluation.mqar") == []
+    hook = "mm_rec.integrations.hook"
+    assert violations("def f():\n    import mm_rec.integrations.hf\n", hook) == []
+    assert violations("import mm_rec.integrations.hf\n", hook) == [f"{hook}:1 imports mm_rec.integrations.hf, "
+                                                                     "a higher layer"]
+    assert violations("def f():\n    from mm_rec.loading import load_model\n", hook)
     assert violations("from ..cli import main\n", "mm_rec.evaluation.mqar")

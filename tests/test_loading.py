@@ -73,6 +73,15 @@ def test_missing_folders_and_files_raise_file_not_found(tmp_path):
     one_line_error(error, "model.safetensors not found")
 
 
+def test_a_folder_written_before_the_mmrec_marker_loads_as_mmrec(tmp_path):
+    folder = tmp_path / "model"
+    build_model(CONFIG).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert config.pop("model_type") == "mmrec"  # the marker transformers' AutoConfig reads
+    (folder / "config.json").write_text(json.dumps(config))
+    assert type(load_model(folder)) is MMRecModel and type(MMRecModel.from_pretrained(folder)) is MMRecModel
+
+
 def test_damaged_or_foreign_folders_raise_value_error(tmp_path):
     folder = tmp_path / "model"
     build_model(CONFIG).save_pretrained(folder)
@@ -88,12 +97,12 @@ def test_damaged_or_foreign_folders_raise_value_error(tmp_path):
         load_model(folder)
     one_line_error(error, "could not load weights from", "model.safetensors")
 
-    (folder / "config.json").write_text(json.dumps({"model_type": "rnn", **config}))
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "rnn"}))
     with pytest.raises(ValueError) as error:
         load_model(folder)
     one_line_error(error, "unknown model_type 'rnn'")
 
-    (folder / "config.json").write_text(json.dumps({"model_type": "transformer", **config}))
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "transformer"}))
     with pytest.raises(ValueError) as error:
         MMRecModel.from_pretrained(folder)
     one_line_error(error, "holds a 'transformer' model, not a 'mmrec' one")

@@ -6,7 +6,7 @@
     mmrec info       parameter count per component (on the meta device: any size, no memory)
     mmrec plot       loss curves of a run as a PNG
     mmrec inspect    decay spectra and slot-age attention of a checkpoint
-    mmrec bench      the CPU benchmark (benchmarks/bench_cpu.py)
+    mmrec bench      the CPU benchmark (also benchmarks/bench_cpu.py)
 
 Bad input (a missing file, an unknown config key, token ids outside the vocabulary, a damaged
 checkpoint) is reported in one line on stderr with exit code 2; a run stopped by repeated
@@ -43,11 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run `mmrec` with `argv` (default: sys.argv[1:]); returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:  # everything after `bench` belongs to the script, --help included
+    if argv[:1] == ["bench"]:  # everything after `bench` is the benchmark's own, --help included
         try:
             return bench.run(argv[1:])
-        except FileNotFoundError as err:
-            print(f"mmrec bench: error: {err}", file=sys.stderr)
+        except (ValueError, FileNotFoundError) as err:  # a bad --config
+            print(f"mmrec bench: error: {' '.join(str(err).split())}", file=sys.stderr)
             return EXIT_BAD_INPUT
     parser = build_parser()
     args = parser.parse_args(argv)

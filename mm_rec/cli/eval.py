@@ -50,19 +50,25 @@ def run(args: argparse.Namespace) -> int:
         return tasks.run_eval_task(args)
     if not args.checkpoint:
         raise ValueError("mmrec eval needs --checkpoint DIR (and --data PATH), or --task mqar|passkey")
+    for flag, value, low in (("--seq-len", args.seq_len, 1), ("--batch-size", args.batch_size, 1),
+                             ("--max-tokens", args.max_tokens, 0)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
     device = resolve_device(args.device or "auto")
     model, tokenizer, model_dir = load_model_and_tokenizer(args.checkpoint, device)
     vocab_size = model.config.vocab_size
     recipe = _saved_recipe(model_dir)
     data_cfg = recipe.get("data", {})
     separator = data_cfg.get("document_separator")
+    text_field = data_cfg.get("text_field", "text")  # of .jsonl / .parquet / datasets data
     if args.data is not None:
-        data = tokenize_in_memory(resolve_source(args.data), tokenizer, separator, args.bin_dtype, args.max_tokens)
+        source = resolve_source(args.data, text_field)
+        data = tokenize_in_memory(source, tokenizer, separator, args.bin_dtype, args.max_tokens)
         start, end, what = 0, len(data), args.data
     else:  # the validation split of the data the checkpoint was trained on
         if "data" not in recipe:
             raise ValueError(f"{model_dir} holds no {RECIPE}; give --data PATH")
-        data = tokenize_in_memory(resolve_source(data_cfg.get("path")), tokenizer, separator,
+        data = tokenize_in_memory(resolve_source(data_cfg.get("path"), text_field), tokenizer, separator,
                                   data_cfg.get("bin_dtype", "uint16"))
         start = data.split_point(data_cfg.get("val_fraction", 0.05))
         end = len(data) if args.max_tokens is None else min(len(data), start + args.max_tokens)
@@ -71,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
     if end - start < 2:
         raise ValueError(f"{what} holds {end - start} token(s); evaluation needs at least 2")
     train_cfg = recipe.get("training", {})
-    seq_len = args.seq_len or train_cfg.get("seq_len", 256)
-    batch_size = args.batch_size or train_cfg.get("batch_size", 8)
+    seq_len = args.seq_len if args.seq_len is not None else train_cfg.get("seq_len", 256)
+    batch_size = args.batch_size if args.batch_size is not None else train_cfg.get("batch_size", 8)
     carry = args.carry_state if args.carry_state is not None else data_cfg.get("carry_state", True)
     autocast = autocast_for(args.precision, device)
     token_bytes = token_bytes_table(tokenizer, vocab_size)

@@ -7,6 +7,7 @@ import argparse
 from mm_rec.cli.common import HelpFormatter
 from mm_rec.generation import generate_text
 from mm_rec.loading import load_model_and_tokenizer
+from mm_rec.model import check_sampling
 from mm_rec.training.config import PRECISIONS
 from mm_rec.utils.device import autocast_for, resolve_device
 
@@ -29,8 +30,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # before the model loads and the prompt is echoed: a bad flag is the only output
     if args.max_new_tokens < 0:
         raise ValueError("--max-new-tokens must be >= 0")
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     device = resolve_device(args.device or "auto")
     model, tokenizer, _ = load_model_and_tokenizer(args.checkpoint, device)
     generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,

@@ -9,8 +9,11 @@ Both expose the same small interface:
     tok.stream_decoder()             .push(id) -> str, for streaming generation
     tok.save(directory); load_tokenizer(directory)
 
-A checkpoint holds `tokenizer_config.json` ({"type": "byte"} or {"type": "bpe"}) and, for BPE,
-the Hugging Face `tokenizer.json` beside it.
+A checkpoint holds `tokenizer_config.json` ({"type": "byte"} or {"type": "bpe"}) and the Hugging
+Face `tokenizer.json` beside it: for BPE the tokenizer itself, for bytes an equivalent byte-level
+tokenizer (id = byte value), which mm_rec does not read. The config also names the transformers
+class that reads tokenizer.json, so `transformers.AutoTokenizer.from_pretrained(checkpoint)` gives
+the same ids as mm_rec's tokenizer.
 """
 
 from __future__ import annotations
@@ -23,6 +26,11 @@ from pathlib import Path
 
 CONFIG_FILE = "tokenizer_config.json"
 HF_FILE = "tokenizer.json"
+# what transformers' AutoTokenizer reads in tokenizer_config.json (mm_rec reads only "type"):
+# tokenizer.json as it is, decoded without English-specific space clean-up, padded on the left
+# (MM-Rec's models read padding only there: mm_rec.integrations.common)
+TRANSFORMERS_FIELDS = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+                       "padding_side": "left"}
 
 
 class ByteTokenizer:
@@ -47,7 +55,8 @@ class ByteTokenizer:
         return "byte"
 
     def save(self, directory: str | Path) -> None:
-        Path(directory, CONFIG_FILE).write_text(json.dumps({"type": "byte", "vocab_size": 256}) + "\n")
+        _write_config(directory, "byte", 256)
+        Path(directory, HF_FILE).write_text(json.dumps(byte_level_tokenizer_json()) + "\n")
 
 
 class BPETokenizer:
@@ -102,7 +111,7 @@ class BPETokenizer:
 
     def save(self, directory: str | Path) -> None:
         self.tokenizer.save(str(Path(directory, HF_FILE)))
-        Path(directory, CONFIG_FILE).write_text(json.dumps({"type": "bpe", "vocab_size": self.vocab_size}) + "\n")
+        _write_config(directory, "bpe", self.vocab_size)
 
 
 Tokenizer = ByteTokenizer | BPETokenizer
@@ -137,6 +146,25 @@ def load_tokenizer(directory: str | Path) -> Tokenizer | None:
     if kind == "bpe":
         return BPETokenizer.from_file(directory / HF_FILE)
     raise ValueError(f"{config_path}: unknown tokenizer type {kind!r}")
+
+
+def _write_config(directory: str | Path, kind: str, vocab_size: int) -> None:
+    values = {"type": kind, "vocab_size": vocab_size, **TRANSFORMERS_FIELDS}
+    Path(directory, CONFIG_FILE).write_text(json.dumps(values) + "\n")
+
+
+def byte_level_tokenizer_json() -> dict:
+    """A Hugging Face `tokenizers` file (format 1.0) equal to ByteTokenizer: byte-level
+    pre-tokenization (GPT-2's printable alphabet, no regex split) and a BPE model without merges
+    whose vocabulary maps each byte's character to the byte's value. Written as plain JSON, so
+    saving needs no `tokenizers` package."""
+    vocab = dict(sorted(_byte_level_alphabet().items(), key=lambda item: item[1]))
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+            "pre_tokenizer": byte_level, "post_processor": None, "decoder": byte_level,
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                      "ignore_merges": False, "vocab": vocab, "merges": []}}
 
 
 def _import_tokenizers():

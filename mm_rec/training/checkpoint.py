@@ -7,7 +7,7 @@
     trainer_state.pt                  step, tokens seen, scheduler, grad scaler, counters
     rank_00000.pt                     per process: RNG states, data position, carried memory state
     recipe.json                       the full run configuration
-    tokenizer_config.json (+ tokenizer.json for BPE)
+    tokenizer_config.json, tokenizer.json  the tokenizer (mm_rec.data.tokenizers; transformers reads them too)
     manifest.json                     format version, step and the size of every file; written last
 
 A checkpoint is written under a temporary name, every file fsync'ed, and renamed into place

@@ -99,7 +99,8 @@ class TrainingConfig:
 class DataConfig:
     """Where the tokens come from and how they are batched."""
 
-    path: str | None = None  # text file, folder of text files or pre-tokenized .bin; null = Python's stdlib
+    path: str | None = None  # text/.jsonl/.parquet/.gz file, folder of them, datasets folder or .bin; null = stdlib
+    text_field: str = "text"  # the text of .jsonl / .parquet records and of a datasets folder
     tokenizer: str = "byte"  # byte | bpe (trained on the training data) | path to a tokenizer.json
     bpe_vocab_size: int | None = None  # vocabulary of a trained BPE tokenizer; null = model vocab_size
     bin_dtype: str = "uint16"  # element type of a .bin file (nanoGPT writes uint16)
@@ -110,6 +111,7 @@ class DataConfig:
 
     def validate(self) -> None:
         _need(self, "tokenizer", bool(self.tokenizer), "must be byte, bpe or a path to a tokenizer.json")
+        _need(self, "text_field", isinstance(self.text_field, str) and bool(self.text_field), "must be a field name")
         _need(self, "bpe_vocab_size", self.bpe_vocab_size is None or self.bpe_vocab_size > 0,
               "must be a positive integer or null")
         _need(self, "bin_dtype", self.bin_dtype in ("uint8", "uint16", "int32", "uint32"),

@@ -43,7 +43,7 @@ from mm_rec.generation import generate_text
 from mm_rec.loading import CHECKPOINTS, build_model, list_checkpoints
 from mm_rec.model import write_pretrained_config
 from mm_rec.training import checkpoint as ckpt
-from mm_rec.training.config import RunConfig
+from mm_rec.training.config import RunConfig, TrainingConfig
 from mm_rec.training.evaluate import EvalResult, evaluate, token_bytes_table
 from mm_rec.training.metrics import MetricsLogger
 from mm_rec.training.optim import build_optimizer, build_scheduler, clip_gradients, load_scheduler_state
@@ -171,6 +171,42 @@ def check_resume(config: RunConfig, checkpoint: ckpt.Checkpoint, model_config: d
                                    f"this run has {world_size}")
 
 
+# what the optimizer and the schedule read from the recipe; a resumed run may change them
+SCHEDULE_KEYS = ("lr", "min_lr", "warmup_steps", "decay_steps", "weight_decay", "beta1", "beta2")
+
+
+def changed_schedule(saved: dict[str, Any], now: TrainingConfig) -> list[str]:
+    """'training.KEY: OLD -> NEW' for every optimizer or schedule setting of the checkpoint's recipe
+    (`saved`, its training section) that differs from this run's. decay_steps is the cosine's
+    length: lr_decay_steps, or max_steps when that is null."""
+    changes = []
+    for key in SCHEDULE_KEYS:
+        if key == "decay_steps":
+            old = saved.get("lr_decay_steps") or saved.get("max_steps")
+            name = "training.lr_decay_steps (null: max_steps)"
+        else:
+            old, name = saved.get(key), f"training.{key}"
+        new = getattr(now, key)
+        if old is not None and old != new:
+            changes.append(f"{name}: {old} -> {new}")
+    return changes
+
+
+def apply_schedule(optimizer: torch.optim.Optimizer, scheduler, config: TrainingConfig) -> None:
+    """Put this run's lr, betas and weight decay into a restored optimizer (loading its state brought
+    the checkpoint's back) and rebase the schedule on them; the schedule's shape (warmup, cosine,
+    min_lr) is already this recipe's and its position the checkpoint's. Groups as build_optimizer
+    makes them: decayed first."""
+    decays = [config.weight_decay, 0.0]
+    for group, decay in zip(optimizer.param_groups, decays):
+        group.update(weight_decay=decay, betas=(config.beta1, config.beta2), initial_lr=config.lr)
+    scheduler.base_lrs = [config.lr] * len(optimizer.param_groups)
+    rates = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, rate in zip(optimizer.param_groups, rates):
+        group["lr"] = rate
+    scheduler._last_lr = rates
+
+
 # ---------------------------------------------------------------------- the trainer
 class Trainer:
     """Builds everything a run needs (in `__init__`), then `fit()` runs the loop."""
@@ -188,6 +224,8 @@ class Trainer:
             raise ckpt.CheckpointError(f"{self.run_dir} already holds checkpoints; pass --resume auto to continue "
                                        "that run, or choose another --out")
         checkpoint = ckpt.resolve_resume(self.run_dir, resume, self.rank, warn=self.log) if resume else None
+        if resume == "auto" and checkpoint is None:
+            self.log(f"--resume auto: no checkpoint in {self.run_dir / CHECKPOINTS}; starting a new run")
         if checkpoint is not None and "config_version" not in checkpoint.model_config:
             # a run started before config versions: continue it with the memory it was trained with
             config.model = {**config.model, "config_version": 1}
@@ -258,7 +296,7 @@ class Trainer:
     def _prepare_data(self, checkpoint: ckpt.Checkpoint | None) -> None:
         tc, dc = self.config.training, self.config.data
         cache_dir = Path(dc.cache_dir) if dc.cache_dir else self.run_dir / "data"
-        source = resolve_source(dc.path)
+        source = resolve_source(dc.path, dc.text_field)
         if checkpoint is not None:
             self.tokenizer = load_tokenizer(checkpoint.path) or ByteTokenizer()
         else:  # a BPE tokenizer is trained once, by the main process; the others load it from the cache
@@ -339,6 +377,11 @@ class Trainer:
         if self.carry and checkpoint.local.get("memory_state"):
             self.state = MemoryState.from_state_dict(checkpoint.local["memory_state"]).to(self.device)
         set_rng_state(checkpoint.local["rng"])
+        changed = changed_schedule(checkpoint.recipe.get("training", {}), self.config.training)
+        if changed:
+            apply_schedule(self.optimizer, self.scheduler, self.config.training)
+            self.log(f"resuming with a changed optimizer or schedule ({'; '.join(changed)}): the new values apply "
+                     f"from step {self.step_count + 1}")
 
     def save(self) -> Path:
         """Write a checkpoint of the current step (every process calls this). Format full: the
@@ -433,7 +476,7 @@ class Trainer:
         if detector is not None:
             detector.attach()
         interrupted = threading.Event()
-        previous_handler = _on_sigint(interrupted, self.log)
+        previous_handlers = _on_stop_signals(interrupted, self.log)
         bar = _progress(tc.max_steps, self.step_count) if self.is_main else None
         last_loss, last_eval, last_checkpoint, nonfinite_run = None, None, None, 0
         self.start_time = time.perf_counter()
@@ -477,8 +520,8 @@ class Trainer:
                     closer.close()
             if detector is not None:
                 detector.detach()
-            if previous_handler is not None:
-                signal.signal(signal.SIGINT, previous_handler)
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
         if interrupted.is_set():
             self.log(f"stopped at step {self.step_count}; checkpoint {last_checkpoint}; continue with --resume auto")
         sample = None
@@ -520,18 +563,24 @@ def _grad_sync(model: nn.Module, sync: bool):
     return contextlib.nullcontext()
 
 
-def _on_sigint(flag: threading.Event, log):
-    """Ctrl-C finishes the current step, saves a checkpoint and stops; a second Ctrl-C aborts."""
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")  # Ctrl-C; a scheduler's stop or pre-emption notice
+
+
+def _on_stop_signals(flag: threading.Event, log) -> dict:
+    """Ctrl-C, SIGTERM and SIGUSR1 finish the current step, save a checkpoint and stop (exit code
+    130); a second one aborts. Returns the handlers they replaced (none outside the main thread)."""
     if threading.current_thread() is not threading.main_thread():
-        return None
+        return {}
 
     def handler(signum, frame):
         if flag.is_set():
             raise KeyboardInterrupt
         flag.set()
-        log("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to abort)")
+        log(f"\ninterrupted ({signal.Signals(signum).name}): saving a checkpoint after this step "
+            "(a second signal aborts)")
 
-    return signal.signal(signal.SIGINT, handler)
+    return {sig: signal.signal(sig, handler) for sig in (getattr(signal, name, None) for name in STOP_SIGNALS)
+            if sig is not None}
 
 
 def _progress(total: int, initial: int):
