@@ -11,7 +11,7 @@
 
 JAX is an optional dependency (`pip install mm-rec[jax]`). Nothing else in mm_rec imports this
 package, and it imports nothing of the rest of mm_rec (nor torch): tests/test_layering.py checks both.
-The PyTorch functions with backend="sequential" are its test oracles (tests/jax/).
+The PyTorch functions with backend="sequential" are its test oracles (tests/jax_ops/).
 """
 
 try:
