@@ -25,9 +25,12 @@ flight on rank r. The bubble (idle fraction of a step with equal parts and micro
 Messages (point-to-point, `torch.distributed.isend`/`irecv`; sends never block the sender) are the
 tensors of `MemoryState.state_dict()` in its order (position, then layer by layer the present
 pieces in `LAYER_FIELDS` order), shapes and dtypes known on both sides from `model.init_state`.
-A gradient message is the floating-point ones in the same order. Per pair and direction they are
-posted in the same order on both sides (forward j = 0..M-1, backward j = 0..M-1, then the hand-over),
-which is what NCCL needs; gloo matches them by tag as well.
+A gradient message is the floating-point ones in the same order. Between two neighbours both
+post their operations in one order: forward states j = 0..M-1 interleaved with gradients
+j = 0..M-1 as the schedule runs them (the receive of a forward state is posted before a backward
+whose gradient goes the other way, as Megatron-LM's send_backward_recv_forward), then the
+hand-over. NCCL needs that (it runs one pair's operations in order on one stream, so a large
+message posted out of order deadlocks); gloo also matches them by tag. Only gloo is tested (CPU).
 
 **The loss** is the cross entropy summed over this rank's labelled tokens divided by the number of
 labelled tokens of the whole batch on all ranks (one all-reduce), so the sum over ranks is the
@@ -87,6 +90,7 @@ class _Channel:
     num_tensors: int  # tensors of one state message
     device: torch.device
     pending: list = field(default_factory=list)  # (work, tensor) of sends not yet completed
+    posted: dict = field(default_factory=dict)  # (kind, microbatch) -> (buffers, works) of receives posted early
 
     def peer(self, offset: int) -> int:
         """Global rank of the group member `offset` places after this one (cyclically)."""
@@ -98,17 +102,27 @@ class _Channel:
 
     def send(self, tensors: dict[int, torch.Tensor], offset: int, kind: int, microbatch: int) -> None:
         """Post non-blocking sends of {message index: tensor}; `wait` completes them."""
+        # drop the sends already completed: each holds a whole state (a GiB per row at the 7B sizes)
+        self.pending = [(work, tensor) for work, tensor in self.pending if not work.is_completed()]
         for index, tensor in tensors.items():
             tensor = tensor.detach().contiguous()  # kept referenced until the send completes
             work = dist.isend(tensor, self.peer(offset), group=self.group, tag=self.tag(kind, microbatch, index))
             self.pending.append((work, tensor))
 
-    def recv(self, specs: dict[int, tuple[torch.Size, torch.dtype]], offset: int, kind: int,
-             microbatch: int) -> dict[int, torch.Tensor]:
-        """Receive {message index: tensor} of the given shapes and dtypes (blocking)."""
+    def post_recv(self, specs: dict[int, tuple[torch.Size, torch.dtype]], offset: int, kind: int,
+                  microbatch: int) -> None:
+        """Post non-blocking receives of {message index: tensor of this shape and dtype}; `recv` takes them."""
         out = {i: torch.empty(shape, dtype=dtype, device=self.device) for i, (shape, dtype) in specs.items()}
         works = [dist.irecv(t, self.peer(offset), group=self.group, tag=self.tag(kind, microbatch, i))
                  for i, t in out.items()]
+        self.posted[kind, microbatch] = out, works
+
+    def recv(self, specs: dict[int, tuple[torch.Size, torch.dtype]], offset: int, kind: int,
+             microbatch: int) -> dict[int, torch.Tensor]:
+        """Receive {message index: tensor} of the given shapes and dtypes (posted now unless posted already)."""
+        if (kind, microbatch) not in self.posted:
+            self.post_recv(specs, offset, kind, microbatch)
+        out, works = self.posted.pop((kind, microbatch))
         for work in works:
             work.wait()
         return out
@@ -125,8 +139,8 @@ class _RecvState(torch.autograd.Function):
     autograd record the node; its gradient is None."""
 
     @staticmethod
-    def forward(ctx, anchor, channel: _Channel, microbatch: int, specs: tuple):
-        tensors = channel.recv(dict(enumerate(specs)), -1, FORWARD, microbatch)
+    def forward(ctx, anchor, channel: _Channel, microbatch: int, specs: dict):
+        tensors = channel.recv(specs, -1, FORWARD, microbatch)
         ctx.channel, ctx.microbatch = channel, microbatch
         ctx.floating = [i for i, t in tensors.items() if t.is_floating_point()]
         ctx.mark_non_differentiable(*[t for t in tensors.values() if not t.is_floating_point()])
@@ -214,6 +228,7 @@ def sequence_parallel_step(model: nn.Module, input_ids: torch.Tensor, labels: to
         state = model.init_state(B, device=device)
     rows = [slice(int(r[0]), int(r[-1]) + 1) for r in torch.arange(B).tensor_split(min(num_microbatches, B))]
     templates = [model.init_state(r.stop - r.start, device="meta").state_dict() for r in rows]
+    specs = [{i: (t.shape, t.dtype) for i, t in enumerate(template.values())} for template in templates]
     names = list(templates[0])
     channel = _Channel(group, rank, size, len(rows), len(names), device)
 
@@ -229,9 +244,8 @@ def sequence_parallel_step(model: nn.Module, input_ids: torch.Tensor, labels: to
         if rank == 0:
             state_in = state.select_rows(rows[j])
         else:
-            specs = tuple((t.shape, t.dtype) for t in templates[j].values())
             anchor = torch.zeros((), device=device, requires_grad=torch.is_grad_enabled())
-            state_in = MemoryState.from_state_dict(dict(zip(names, _RecvState.apply(anchor, channel, j, specs))))
+            state_in = MemoryState.from_state_dict(dict(zip(names, _RecvState.apply(anchor, channel, j, specs[j]))))
         out = model(input_ids[rows[j]], state=state_in, labels=labels[rows[j]], return_logits=return_logits,
                     loss_reduction="sum")
         objective = out.loss * loss_scale / count
@@ -246,11 +260,17 @@ def sequence_parallel_step(model: nn.Module, input_ids: torch.Tensor, labels: to
         if return_logits:
             logits.append(out.logits.detach())
 
-    for kind, j in pipeline_schedule(rank, size, len(rows), backward=torch.is_grad_enabled()):
+    schedule = pipeline_schedule(rank, size, len(rows), backward=torch.is_grad_enabled())
+    for (kind, j), following in zip(schedule, schedule[1:] + [None]):
         if kind == "F":
             forward(j)
-        else:
-            graphs.pop(j).backward()
+            continue
+        if rank > 0 and following is not None and following[0] == "F":
+            # Post the next forward's receive before this backward sends its gradient back: NCCL runs one
+            # pair's sends and receives in order on one stream, and the previous rank sends that forward
+            # state before it waits for this gradient, so a large message would otherwise deadlock.
+            channel.post_recv(specs[following[1]], -1, FORWARD, following[1])
+        graphs.pop(j).backward()
     channel.wait()
 
     handed = None
