@@ -221,6 +221,8 @@ def sequence_parallel_step(model: nn.Module, input_ids: torch.Tensor, labels: to
     size = dist.get_world_size(group) if dist.is_initialized() else 1
     if labels is None or labels.shape != input_ids.shape:
         raise ValueError("sequence parallelism needs labels of input_ids' shape on every rank")
+    if num_microbatches < 1:
+        raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
     if rank != 0 and state is not None:
         raise ValueError(f"rank {rank} was given a state: only rank 0 starts from one, the others receive it")
     device, B = input_ids.device, input_ids.shape[0]

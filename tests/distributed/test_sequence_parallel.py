@@ -1,6 +1,7 @@
 """Sequence parallelism on CPU (gloo, 2 and 4 processes) against one process on the same batches:
-the pipelined model (logits, loss, every parameter gradient, the state handed to the next batch)
-and the parallel associative scan (outputs and gradients); plus the single-process pieces."""
+the pipelined model (logits, loss, every parameter gradient, the state handed to the next batch,
+and forwards only without gradients) and the parallel associative scan (outputs and gradients);
+plus the single-process pieces (cuts, the schedule simulated, one process)."""
 
 from __future__ import annotations
 
@@ -91,6 +92,11 @@ def _worker(rank: int, world_size: int, port: int, workdir: str) -> None:
                               grads={n: p.grad.clone() for n, p in model.named_parameters()}))
             model.zero_grad(set_to_none=True)
             state = out.state
+        with torch.no_grad():  # forwards only: the same loss and logits, no gradient messages
+            ids, labels = batches()[0]
+            out = sequence_parallel_step(model, part(ids), part(labels), num_microbatches=MICROBATCHES,
+                                         return_logits=True)
+        steps.append(dict(loss=out.loss, logits=out.logits))
         results[dtype] = steps
 
         log_a, b, h0, weight, final_weight = scan_inputs(dtype)
@@ -159,6 +165,10 @@ def test_pipelined_model_and_parallel_scan_match_one_process(world_size, tmp_pat
     reference = {dtype: single_process(dtype) for dtype in DTYPES}
     for dtype in DTYPES:
         tol = TOLERANCE[dtype]
+        no_grad = ranks[0][dtype][-1]
+        assert rel(no_grad["loss"], reference[dtype][0]["loss"]) < tol
+        assert rel(torch.cat([ranks[r][dtype][-1]["logits"] for r in range(world_size)], 1),
+                   reference[dtype][0]["logits"]) < tol
         for step, ref in enumerate(reference[dtype]):
             where = f"{dtype}, batch {step}"
             for r in range(world_size):  # the loss is global: the same on every rank
