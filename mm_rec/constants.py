@@ -6,4 +6,4 @@
 """
 
 IGNORE_INDEX = -100
-PARALLEL_MODES = ("none", "ddp", "fsdp")
+PARALLEL_MODES = ("none", "ddp", "fsdp", "sp")  # sp: sequence parallelism

@@ -228,13 +228,19 @@ class MMRecModel(LanguageModel):
         return self.final_norm(x), MemoryState(layers, state.position + input_ids.shape[1])
 
     def forward(self, input_ids: torch.Tensor, state: MemoryState | None = None,
-                labels: torch.Tensor | None = None, return_logits: bool = True) -> MMRecOutput:
+                labels: torch.Tensor | None = None, return_logits: bool = True,
+                loss_reduction: str = "mean") -> MMRecOutput:
         """Run the model over input_ids [B, T] from `state` (a fresh stream when None).
 
         Inputs longer than `config.max_segment_len` run as consecutive segments with the state
         carried; with gradients enabled each segment is recomputed in backward
         (activation checkpointing), so activation memory does not grow with T.
+
+        loss_reduction: "mean" (cross entropy averaged over the labelled tokens) or "sum" (summed
+        over them: sequence parallelism divides by the count over all processes).
         """
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         self._check_inputs(input_ids, labels, state)
         if state is None:
             state = self.init_state(input_ids.shape[0], device=input_ids.device)
@@ -259,7 +265,9 @@ class MMRecModel(LanguageModel):
                 count = count + (seg_labels != IGNORE_INDEX).sum()  # a tensor: no device sync
             if return_logits:
                 logits_parts.append(logits)
-        loss = loss_sum / count.clamp_min(1) if labels is not None else None
+        loss = None
+        if labels is not None:
+            loss = loss_sum if loss_reduction == "sum" else loss_sum / count.clamp_min(1)
         logits = (logits_parts[0] if len(logits_parts) == 1 else torch.cat(logits_parts, 1)) if return_logits else None
         return MMRecOutput(logits=logits, loss=loss, state=state)
 

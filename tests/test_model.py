@@ -104,6 +104,12 @@ def test_loss_is_mean_cross_entropy_with_ignore_index():
     keep = labels != -100
     expected = torch.nn.functional.cross_entropy(out.logits[keep], labels[keep])
     torch.testing.assert_close(out.loss, expected)
+    # the sum (sequence parallelism divides by the count over all processes)
+    total = model(ids, labels=labels, loss_reduction="sum").loss
+    expected_sum = torch.nn.functional.cross_entropy(out.logits[keep], labels[keep], reduction="sum")
+    torch.testing.assert_close(total, expected_sum)
+    with pytest.raises(ValueError, match="loss_reduction"):
+        model(ids, labels=labels, loss_reduction="none")
 
 
 def test_bad_inputs_are_refused_I9():

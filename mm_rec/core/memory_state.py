@@ -141,6 +141,16 @@ class MemoryState:
                   for layer in self.layers]
         return MemoryState(layers, self.position.to(device=device))
 
+    def select_rows(self, rows: slice) -> MemoryState:
+        """The state of the batch rows `rows` (views of this state's tensors)."""
+        return MemoryState([layer.map(lambda t: t[rows]) for layer in self.layers], self.position[rows])
+
+    @classmethod
+    def cat_rows(cls, states: list[MemoryState]) -> MemoryState:
+        """States of consecutive row groups joined into one (the inverse of `select_rows` over a partition)."""
+        parts = [state.state_dict() for state in states]
+        return cls.from_state_dict({name: torch.cat([part[name] for part in parts]) for name in parts[0]})
+
     def reset(self, mask: torch.Tensor) -> MemoryState:
         """Return the rows where `mask` [B] is True to a fresh stream (zeros, position 0).
 

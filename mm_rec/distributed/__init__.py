@@ -1,5 +1,6 @@
 """Multi-GPU training: FSDP2 or DDP, activation checkpointing and torch.compile applied per
-block from outside the model, torchrun process groups, and resharding distributed checkpoints.
+block from outside the model, torchrun process groups, resharding distributed checkpoints, and
+sequence parallelism (each sequence cut in time over the processes, the state handed on).
 
     from mm_rec.distributed import ParallelConfig, apply_parallelism, init_distributed
     info = init_distributed()                     # under torchrun: one process per GPU
@@ -35,10 +36,20 @@ from mm_rec.distributed.runtime import (
     init_distributed,
     is_main_process,
 )
+from mm_rec.distributed.sequence_parallel import (
+    SequenceParallelOutput,
+    all_reduce_gradients,
+    local_part,
+    part_bounds,
+    sequence_parallel_scan,
+    sequence_parallel_step,
+)
 
 __all__ = [
-    "DistributedInfo", "ParallelConfig", "all_reduce_max", "all_reduce_mean", "apply_activation_checkpointing",
-    "apply_compile", "apply_fsdp", "apply_parallelism", "barrier", "cleanup_distributed", "get_rank",
-    "get_world_size", "init_distributed", "init_model_on_device", "is_main_process", "load_distributed_checkpoint",
-    "load_sharded_state", "run_forward_under_autocast", "save_distributed_checkpoint", "save_sharded_state",
+    "DistributedInfo", "ParallelConfig", "SequenceParallelOutput", "all_reduce_gradients", "all_reduce_max",
+    "all_reduce_mean", "apply_activation_checkpointing", "apply_compile", "apply_fsdp", "apply_parallelism", "barrier",
+    "cleanup_distributed", "get_rank", "get_world_size", "init_distributed", "init_model_on_device",
+    "is_main_process", "load_distributed_checkpoint", "load_sharded_state", "local_part", "part_bounds",
+    "run_forward_under_autocast", "save_distributed_checkpoint", "save_sharded_state", "sequence_parallel_scan",
+    "sequence_parallel_step",
 ]

@@ -61,8 +61,10 @@ class ParallelConfig:
     """How `apply_parallelism` wraps a model.
 
     mode: "fsdp" (FSDP2: each block, then the root with embeddings and head, is one sharded
-        unit), "ddp" (replicated parameters, all-reduced gradients) or "none" (one device:
-        checkpointing, compilation and precision only).
+        unit), "ddp" (replicated parameters, all-reduced gradients), "sp" (sequence parallelism:
+        a full replica per process, wrapped as for "none"; `mm_rec.distributed.sequence_parallel`
+        runs the steps and all-reduces the gradients) or "none" (one device: checkpointing,
+        compilation and precision only).
     activation_checkpointing: recompute each block in backward instead of keeping its
         activations; `ac_policy` "full" keeps only the block's inputs, "selective" also keeps
         the outputs of matmuls, attention and the recurrence kernel and recomputes the cheap
@@ -104,10 +106,10 @@ def apply_parallelism(model: nn.Module, config: ParallelConfig, mesh: DeviceMesh
     this Graph": the carried ring the block returns from inside the checkpointed region).
 
     The model must already sit on this process's device (see `init_model_on_device`) and, for
-    "fsdp" and "ddp", the default process group must exist (`init_distributed()` under
+    "fsdp", "ddp" and "sp", the default process group must exist (`init_distributed()` under
     torchrun). `mesh` is the 1-D data-parallel mesh for FSDP (default: all processes).
 
-    Returns the model to train: the same object for "fsdp" and "none" (modified in place), a
+    Returns the model to train: the same object for "fsdp", "sp" and "none" (modified in place), a
     `DistributedDataParallel` wrapper for "ddp". Build the optimizer after this call.
     """
     _check_model(model)

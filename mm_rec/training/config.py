@@ -126,7 +126,8 @@ class DistributedConfig:
     """Multi-GPU settings (launch with torchrun), turned into a `mm_rec.distributed.ParallelConfig`;
     mixed precision and activation checkpointing come from the training section."""
 
-    parallel: str = "none"  # none | ddp | fsdp
+    parallel: str = "none"  # none | ddp | fsdp | sp (sequence parallelism: each sequence cut in time)
+    sp_microbatches: int = 0  # sp: micro-batches (groups of rows) pipelined through the processes; 0: one per row
     reshard_after_forward: bool = True  # FSDP: free each block's gathered parameters after its forward
     ac_policy: str = "full"  # activation checkpointing per block: full | selective (keeps matmul outputs)
     compile: bool = False  # torch.compile each block (multi-GPU runs)
@@ -134,6 +135,8 @@ class DistributedConfig:
     def validate(self) -> None:
         _need(self, "parallel", self.parallel in PARALLEL_MODES, f"must be one of {PARALLEL_MODES}")
         _need(self, "ac_policy", self.ac_policy in ("full", "selective"), "must be full or selective")
+        _need(self, "sp_microbatches", isinstance(self.sp_microbatches, int) and self.sp_microbatches >= 0,
+              "must be a non-negative integer (0: one micro-batch per row)")
 
 
 SECTIONS: dict[str, type] = {"training": TrainingConfig, "data": DataConfig, "distributed": DistributedConfig}

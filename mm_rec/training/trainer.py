@@ -4,6 +4,9 @@
 
 One optimizer step (`Trainer.step`): `grad_accum_steps` micro-batches (forward, backward of
 loss / accum), then unscale (fp16), clip, a finite check, AdamW, the schedule. With
+`distributed.parallel: sp` every process reads the same batch and takes its part in time of each
+row (`mm_rec.distributed.sequence_parallel`); the carried state ends on the last process and is
+handed to rank 0, which alone holds it (and saves it) between batches. With
 `data.carry_state` the memory state runs on from one micro-batch to the next (detached:
 truncated backpropagation through time) and rows are reset at document boundaries. A step whose
 loss or gradient norm is NaN/Inf is skipped (no update; the carried state is reset) and counted;
@@ -250,7 +253,7 @@ class Trainer:
         self.step_count, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
         if checkpoint is not None:
             self._restore(checkpoint)
-        self.tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum_steps * self.world_size
+        self.tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum_steps * self.data_parallel_size
         self.resumed_from = checkpoint.path if checkpoint is not None else None
 
     # ---- setup
@@ -260,7 +263,7 @@ class Trainer:
         if parallel == "none":
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 raise ValueError("started by torchrun with several processes but distributed.parallel is none; "
-                                 "add --parallel ddp or --parallel fsdp")
+                                 "add --parallel ddp, fsdp or sp")
             self.device = resolve_device(self.config.training.device)
             return
         from mm_rec.distributed import init_distributed
@@ -277,6 +280,15 @@ class Trainer:
     def distributed(self) -> bool:
         return self.config.distributed.parallel != "none"
 
+    @property
+    def sequence_parallel(self) -> bool:
+        return self.config.distributed.parallel == "sp"
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Processes that read batches of their own (sequence parallelism: all read the same one)."""
+        return 1 if self.sequence_parallel else self.world_size
+
     def barrier(self) -> None:
         if self.distributed and torch.distributed.is_initialized():
             torch.distributed.barrier()
@@ -286,6 +298,9 @@ class Trainer:
         return resolve_precision(self.config.training.precision, self.device)
 
     def _build_model(self) -> nn.Module:
+        if self.sequence_parallel and self.config.model_type != "mmrec":
+            raise ValueError(f"--parallel sp cuts sequences where MM-Rec's recurrent state is handed on; the "
+                             f"{self.config.model_type} model has no such state (use ddp or fsdp)")
         if self.distributed and self.device.type == "cuda":  # a 7B model never exists in CPU memory
             from mm_rec.distributed import init_model_on_device
 
@@ -314,13 +329,14 @@ class Trainer:
             raise ckpt.CheckpointError(f"the data changed since checkpoint {checkpoint.path} was written; "
                                        "start a new run with another --out")
         self.split = self.data.split_point(dc.val_fraction)
+        data_rank = 0 if self.sequence_parallel else self.rank  # sequence parallelism: one batch for all
         if dc.carry_state:
             self.batcher = ContiguousStreams(self.data, 0, self.split, tc.batch_size, tc.seq_len,
-                                             rows=tc.batch_size * self.world_size, first_row=self.rank * tc.batch_size,
-                                             seed=tc.seed)
+                                             rows=tc.batch_size * self.data_parallel_size,
+                                             first_row=data_rank * tc.batch_size, seed=tc.seed)
         else:
             self.batcher = RandomWindows(self.data, 0, self.split, tc.batch_size, tc.seq_len,
-                                         seed=tc.seed + 7919 * self.rank)
+                                         seed=tc.seed + 7919 * data_rank)
         self.token_bytes = token_bytes_table(self.tokenizer, self.vocab_size)
 
     def _main_first(self, fn):
@@ -355,7 +371,9 @@ class Trainer:
         return autocast_for(self.precision, self.device)
 
     def _fresh_state(self) -> MemoryState | None:
-        return self.raw.init_state(self.config.training.batch_size, device=self.device) if self.carry else None
+        """The carried state of a fresh stream (sequence parallelism: rank 0 alone holds it)."""
+        holds = self.carry and (self.rank == 0 or not self.sequence_parallel)
+        return self.raw.init_state(self.config.training.batch_size, device=self.device) if holds else None
 
     # ---- checkpoints
     def _restore(self, checkpoint: ckpt.Checkpoint) -> None:
@@ -421,16 +439,24 @@ class Trainer:
         for micro in range(tc.grad_accum_steps):
             batch = self.batcher.next_batch()
             ids, labels = batch.input_ids.to(self.device), batch.labels.to(self.device)
-            if self.carry:
+            if self.state is not None:
                 self.state.reset(batch.reset.to(self.device))
-            with _grad_sync(self.model, micro == tc.grad_accum_steps - 1), self._autocast():
-                out = self.model(ids, state=self.state, labels=labels, return_logits=False)
-            self.scaler.scale(out.loss / tc.grad_accum_steps).backward()
-            loss_sum += out.loss.detach().float()
+            if self.sequence_parallel:
+                loss, state = self._sequence_parallel_step(ids, labels)
+            else:
+                with _grad_sync(self.model, micro == tc.grad_accum_steps - 1), self._autocast():
+                    out = self.model(ids, state=self.state, labels=labels, return_logits=False)
+                self.scaler.scale(out.loss / tc.grad_accum_steps).backward()
+                loss, state = out.loss.detach().float(), out.state
+            loss_sum += loss
             if self.carry:
-                self.state = out.state.detach()
+                self.state = None if state is None else state.detach()
         loss = loss_sum / tc.grad_accum_steps
-        if self.distributed and torch.distributed.is_initialized():
+        if self.sequence_parallel:  # the loss is already global; each process holds its part's gradients
+            from mm_rec.distributed import all_reduce_gradients
+
+            all_reduce_gradients(self.model)
+        elif self.distributed and torch.distributed.is_initialized():
             torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG)
         self.scaler.unscale_(self.optimizer)
         grad_norm = clip_gradients(self.model, tc.grad_clip)
@@ -452,6 +478,20 @@ class Trainer:
         self.step_count += 1
         self.tokens_seen += self.tokens_per_step
         return float(loss), float(grad_norm), applied
+
+    def _sequence_parallel_step(self, ids: torch.Tensor,
+                                labels: torch.Tensor) -> tuple[torch.Tensor, MemoryState | None]:
+        """Forward and backward of one micro-batch cut in time over the processes: this process runs
+        its part of every row. Returns the global mean loss and, on rank 0 with carry_state, the
+        state after the whole rows (handed over by the last process)."""
+        from mm_rec.distributed import local_part, sequence_parallel_step
+
+        tc = self.config.training
+        out = sequence_parallel_step(self.model, local_part(ids, self.rank, self.world_size),
+                                     local_part(labels, self.rank, self.world_size), state=self.state,
+                                     num_microbatches=self.config.distributed.sp_microbatches or tc.batch_size,
+                                     loss_scale=1.0 / tc.grad_accum_steps, hand_over_state=self.carry)
+        return out.loss.float(), out.state
 
     def evaluate(self) -> EvalResult:
         tc = self.config.training
@@ -542,7 +582,8 @@ class Trainer:
         tc, dc = self.config.training, self.config.data
         n = sum(p.numel() for p in self.raw.parameters())
         self.log(f"model: {type(self.raw).__name__}, {n / 1e6:.2f}M parameters | device {self.device} | "
-                 f"precision {self.precision} | processes {self.world_size}")
+                 f"precision {self.precision} | processes {self.world_size}"
+                 + (" (sequence parallel: every row cut into as many parts)" if self.sequence_parallel else ""))
         self.log(f"data: {self.data.description}: {len(self.data):,} {self.tokenizer.kind} tokens "
                  f"({self.split:,} train, {len(self.data) - self.split:,} validation) | "
                  f"{'contiguous streams, state carried' if dc.carry_state else 'random windows'} | "

@@ -1,4 +1,4 @@
-"""MemoryState: round trip, detach, per-row reset, validation."""
+"""MemoryState: round trip, detach, per-row reset, row selection, validation."""
 
 import pytest
 import torch
@@ -27,6 +27,14 @@ def test_state_dict_round_trip_is_bit_exact_also_through_safetensors(tmp_path):
     assert_equal(MemoryState.from_state_dict(state.state_dict()), state)
     save_file({k: v.contiguous() for k, v in state.state_dict().items()}, tmp_path / "s.safetensors")
     assert_equal(MemoryState.from_state_dict(load_file(tmp_path / "s.safetensors")), state)
+
+
+def test_rows_select_and_join_back_bit_exactly():
+    _, state = random_state(B=5)
+    parts = [state.select_rows(slice(0, 2)), state.select_rows(slice(2, 3)), state.select_rows(slice(3, 5))]
+    assert [p.batch_size for p in parts] == [2, 1, 2]
+    assert torch.equal(parts[1].layers[1].h, state.layers[1].h[2:3])
+    assert_equal(MemoryState.cat_rows(parts), state)
 
 
 def test_reset_returns_only_masked_rows_to_a_fresh_stream():

@@ -1,6 +1,7 @@
 """`mmrec train --parallel fsdp` under torchrun: two CPU processes (gloo), a save, a resume in a
 new launch, and a checkpoint that one process can evaluate, with the weights stored unsharded
-(checkpoint_format full) or as each process's shards (sharded)."""
+(checkpoint_format full) or as each process's shards (sharded). `--parallel sp` (sequence
+parallelism) gives the losses of one process, and resumes."""
 
 import os
 import subprocess
@@ -16,10 +17,10 @@ from .conftest import TINY, read_metrics
 REPO = Path(__file__).resolve().parents[2]
 
 
-def torchrun_train(data, out, steps, *extra):
+def torchrun_train(data, out, steps, *extra, parallel="fsdp", settings=()):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mm_rec",
-           "train", "--parallel", "fsdp", "--data", str(data), "--max-steps", str(steps), "--out", str(out), *extra,
-           "--set", *TINY, "model.num_layers=2", "training.save_interval=2", "training.sample_tokens=8"]
+           "train", "--parallel", parallel, "--data", str(data), "--max-steps", str(steps), "--out", str(out), *extra,
+           "--set", *TINY, "model.num_layers=2", "training.save_interval=2", "training.sample_tokens=8", *settings]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
@@ -51,3 +52,29 @@ def test_fsdp_sharded_checkpoints_resume_and_evaluate_in_one_process(text_file, 
     assert [r["step"] for r in read_metrics(tmp_path / "run") if "loss" in r] == [1, 2, 3, 4]
     assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--max-tokens", "500"]) == 0
     assert "bits per byte" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("carry_state", [True, False])
+def test_sequence_parallel_training_gives_the_losses_of_one_process_and_resumes(text_file, tmp_path, carry_state):
+    """Each row of 36 tokens is cut into two parts of 18 (not whole blocks of 8). With carry_state the
+    last process hands the state to rank 0 for the next batch, rank 0's checkpoint file carries it and
+    a resumed launch continues with it; without, every process draws the same random windows."""
+    settings = ["training.seq_len=36", f"data.carry_state={str(carry_state).lower()}"]
+    steps = 6 if carry_state else 4
+    one = ["train", "--data", str(text_file), "--max-steps", str(steps), "--out", str(tmp_path / "one"),
+           "--set", *TINY, "model.num_layers=2", "training.sample_tokens=0", *settings]
+    assert main(one) == 0
+    torchrun_train(text_file, tmp_path / "sp", 4, parallel="sp", settings=settings)
+    if carry_state:
+        out = torchrun_train(text_file, tmp_path / "sp", 6, "--resume", "auto", parallel="sp", settings=settings)
+        assert "resumed from" in out and "step_00000004" in out
+
+    def losses(run):
+        return {r["step"]: r["loss"] for r in read_metrics(tmp_path / run) if "loss" in r}
+
+    reference, parallel = losses("one"), losses("sp")
+    assert sorted(parallel) == list(range(1, steps + 1))
+    for step, loss in reference.items():
+        assert abs(parallel[step] - loss) / loss < 1e-5, (step, parallel[step], loss)
+    assert reference[steps] != reference[1]

@@ -180,3 +180,9 @@ def test_tensorboard_logs(text_file, tmp_path):
     pytest.importorskip("tensorboard")
     train(recipe(text_file, "training.max_steps=2", "training.tensorboard=true"), tmp_path / "tb", **QUIET)
     assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_sequence_parallelism_is_refused_for_the_transformer(text_file, tmp_path):
+    config = recipe(text_file, "model_type=transformer", "distributed.parallel=sp")
+    with pytest.raises(ValueError, match="parallel sp"):
+        train(config, tmp_path / "run", **QUIET)
