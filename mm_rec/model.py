@@ -8,13 +8,18 @@
 carries everything needed to continue the stream: forward over a whole sequence equals forward
 over consecutive segments with the state passed along (invariant I4, docs/architecture.md), and generation feeds one
 token at a time through the same state (I5).
+
+Decoding: `prefill` reads prompts (left-aligned, per-row lengths: no padding token ever enters a
+row's state) in forwards, `step` advances every row by one token in O(1) on a `DecodeState`, and
+`generate_stream` runs one after the other (on CUDA, each step replays a captured CUDA graph:
+mm_rec/decoding.py).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +32,9 @@ from mm_rec.blocks.layers import RMSNorm
 from mm_rec.blocks.mm_rec_block import MMRecBlock
 from mm_rec.config import MMRecConfig
 from mm_rec.constants import IGNORE_INDEX
+from mm_rec.core.decode_state import DecodeState
 from mm_rec.core.memory_state import MemoryState
+from mm_rec.decoding import StepRunner
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -71,14 +78,20 @@ class LanguageModel(nn.Module):
 
     def generate_stream(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                         top_k: int | None = None, top_p: float | None = None, state=None,
-                        generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+                        generator: torch.Generator | None = None, *,
+                        lengths: Sequence[int] | torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+        """Yield the next token [B] of every row for each of `max_new_tokens` steps, as they come.
+        input_ids [B, T]: left-aligned prompts, row b's in its first lengths[b] tokens (None: all T)."""
         raise NotImplementedError
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, state=None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Return [B, T + max_new_tokens]: the prompt followed by the generated tokens."""
-        new = list(self.generate_stream(input_ids, max_new_tokens, temperature, top_k, top_p, state, generator))
+                 generator: torch.Generator | None = None, *,
+                 lengths: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+        """Return [B, T + max_new_tokens]: the prompts as given (with `lengths`, left-aligned and padded to
+        T) followed by the generated tokens."""
+        new = list(self.generate_stream(input_ids, max_new_tokens, temperature, top_k, top_p, state, generator,
+                                        lengths=lengths))
         return torch.cat([input_ids.long()] + [t[:, None] for t in new], dim=1)
 
     def _build_stack(self, config: MMRecConfig, block: type[nn.Module]) -> None:
@@ -162,6 +175,20 @@ def read_pretrained_config(directory: Path) -> tuple[str | None, MMRecConfig]:
         raise ValueError(f"{path} must hold a JSON object of config fields, got {type(values).__name__}")
     model_type = values.pop("model_type", None)
     return model_type, MMRecConfig.from_saved(values)  # no config_version: written before versions, v1
+
+
+def check_lengths(lengths: Sequence[int] | torch.Tensor | None, input_ids: torch.Tensor) -> list[int]:
+    """Per-row prompt lengths of left-aligned prompts input_ids [B, T] as a list (None: every row has T
+    tokens); ValueError unless there is one per row, each in [1, T]."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be a [B, T] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
+    B, T = input_ids.shape
+    if lengths is None:
+        return [T] * B
+    values = lengths.tolist() if isinstance(lengths, torch.Tensor) else list(lengths)
+    if len(values) != B or not all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= T for n in values):
+        raise ValueError(f"lengths must give one prompt length in [1, {T}] per row ({B} rows), got {values}")
+    return values
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -263,24 +290,89 @@ class MMRecModel(LanguageModel):
         logits = (logits_parts[0] if len(logits_parts) == 1 else torch.cat(logits_parts, 1)) if return_logits else None
         return MMRecOutput(logits=logits, loss=loss, state=state)
 
-    # ------------------------------------------------------------------ generation
+    # ------------------------------------------------------------------ decoding
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor, lengths: Sequence[int] | torch.Tensor | None = None,
+                state: MemoryState | None = None) -> tuple[torch.Tensor, MemoryState]:
+        """Read prompts: input_ids [B, T] left-aligned, row b's prompt in its first lengths[b] tokens (None:
+        all T; the tokens after it are padding and never enter the state), each row from its row of
+        `state` (None: a fresh stream). Returns the logits [B, V] at each row's last prompt token and
+        the state after the prompts.
+
+        Rows of equal length share a forward: the forwards run over the spans between consecutive
+        distinct lengths, each over the rows whose prompts reach into it (segment invariance, I4, makes
+        this the same as reading every prompt alone). Only the last position's logits are formed."""
+        lengths = check_lengths(lengths, input_ids)
+        B = input_ids.shape[0]
+        self._check_inputs(input_ids[:, :1], None, state)
+        if state is None:
+            state = self.init_state(B, device=input_ids.device)
+        last, start = None, 0
+        for end in sorted(set(lengths)):
+            rows = [b for b, n in enumerate(lengths) if n >= end]
+            index = torch.tensor(rows, device=input_ids.device)
+            part = state if len(rows) == B else state.rows(index)
+            hidden, part = self._read(input_ids[index, start:end], part)
+            logits = self.lm_head(hidden)  # [rows, V]
+            if last is None:
+                last = logits.new_zeros(B, logits.shape[-1])
+            ends_here = torch.tensor([lengths[b] == end for b in rows], device=input_ids.device)
+            last[index[ends_here]] = logits[ends_here]
+            state = part if len(rows) == B else state.with_rows(index, part)
+            start = end
+        return last, state
+
+    def _read(self, input_ids: torch.Tensor, state: MemoryState) -> tuple[torch.Tensor, MemoryState]:
+        """input_ids [B, T] from `state` in segments of max_segment_len -> (final hidden state at the last
+        token [B, D], the state after it); no logits for the other positions."""
+        self._check_inputs(input_ids, None, state)
+        for ids in input_ids.long().split(self.config.max_segment_len, dim=1):
+            hidden, state = self._forward_segment(ids, state)
+        return hidden[:, -1], state
+
+    @torch.inference_mode()
+    def step(self, input_ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """One token per row in O(1): input_ids [B] (the token at each row's position) -> logits [B, V] of
+        the next token. `state` (a DecodeState: `DecodeState.from_memory_state(memory_state, config)`)
+        advances in place by one token; the same result as `forward(input_ids[:, None], memory_state)`
+        (invariant I5). Token ids are not range-checked here (that needs a host sync)."""
+        if input_ids.dim() != 1 or input_ids.shape[0] != state.batch_size or state.num_layers != len(self.blocks):
+            raise ValueError(f"step takes input_ids [B] with a DecodeState of B rows and {len(self.blocks)} layers; "
+                             f"got {tuple(input_ids.shape)} and {state!r}")
+        return self._step(input_ids, state)
+
+    def _step(self, input_ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """`step` without checks: static shapes, no host sync, no Python branch on tensor values, every
+        state tensor written in place, so it can be captured in a CUDA graph (`StepRunner`)."""
+        x = self.embed(input_ids)  # [B, D]
+        for block, layer_state in zip(self.blocks, state.layers):
+            x = block.step(x, layer_state, state.position)
+        state.position.add_(1)
+        return self.lm_head(self.final_norm(x))
+
     @torch.inference_mode()
     def generate_stream(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                         top_k: int | None = None, top_p: float | None = None, state: MemoryState | None = None,
-                        generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
-        """Yield the next token [B] for each of `max_new_tokens` steps.
+                        generator: torch.Generator | None = None, *,
+                        lengths: Sequence[int] | torch.Tensor | None = None,
+                        cuda_graph: bool | None = None) -> Iterator[torch.Tensor]:
+        """Yield the next token [B] of every row for each of `max_new_tokens` steps, as they come.
 
-        The prompt runs in one forward; then every new token is fed alone through the carried
-        state, so memory per generated token is constant. temperature == 0 means greedy.
-        """
+        The prompts (input_ids [B, T], left-aligned, `lengths` per row; see `prefill`) run in forwards
+        from `state`; then every row advances one token per `step` in O(1) memory and time per token.
+        On CUDA each step replays a captured CUDA graph (`StepRunner`; `cuda_graph=False`: eager).
+        temperature == 0 means greedy. A caller stops early by leaving the loop (stop tokens, stop
+        strings: mm_rec/generation.py)."""
         check_sampling(max_new_tokens, temperature, top_k, top_p)
-        out = self(input_ids, state=state)
-        logits, state = out.logits[:, -1], out.state
-        for _ in range(max_new_tokens):
+        logits, memory = self.prefill(input_ids, lengths, state)
+        runner = None
+        for i in range(max_new_tokens):
             token = sample_next_token(logits, temperature, top_k, top_p, generator)
             yield token
-            out = self(token[:, None], state=state)
-            logits, state = out.logits[:, -1], out.state
+            if i + 1 < max_new_tokens:
+                if runner is None:
+                    runner = StepRunner(self, DecodeState.from_memory_state(memory, self.config), cuda_graph)
+                logits = runner.step(token)
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,

@@ -15,7 +15,7 @@ LAYERS = [
     ["mm_rec.ops", "mm_rec.jax"],  # mm_rec.jax: the JAX scan and recurrence, optional (below)
     ["mm_rec.core"],
     ["mm_rec.blocks"],
-    ["mm_rec.model", "mm_rec"],  # the package root re-exports the model API
+    ["mm_rec.decoding", "mm_rec.model", "mm_rec"],  # the package root re-exports the model API
     ["mm_rec.baselines"],
     ["mm_rec.data", "mm_rec.utils", "mm_rec.distributed"],
     ["mm_rec.loading", "mm_rec.generation"],

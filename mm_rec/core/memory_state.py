@@ -141,6 +141,17 @@ class MemoryState:
                   for layer in self.layers]
         return MemoryState(layers, self.position.to(device=device))
 
+    def rows(self, index: torch.Tensor) -> MemoryState:
+        """A new state holding the rows `index` [n] (int64), in that order."""
+        return MemoryState([layer.map(lambda t: t.index_select(0, index)) for layer in self.layers],
+                           self.position.index_select(0, index))
+
+    def with_rows(self, index: torch.Tensor, other: MemoryState) -> MemoryState:
+        """A new state: this one with rows `index` [n] replaced by the n rows of `other`."""
+        layers = [LayerState(**{f: t.index_copy(0, index, getattr(o, f)) for f, t in layer.tensors().items()})
+                  for layer, o in zip(self.layers, other.layers)]
+        return MemoryState(layers, self.position.index_copy(0, index, other.position))
+
     def reset(self, mask: torch.Tensor) -> MemoryState:
         """Return the rows where `mask` [B] is True to a fresh stream (zeros, position 0).
 
