@@ -191,16 +191,18 @@ def check_lengths(lengths: Sequence[int] | torch.Tensor | None, input_ids: torch
     return values
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """ValueError for generation arguments that `sample_next_token` cannot honour."""
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
+                   name=lambda argument: argument) -> None:
+    """ValueError for generation arguments that `sample_next_token` cannot honour; `name` turns an
+    argument's name into the one the caller knows (the command line's flags)."""
     if max_new_tokens < 0:
-        raise ValueError("max_new_tokens must be >= 0")
+        raise ValueError(f"{name('max_new_tokens')} must be >= 0, got {max_new_tokens}")
     if temperature < 0:
-        raise ValueError("temperature must be >= 0")
+        raise ValueError(f"{name('temperature')} must be >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
-        raise ValueError("top_k must be >= 1")
+        raise ValueError(f"{name('top_k')} must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError("top_p must lie in (0, 1]")
+        raise ValueError(f"{name('top_p')} must lie in (0, 1], got {top_p}")
 
 
 class MMRecModel(LanguageModel):
