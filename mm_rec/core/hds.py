@@ -481,7 +481,7 @@ def from_decode_layout(state: LayerState, position: torch.Tensor, config: MMRecC
 
 def _convert(state: LayerState, position: torch.Tensor, config: MMRecConfig, to_decode: bool) -> LayerState:
     window_index, age_index = _layout_index(position, config)
-    values = {name: tensor.clone() for name, tensor in state.tensors().items()}
+    values = {name: tensor.detach().clone() for name, tensor in state.tensors().items()}  # no autograd history
     if window_index is not None:
         for name in ("window_keys", "window_values"):
             values[name] = _permute(values[name], window_index, to_decode)
