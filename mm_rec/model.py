@@ -356,13 +356,14 @@ class MMRecModel(LanguageModel):
     def generate_stream(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                         top_k: int | None = None, top_p: float | None = None, state: MemoryState | None = None,
                         generator: torch.Generator | None = None, *,
-                        lengths: Sequence[int] | torch.Tensor | None = None,
-                        cuda_graph: bool | None = None) -> Iterator[torch.Tensor]:
+                        lengths: Sequence[int] | torch.Tensor | None = None, cuda_graph: bool | None = None,
+                        compile_step: bool = False) -> Iterator[torch.Tensor]:
         """Yield the next token [B] of every row for each of `max_new_tokens` steps, as they come.
 
         The prompts (input_ids [B, T], left-aligned, `lengths` per row; see `prefill`) run in forwards
         from `state`; then every row advances one token per `step` in O(1) memory and time per token.
-        On CUDA each step replays a captured CUDA graph (`StepRunner`; `cuda_graph=False`: eager).
+        On CUDA each step replays a captured CUDA graph (`StepRunner`; `cuda_graph=False`: eager;
+        `compile_step`: torch.compile the step before capturing it).
         temperature == 0 means greedy. A caller stops early by leaving the loop (stop tokens, stop
         strings: mm_rec/generation.py)."""
         check_sampling(max_new_tokens, temperature, top_k, top_p)
@@ -373,7 +374,8 @@ class MMRecModel(LanguageModel):
             yield token
             if i + 1 < max_new_tokens:
                 if runner is None:
-                    runner = StepRunner(self, DecodeState.from_memory_state(memory, self.config), cuda_graph)
+                    runner = StepRunner(self, DecodeState.from_memory_state(memory, self.config), cuda_graph,
+                                        compile=compile_step)
                 logits = runner.step(token)
 
 
