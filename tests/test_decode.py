@@ -98,20 +98,18 @@ def test_step_equals_forward_fp32(variant):
     assert_states_equal(decode, full.state, close)
 
 
-def test_kept_slot_outlives_the_age_ring_in_the_step_path():
-    """A block made important stays in the kept part long after S blocks have passed (the eviction of
-    the least important does the work; the forward agrees)."""
+def test_kept_slots_outlive_the_age_ring_in_the_step_path():
+    """After 20 blocks through a ring of S = 3 slots (R = 1 by age, P = 2 by importance), the step path's
+    kept part holds blocks older than any age ring of S slots would, and the same ones as the forward."""
     model = small_model(memory_size_M=3, recent_slots=1)
-    hds = model.blocks[0].mixer.hds
-    with torch.no_grad():  # importance of layer 0 = the pooled key's first channel; the keys come from
-        hds.importance_query.zero_()  # the convolution, so make one block's inputs stand out
-        hds.importance_query[:, 0] = 50.0
-    ids = torch.randint(0, 37, (1, 80))
-    decode = DecodeState.from_memory_state(model.init_state(1), model.config)
+    ids = torch.randint(0, 37, (2, 80))
+    decode = DecodeState.from_memory_state(model.init_state(2), model.config)
     step_through(model, ids, decode, 0)
-    expected = model(ids).state
-    assert torch.equal(decode.state_dict()["banks.0.slot_ids"], expected.state_dict()["banks.0.slot_ids"])
-    assert (expected.layers[0].slot_ids >= 0).all()  # the kept part is full: evictions happened
+    expected = model(ids).state.state_dict()
+    for layer in range(2):
+        kept = decode.state_dict()[f"banks.{layer}.slot_ids"]  # [B, K, P]
+        assert torch.equal(kept, expected[f"banks.{layer}.slot_ids"])
+        assert (kept >= 0).all() and (kept < 20 - 3).any(dim=-1).all(), kept  # full, and older than S blocks
 
 
 @pytest.mark.parametrize("variant", ["default", "sub-slots", "long window"])
@@ -235,3 +233,17 @@ def test_bad_step_and_prefill_inputs_are_refused():
         model.prefill(torch.tensor([[1, 2, 99]]))
     with pytest.raises(ValueError, match="batch"):
         decode.load_(model.init_state(3))
+
+
+def test_step_under_bf16_autocast_keeps_the_memory_in_fp32():
+    """Under bf16 autocast (the projections in bf16, as in the forward) the step keeps its state in fp32
+    and its logits agree with the forward's to bf16 precision."""
+    model = small_model(torch.float32)
+    ids = torch.randint(0, 37, (2, 30))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        memory = model(ids[:, :29]).state
+        decode = DecodeState.from_memory_state(memory, model.config)
+        logits = model.step(ids[:, 29], decode)
+        full = model(ids)
+    assert logits.isfinite().all() and rel(logits.float(), full.logits[:, -1].float()) < 3e-2
+    assert all(t.dtype in (torch.float32, torch.int64) for t in decode.state_dict().values())

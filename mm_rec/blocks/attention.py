@@ -167,30 +167,30 @@ class MultiMemoryAttention(nn.Module):
         """The read [B, K, m] of one token per row (`HDSHierarchy.step_token`): one softmax over the
         window ring (bias -window_slope * distance), the ring's slots of earlier blocks (bias
         -slope * (age - 1) plus importance) and the null slot. Scores and reads in the state's dtype
-        (fp32, or float64), autocast or not: the ring is read once, never copied to a lower precision."""
+        (fp32, or float64; the mixer runs it with autocast off): the ring is read once, never copied to
+        a lower precision."""
         acc = torch.promote_types(view.slot_keys.dtype, torch.float32)
-        with torch.autocast(view.queries.device.type, enabled=False):
-            q = (view.queries.to(acc) * self.scale)[:, :, None, :]  # [B, K, 1, m]
-            B, K = q.shape[:2]
-            age_slope, window_slope = self._slopes(acc)
-            age = (view.position // self.chunk_size)[:, None, None] - view.slot_block  # [B, k1, S]
-            slot_bias = -age_slope[:, None] * (age - 1).to(acc)  # [B, K, S]
-            if view.slot_importance is not None:
-                slot_bias = slot_bias + view.slot_importance.to(acc)
-            slot_scores = torch.matmul(q, view.slot_keys.to(acc).transpose(-1, -2))[:, :, 0] + slot_bias
-            slot_scores = slot_scores.masked_fill(view.slot_block < 0, float("-inf"))  # empty slots
-            scores = [slot_scores, self.null_logit.to(acc)[None, :, None].expand(B, K, 1)]
-            if self.window_size:
-                distance = view.window_distance  # [B, W]
-                window_scores = torch.matmul(q, view.window_keys.to(acc).transpose(-1, -2))[:, :, 0]
-                window_scores = window_scores - window_slope[:, None] * distance[:, None].to(acc)
-                before_start = (distance > view.position[:, None])[:, None]  # [B, 1, W]
-                scores.insert(0, window_scores.masked_fill(before_start, float("-inf")))
-            probs = torch.softmax(torch.cat(scores, dim=-1), dim=-1)[:, :, None]  # [B, K, 1, W + S + 1]
-            W, S = self.window_size, view.slot_keys.shape[2]
-            read = torch.matmul(probs[..., W:W + S], view.slot_values.to(acc))  # the null slot's value is 0
-            if W:
-                read = read + torch.matmul(probs[..., :W], view.window_values.to(acc))
+        q = (view.queries.to(acc) * self.scale)[:, :, None, :]  # [B, K, 1, m]
+        B, K = q.shape[:2]
+        age_slope, window_slope = self._slopes(acc)
+        age = (view.position // self.chunk_size)[:, None, None] - view.slot_block  # [B, k1, S]
+        slot_bias = -age_slope[:, None] * (age - 1).to(acc)  # [B, K, S]
+        if view.slot_importance is not None:
+            slot_bias = slot_bias + view.slot_importance.to(acc)
+        slot_scores = torch.matmul(q, view.slot_keys.to(acc).transpose(-1, -2))[:, :, 0] + slot_bias
+        slot_scores = slot_scores.masked_fill(view.slot_block < 0, float("-inf"))  # empty slots
+        scores = [slot_scores, self.null_logit.to(acc)[None, :, None].expand(B, K, 1)]
+        if self.window_size:
+            distance = view.window_distance  # [B, W]
+            window_scores = torch.matmul(q, view.window_keys.to(acc).transpose(-1, -2))[:, :, 0]
+            window_scores = window_scores - window_slope[:, None] * distance[:, None].to(acc)
+            before_start = (distance > view.position[:, None])[:, None]  # [B, 1, W]
+            scores.insert(0, window_scores.masked_fill(before_start, float("-inf")))
+        probs = torch.softmax(torch.cat(scores, dim=-1), dim=-1)[:, :, None]  # [B, K, 1, W + S + 1]
+        W, S = self.window_size, view.slot_keys.shape[2]
+        read = torch.matmul(probs[..., W:W + S], view.slot_values.to(acc))  # the null slot's value is 0
+        if W:
+            read = read + torch.matmul(probs[..., :W], view.window_values.to(acc))
         return read[:, :, 0].to(view.queries.dtype)
 
 

@@ -110,10 +110,13 @@ class MMRecMixer(nn.Module):
         if conv_tail is not None:
             state.conv_tail.copy_(conv_tail)
         delta_gates = parts.get("delta_gates")
-        view = self.hds.step_token(q[:, 0], k[:, 0], v[:, 0], state, position,
-                                   None if delta_gates is None else delta_gates[:, 0])
-        read = self.attention.step(view)
-        self.hds.step_close_block(state, position)  # after the read: a token never sees its own block
+        # The memory in the state's dtype (fp32), autocast or not: its matmuls read the ring, the window
+        # and the delta memory once, with no low-precision copies, and the state is written as computed.
+        with torch.autocast(x.device.type, enabled=False):
+            view = self.hds.step_token(q[:, 0], k[:, 0], v[:, 0], state, position,
+                                       None if delta_gates is None else delta_gates[:, 0])
+            read = self.attention.step(view)
+            self.hds.step_close_block(state, position)  # after the read: a token never sees its own block
         mixed = self.integration(read[:, None], view.level2[:, None], h_hat, parts["gate"])
         return self.out_proj(mixed[:, 0])
 
