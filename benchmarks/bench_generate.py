@@ -10,8 +10,8 @@ Per preset (random weights, bf16; the MM-Rec state fp32), batch size B and promp
   * mmrec-step: `MMRecModel.generate_stream` from the state after the prompt: every token one
     `step` in O(1), replayed as a captured CUDA graph on CUDA (mm_rec/decoding.py; `--compile`
     also passes the step through torch.compile before the capture);
-  * mmrec-forward: the generate path before the step existed: `model(token[:, None], state)`, the
-    whole segment machinery for T = 1, launch by launch;
+  * mmrec-forward: the generate path before the step existed (`generate_stream(..., use_step=False)`):
+    `model(token[:, None], state)`, the whole segment machinery for T = 1, launch by launch;
   * hf-llama: `LlamaForCausalLM` (transformers >= 5, optional) with hidden size, layers, heads, FFN width
     and vocabulary of the preset, generating with `cache_implementation="static"`, which makes
     transformers compile the decoding forward (torch.compile, mode reduce-overhead: CUDA graphs),
@@ -149,17 +149,6 @@ def synthetic_state(model: MMRecModel, batch: int, position: int, device: torch.
     return state
 
 
-@torch.inference_mode()
-def forward_generate_stream(model: MMRecModel, input_ids: torch.Tensor, max_new_tokens: int,
-                            state: MemoryState) -> Iterator[torch.Tensor]:
-    """The generate path before the step: every token through `forward` with T = 1 (greedy)."""
-    out = model(input_ids, state=state)
-    for _ in range(max_new_tokens):
-        token = out.logits[:, -1].argmax(-1)
-        yield token
-        out = model(token[:, None], state=out.state)
-
-
 def time_stream(stream: Iterator[torch.Tensor], device: torch.device, skip: int) -> tuple[float, float | None]:
     """(ms per token, peak GiB during the stream)."""
     synchronize(device)
@@ -189,7 +178,8 @@ def run_mmrec(model: MMRecModel, methods: list[str], batch: int, prompt: int, ar
     streams: dict[str, Callable[[], Iterator[torch.Tensor]]] = {
         "mmrec-step": lambda: model.generate_stream(last, args.new_tokens, temperature=0, state=memory,
                                                     compile_step=args.compile),
-        "mmrec-forward": lambda: forward_generate_stream(model, last, args.new_tokens, memory),
+        "mmrec-forward": lambda: model.generate_stream(last, args.new_tokens, temperature=0, state=memory,
+                                                       use_step=False),
     }
     results = []
     for method in methods:

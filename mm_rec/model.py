@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -314,30 +314,28 @@ class MMRecModel(LanguageModel):
             rows = [b for b, n in enumerate(lengths) if n >= end]
             index = torch.tensor(rows, device=input_ids.device)
             part = state if len(rows) == B else state.rows(index)
-            hidden, part = self._read(input_ids[index, start:end], part)
-            logits = self.lm_head(hidden)  # [rows, V]
+            ids = input_ids[index, start:end]
+            if end - start > 1:  # all but the last token without logits, then the last one with them
+                part = self(ids[:, :-1], state=part, return_logits=False).state
+            out = self(ids[:, -1:], state=part)  # through __call__: module hooks (FSDP's gathers) run
             if last is None:
-                last = logits.new_zeros(B, logits.shape[-1])
+                last = out.logits.new_zeros(B, out.logits.shape[-1])
             ends_here = torch.tensor([lengths[b] == end for b in rows], device=input_ids.device)
-            last[index[ends_here]] = logits[ends_here]
-            state = part if len(rows) == B else state.with_rows(index, part)
+            last[index[ends_here]] = out.logits[ends_here, -1]
+            state = out.state if len(rows) == B else state.with_rows(index, out.state)
             start = end
         return last, state
-
-    def _read(self, input_ids: torch.Tensor, state: MemoryState) -> tuple[torch.Tensor, MemoryState]:
-        """input_ids [B, T] from `state` in segments of max_segment_len -> (final hidden state at the last
-        token [B, D], the state after it); no logits for the other positions."""
-        self._check_inputs(input_ids, None, state)
-        for ids in input_ids.long().split(self.config.max_segment_len, dim=1):
-            hidden, state = self._forward_segment(ids, state)
-        return hidden[:, -1], state
 
     @torch.inference_mode()
     def step(self, input_ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
         """One token per row in O(1): input_ids [B] (the token at each row's position) -> logits [B, V] of
         the next token. `state` (a DecodeState: `DecodeState.from_memory_state(memory_state, config)`)
         advances in place by one token; the same result as `forward(input_ids[:, None], memory_state)`
-        (invariant I5). Token ids are not range-checked here (that needs a host sync)."""
+        (invariant I5). Token ids are not range-checked here (that needs a host sync). The step calls
+        the blocks' `step`, not their forward, so it needs unsharded parameters (not FSDP's)."""
+        if not self._parameters_are_local():
+            raise ValueError("step needs the model's own parameters; these are sharded (FSDP): generate "
+                             "falls back to the forward per token")
         if input_ids.dim() != 1 or input_ids.shape[0] != state.batch_size or state.num_layers != len(self.blocks):
             raise ValueError(f"step takes input_ids [B] with a DecodeState of B rows and {len(self.blocks)} layers; "
                              f"got {tuple(input_ids.shape)} and {state!r}")
@@ -352,31 +350,59 @@ class MMRecModel(LanguageModel):
         state.position.add_(1)
         return self.lm_head(self.final_norm(x))
 
+    def _parameters_are_local(self) -> bool:
+        """False when the parameters are DTensors (FSDP2, tensor parallelism): only the modules' forward
+        hooks gather those, and the step path calls no forward."""
+        if not torch.distributed.is_available():
+            return True
+        from torch.distributed.tensor import DTensor  # slow to import: asked once per generation
+
+        return not any(isinstance(p, DTensor) for p in self.parameters())
+
     @torch.inference_mode()
     def generate_stream(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                         top_k: int | None = None, top_p: float | None = None, state: MemoryState | None = None,
                         generator: torch.Generator | None = None, *,
-                        lengths: Sequence[int] | torch.Tensor | None = None, cuda_graph: bool | None = None,
-                        compile_step: bool = False) -> Iterator[torch.Tensor]:
+                        lengths: Sequence[int] | torch.Tensor | None = None, use_step: bool | None = None,
+                        cuda_graph: bool | None = None, compile_step: bool = False) -> Iterator[torch.Tensor]:
         """Yield the next token [B] of every row for each of `max_new_tokens` steps, as they come.
 
         The prompts (input_ids [B, T], left-aligned, `lengths` per row; see `prefill`) run in forwards
         from `state`; then every row advances one token per `step` in O(1) memory and time per token.
         On CUDA each step replays a captured CUDA graph (`StepRunner`; `cuda_graph=False`: eager;
-        `compile_step`: torch.compile the step before capturing it).
-        temperature == 0 means greedy. A caller stops early by leaving the loop (stop tokens, stop
-        strings: mm_rec/generation.py)."""
+        `compile_step`: torch.compile the step before capturing it). `use_step=False` (the default
+        where the parameters are sharded, FSDP) feeds each token through `forward` instead: the same
+        tokens, the whole segment machinery per token. temperature == 0 means greedy. A caller stops
+        early by leaving the loop (stop tokens, stop strings: mm_rec/generation.py)."""
         check_sampling(max_new_tokens, temperature, top_k, top_p)
         logits, memory = self.prefill(input_ids, lengths, state)
-        runner = None
+        next_logits = None  # token [B] -> logits [B, V], made after the first token (none if only one)
         for i in range(max_new_tokens):
             token = sample_next_token(logits, temperature, top_k, top_p, generator)
             yield token
             if i + 1 < max_new_tokens:
-                if runner is None:
-                    runner = StepRunner(self, DecodeState.from_memory_state(memory, self.config), cuda_graph,
-                                        compile=compile_step)
-                logits = runner.step(token)
+                if next_logits is None:
+                    next_logits = self._next_logits_function(memory, use_step, cuda_graph, compile_step)
+                logits = next_logits(token)
+
+    def _next_logits_function(self, memory: MemoryState, use_step: bool | None, cuda_graph: bool | None,
+                              compile_step: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Generation's per-token function from the state after the prompt: `StepRunner.step`, or a
+        forward over T = 1 with the state carried."""
+        if use_step is None:
+            use_step = self._parameters_are_local()
+        if use_step:
+            decode = DecodeState.from_memory_state(memory, self.config)
+            return StepRunner(self, decode, cuda_graph, compile=compile_step).step
+        state = memory
+
+        def forward_one(token: torch.Tensor) -> torch.Tensor:
+            nonlocal state
+            out = self(token[:, None], state=state)
+            state = out.state
+            return out.logits[:, -1]
+
+        return forward_one
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,

@@ -247,3 +247,13 @@ def test_step_under_bf16_autocast_keeps_the_memory_in_fp32():
         full = model(ids)
     assert logits.isfinite().all() and rel(logits.float(), full.logits[:, -1].float()) < 3e-2
     assert all(t.dtype in (torch.float32, torch.int64) for t in decode.state_dict().values())
+
+
+def test_the_forward_per_token_fallback_generates_the_same_tokens():
+    """use_step=False (what generate does when FSDP shards the parameters) = the step path, greedy."""
+    model = small_model(torch.float32, slots_per_block=2, recent_slots=2)
+    ids = torch.randint(0, 37, (3, 11))
+    lengths = [11, 2, 7]
+    step = model.generate(ids, 25, temperature=0, lengths=lengths)
+    forward = torch.stack(list(model.generate_stream(ids, 25, temperature=0, lengths=lengths, use_step=False)), 1)
+    assert torch.equal(step[:, 11:], forward)
