@@ -10,7 +10,8 @@ command line sits on top. An import inside a function is there for import time a
 checks all three.
 
     constants, config          what every layer agrees on (IGNORE_INDEX, PARALLEL_MODES, MMRecConfig)
-    ops < core < blocks < model  kernels, recurrence and memory, blocks, MMRecModel (and this package root)
+    ops < core < blocks < model  kernels, recurrence and memory, blocks, MMRecModel and its decoding loop
+                               (mm_rec.decoding), and this package root
     baselines                  the Transformer of the same sizes
     data, utils, distributed   tokens and batches; device, atomic folders, debugging; FSDP/DDP, DCP
     loading, generation        build_model / load_model for every caller; text from a prompt
@@ -28,6 +29,7 @@ from mm_rec.blocks.attention import HDSAttention, MultiMemoryAttention
 from mm_rec.blocks.mm_rec_block import MMRecBlock
 from mm_rec.config import MMRecConfig
 from mm_rec.core.associative_scan import AssociativeScanExponential, associative_scan_exponential
+from mm_rec.core.decode_state import DecodeState
 from mm_rec.core.hds import HDSHierarchy
 from mm_rec.core.mdi import LearnableDecay, MemoryIntegration
 from mm_rec.core.memory_state import MemoryBank, MemoryState
@@ -38,7 +40,7 @@ from mm_rec.model import MMRecModel, MMRecOutput
 __version__ = "0.1.0"
 
 __all__ = [
-    "AssociativeScanExponential", "HDSAttention", "HDSHierarchy", "LearnableDecay", "MMRecBlock",
+    "AssociativeScanExponential", "DecodeState", "HDSAttention", "HDSHierarchy", "LearnableDecay", "MMRecBlock",
     "MMRecConfig", "MMRecModel", "MMRecOutput", "MemoryBank", "MemoryIntegration", "MemoryState",
     "MultiMemoryAttention", "associative_scan_exponential", "mmrec_recurrence",
 ]

@@ -8,13 +8,18 @@
 carries everything needed to continue the stream: forward over a whole sequence equals forward
 over consecutive segments with the state passed along (invariant I4, docs/architecture.md), and generation feeds one
 token at a time through the same state (I5).
+
+Decoding: `prefill` reads prompts (left-aligned, per-row lengths: no padding token ever enters a
+row's state) in forwards, `step` advances every row by one token in O(1) on a `DecodeState`, and
+`generate_stream` runs one after the other (on CUDA, each step replays a captured CUDA graph:
+mm_rec/decoding.py).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +32,9 @@ from mm_rec.blocks.layers import RMSNorm
 from mm_rec.blocks.mm_rec_block import MMRecBlock
 from mm_rec.config import MMRecConfig
 from mm_rec.constants import IGNORE_INDEX
+from mm_rec.core.decode_state import DecodeState
 from mm_rec.core.memory_state import MemoryState
+from mm_rec.decoding import StepRunner
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -72,14 +79,20 @@ class LanguageModel(nn.Module):
 
     def generate_stream(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                         top_k: int | None = None, top_p: float | None = None, state=None,
-                        generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+                        generator: torch.Generator | None = None, *,
+                        lengths: Sequence[int] | torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+        """Yield the next token [B] of every row for each of `max_new_tokens` steps, as they come.
+        input_ids [B, T]: left-aligned prompts, row b's in its first lengths[b] tokens (None: all T)."""
         raise NotImplementedError
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, state=None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Return [B, T + max_new_tokens]: the prompt followed by the generated tokens."""
-        new = list(self.generate_stream(input_ids, max_new_tokens, temperature, top_k, top_p, state, generator))
+                 generator: torch.Generator | None = None, *,
+                 lengths: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+        """Return [B, T + max_new_tokens]: the prompts as given (with `lengths`, left-aligned and padded to
+        T) followed by the generated tokens."""
+        new = list(self.generate_stream(input_ids, max_new_tokens, temperature, top_k, top_p, state, generator,
+                                        lengths=lengths))
         return torch.cat([input_ids.long()] + [t[:, None] for t in new], dim=1)
 
     def _build_stack(self, config: MMRecConfig, block: type[nn.Module]) -> None:
@@ -164,16 +177,32 @@ def read_pretrained_config(directory: Path) -> tuple[str, MMRecConfig]:
     return model_type, MMRecConfig.from_saved(values)  # no config_version: written before versions, v1
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """ValueError for generation arguments that `sample_next_token` cannot honour."""
+def check_lengths(lengths: Sequence[int] | torch.Tensor | None, input_ids: torch.Tensor) -> list[int]:
+    """Per-row prompt lengths of left-aligned prompts input_ids [B, T] as a list (None: every row has T
+    tokens); ValueError unless there is one per row, each in [1, T]."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be a [B, T] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
+    B, T = input_ids.shape
+    if lengths is None:
+        return [T] * B
+    values = lengths.tolist() if isinstance(lengths, torch.Tensor) else list(lengths)
+    if len(values) != B or not all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= T for n in values):
+        raise ValueError(f"lengths must give one prompt length in [1, {T}] per row ({B} rows), got {values}")
+    return values
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
+                   name=lambda argument: argument) -> None:
+    """ValueError for generation arguments that `sample_next_token` cannot honour; `name` turns an
+    argument's name into the one the caller knows (the command line's flags)."""
     if max_new_tokens < 0:
-        raise ValueError("max_new_tokens must be >= 0")
+        raise ValueError(f"{name('max_new_tokens')} must be >= 0, got {max_new_tokens}")
     if not temperature >= 0 or math.isinf(temperature):  # NaN fails every comparison
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+        raise ValueError(f"{name('temperature')} must be a finite number >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
-        raise ValueError("top_k must be >= 1")
+        raise ValueError(f"{name('top_k')} must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError("top_p must lie in (0, 1]")
+        raise ValueError(f"{name('top_p')} must lie in (0, 1], got {top_p}")
 
 
 class MMRecModel(LanguageModel):
@@ -271,24 +300,117 @@ class MMRecModel(LanguageModel):
         logits = (logits_parts[0] if len(logits_parts) == 1 else torch.cat(logits_parts, 1)) if return_logits else None
         return MMRecOutput(logits=logits, loss=loss, state=state)
 
-    # ------------------------------------------------------------------ generation
+    # ------------------------------------------------------------------ decoding
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor, lengths: Sequence[int] | torch.Tensor | None = None,
+                state: MemoryState | None = None) -> tuple[torch.Tensor, MemoryState]:
+        """Read prompts: input_ids [B, T] left-aligned, row b's prompt in its first lengths[b] tokens (None:
+        all T; the tokens after it are padding and never enter the state), each row from its row of
+        `state` (None: a fresh stream). Returns the logits [B, V] at each row's last prompt token and
+        the state after the prompts.
+
+        Rows of equal length share a forward: the forwards run over the spans between consecutive
+        distinct lengths, each over the rows whose prompts reach into it (segment invariance, I4, makes
+        this the same as reading every prompt alone). Only the last position's logits are formed."""
+        lengths = check_lengths(lengths, input_ids)
+        B = input_ids.shape[0]
+        self._check_inputs(input_ids[:, :1], None, state)
+        if state is None:
+            state = self.init_state(B, device=input_ids.device)
+        last, start = None, 0
+        for end in sorted(set(lengths)):
+            rows = [b for b, n in enumerate(lengths) if n >= end]
+            index = torch.tensor(rows, device=input_ids.device)
+            part = state if len(rows) == B else state.select_rows(index)
+            ids = input_ids[index, start:end]
+            if end - start > 1:  # all but the last token without logits, then the last one with them
+                part = self(ids[:, :-1], state=part, return_logits=False).state
+            out = self(ids[:, -1:], state=part)  # through __call__: module hooks (FSDP's gathers) run
+            if last is None:
+                last = out.logits.new_zeros(B, out.logits.shape[-1])
+            ends_here = torch.tensor([lengths[b] == end for b in rows], device=input_ids.device)
+            last[index[ends_here]] = out.logits[ends_here, -1]
+            state = out.state if len(rows) == B else state.with_rows(index, out.state)
+            start = end
+        return last, state
+
+    @torch.inference_mode()
+    def step(self, input_ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """One token per row in O(1): input_ids [B] (the token at each row's position) -> logits [B, V] of
+        the next token. `state` (a DecodeState: `DecodeState.from_memory_state(memory_state, config)`)
+        advances in place by one token; the same result as `forward(input_ids[:, None], memory_state)`
+        (invariant I5). Token ids are not range-checked here (that needs a host sync). The step calls
+        the blocks' `step`, not their forward, so it needs unsharded parameters (not FSDP's)."""
+        if not self._parameters_are_local():
+            raise ValueError("step needs the model's own parameters; these are sharded (FSDP): generate "
+                             "falls back to the forward per token")
+        if input_ids.dim() != 1 or input_ids.shape[0] != state.batch_size or state.num_layers != len(self.blocks):
+            raise ValueError(f"step takes input_ids [B] with a DecodeState of B rows and {len(self.blocks)} layers; "
+                             f"got {tuple(input_ids.shape)} and {state!r}")
+        return self._step(input_ids, state)
+
+    def _step(self, input_ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """`step` without checks: static shapes, no host sync, no Python branch on tensor values, every
+        state tensor written in place, so it can be captured in a CUDA graph (`StepRunner`)."""
+        x = self.embed(input_ids)  # [B, D]
+        for block, layer_state in zip(self.blocks, state.layers):
+            x = block.step(x, layer_state, state.position)
+        state.position.add_(1)
+        return self.lm_head(self.final_norm(x))
+
+    def _parameters_are_local(self) -> bool:
+        """False when the parameters are DTensors (FSDP2, tensor parallelism): only the modules' forward
+        hooks gather those, and the step path calls no forward."""
+        if not torch.distributed.is_available():
+            return True
+        from torch.distributed.tensor import DTensor  # slow to import: asked once per generation
+
+        return not any(isinstance(p, DTensor) for p in self.parameters())
+
     @torch.inference_mode()
     def generate_stream(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                         top_k: int | None = None, top_p: float | None = None, state: MemoryState | None = None,
-                        generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
-        """Yield the next token [B] for each of `max_new_tokens` steps.
+                        generator: torch.Generator | None = None, *,
+                        lengths: Sequence[int] | torch.Tensor | None = None, use_step: bool | None = None,
+                        cuda_graph: bool | None = None, compile_step: bool = False) -> Iterator[torch.Tensor]:
+        """Yield the next token [B] of every row for each of `max_new_tokens` steps, as they come.
 
-        The prompt runs in one forward; then every new token is fed alone through the carried
-        state, so memory per generated token is constant. temperature == 0 means greedy.
-        """
+        The prompts (input_ids [B, T], left-aligned, `lengths` per row; see `prefill`) run in forwards
+        from `state`; then every row advances one token per `step` in O(1) memory and time per token.
+        On CUDA each step replays a captured CUDA graph (`StepRunner`; `cuda_graph=False`: eager;
+        `compile_step`: torch.compile the step before capturing it). `use_step=False` (the default
+        where the parameters are sharded, FSDP) feeds each token through `forward` instead: the same
+        tokens, the whole segment machinery per token. temperature == 0 means greedy. A caller stops
+        early by leaving the loop (stop tokens, stop strings: mm_rec/generation.py)."""
         check_sampling(max_new_tokens, temperature, top_k, top_p)
-        out = self(input_ids, state=state)
-        logits, state = out.logits[:, -1], out.state
-        for _ in range(max_new_tokens):
+        logits, memory = self.prefill(input_ids, lengths, state)
+        next_logits = None  # token [B] -> logits [B, V], made after the first token (none if only one)
+        for i in range(max_new_tokens):
             token = sample_next_token(logits, temperature, top_k, top_p, generator)
             yield token
+            if i + 1 < max_new_tokens:
+                if next_logits is None:
+                    next_logits = self._next_logits_function(memory, use_step, cuda_graph, compile_step)
+                logits = next_logits(token)
+
+    def _next_logits_function(self, memory: MemoryState, use_step: bool | None, cuda_graph: bool | None,
+                              compile_step: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Generation's per-token function from the state after the prompt: `StepRunner.step`, or a
+        forward over T = 1 with the state carried."""
+        if use_step is None:
+            use_step = self._parameters_are_local()
+        if use_step:
+            decode = DecodeState.from_memory_state(memory, self.config)
+            return StepRunner(self, decode, cuda_graph, compile=compile_step).step
+        state = memory
+
+        def forward_one(token: torch.Tensor) -> torch.Tensor:
+            nonlocal state
             out = self(token[:, None], state=state)
-            logits, state = out.logits[:, -1], out.state
+            state = out.state
+            return out.logits[:, -1]
+
+        return forward_one
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,

@@ -119,6 +119,35 @@ def test_generate_is_seeded(trained, capsys):
     assert run(capsys, *args[:-1], 1)[1] != first[1]
 
 
+def test_generate_a_file_of_prompts_in_batches_with_stop_strings(trained, tmp_path, capsys):
+    """--prompts-file: one JSON line per prompt, in order; batched rows of different lengths generate
+    what each prompt does alone (greedy); --stop cuts each row at its first stop string."""
+    prompts = ["def ", "import os", "", "class A(object):", "x"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    greedy = ["--max-new-tokens", 25, "--temperature", 0]
+    alone = []
+    for prompt in prompts:
+        code, out, err = run(capsys, "generate", "--checkpoint", trained, "--prompt", prompt, *greedy)
+        assert code == 0, err
+        alone.append(out[len(prompt or ""):-1])  # the prompt echoed first, a newline last
+    code, out, err = run(capsys, "generate", "--checkpoint", trained, "--prompts-file", tmp_path / "prompts.txt",
+                         "--batch-size", 2, *greedy)
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["prompt"] for r in rows] == prompts
+    assert [r["completion"] for r in rows] == alone and {r["finish"] for r in rows} == {"length"}
+    stop = alone[0][4:6]
+    code, out, err = run(capsys, "generate", "--checkpoint", trained, "--prompts-file", tmp_path / "prompts.txt",
+                         "--batch-size", 3, "--stop", stop.replace("\n", "\\n"), "--stop", "never!", *greedy)
+    assert code == 0, err
+    for row, text in zip((json.loads(line) for line in out.splitlines()), alone):
+        cut = text.find(stop)
+        assert row["completion"] == (text if cut < 0 else text[:cut])
+        assert row["finish"] == ("length" if cut < 0 else "stop")
+    code, out, err = run(capsys, "generate", "--checkpoint", trained, "--prompt", prompts[0], "--stop", stop, *greedy)
+    assert code == 0 and out == prompts[0] + alone[0][:alone[0].find(stop)] + "\n", err
+
+
 def test_plot(trained, capsys, tmp_path):
     pytest.importorskip("matplotlib")
     code, out, _ = run(capsys, "plot", trained, "--out", tmp_path / "loss.png")
@@ -203,6 +232,22 @@ def test_generate_bad_input(trained, tmp_path, capsys):
                           "not found")
     assert_one_line_error(*run(capsys, "generate", "--checkpoint", trained, "--max-new-tokens", -1)[::2],
                           "max-new-tokens")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a\nb\n")
+    for extra, needle in ((["--prompt", "x", "--prompts-file", prompts], "not both"),
+                          (["--prompts-file", tmp_path / "missing.txt"], "not found"),
+                          (["--prompts-file", prompts, "--batch-size", 0], "--batch-size"),
+                          (["--stop", ""], "--stop"), (["--top-p", 1.5], "--top-p"), (["--top-k", 0], "--top-k"),
+                          (["--temperature", -1], "--temperature")):
+        code, out, err = run(capsys, "generate", "--checkpoint", trained, *extra)
+        assert_one_line_error(code, err, needle)
+        assert out == ""  # refused before any output
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "latin1.txt").write_bytes("grüße\n".encode("latin-1"))
+    assert_one_line_error(*run(capsys, "generate", "--checkpoint", trained, "--prompts-file",
+                               tmp_path / "empty.txt")[::2], "empty")
+    assert_one_line_error(*run(capsys, "generate", "--checkpoint", trained, "--prompts-file",
+                               tmp_path / "latin1.txt")[::2], "UTF-8")
     other = tmp_path / "other_config"
     shutil.copytree(ckpt.list_checkpoints(trained)[-1], other)
     config = json.loads((other / "config.json").read_text())
@@ -246,8 +291,9 @@ def test_small_byte_vocabulary_for_ascii_text(tmp_path, capsys):
     assert code == 0, err
     code, out, err = run(capsys, "generate", "--checkpoint", tmp_path / "r", "--prompt", "fox", "--max-new-tokens", 5)
     assert code == 0 and out.startswith("fox"), err
-    assert_one_line_error(*run(capsys, "generate", "--checkpoint", tmp_path / "r", "--prompt", "fuchs ü")[::2],
-                          "token ids must lie in [0, 128)")
+    code, out, err = run(capsys, "generate", "--checkpoint", tmp_path / "r", "--prompt", "fuchs ü")
+    assert_one_line_error(code, err, "token ids must lie in [0, 128)")
+    assert out == ""  # nothing printed before the refusal
     latin = tmp_path / "latin.txt"
     latin.write_text("grüße " * 200)
     assert_one_line_error(*run(capsys, *train_args(latin, tmp_path / "r2", 2), "model.vocab_size=128")[::2],

@@ -19,7 +19,7 @@ server).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +29,7 @@ from torch import nn
 from mm_rec.blocks.layers import RMSNorm, SwiGLU
 from mm_rec.config import MMRecConfig
 from mm_rec.constants import IGNORE_INDEX
-from mm_rec.model import LanguageModel, check_sampling, sample_next_token
+from mm_rec.model import LanguageModel, check_lengths, check_sampling, sample_next_token
 
 ROPE_THETA = 10000.0
 MODEL_TYPE = "transformer"  # the config.json marker that tells loaders which class to build
@@ -135,13 +135,25 @@ class TransformerModel(LanguageModel):
     @torch.inference_mode()
     def generate_stream(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                         top_k: int | None = None, top_p: float | None = None, state: None = None,
-                        generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+                        generator: torch.Generator | None = None, *,
+                        lengths: Sequence[int] | torch.Tensor | None = None) -> Iterator[torch.Tensor]:
         """Yield the next token [B] for each of `max_new_tokens` steps (MMRecModel's signature;
-        `state` must be None). Every step runs the whole sequence so far."""
+        `state` must be None). input_ids [B, T] are left-aligned prompts of `lengths` (None: all T).
+        Every step runs the whole sequence so far, one forward per group of rows of equal prompt
+        length (so no padding is ever attended to)."""
         check_sampling(max_new_tokens, temperature, top_k, top_p)
-        ids = input_ids.long()
+        lengths = check_lengths(lengths, input_ids)
+        groups = {n: torch.tensor([b for b, m in enumerate(lengths) if m == n], device=input_ids.device)
+                  for n in sorted(set(lengths))}
+        sequences = {n: input_ids[rows, :n].long() for n, rows in groups.items()}
         for _ in range(max_new_tokens):
-            logits = self(ids, state=state).logits[:, -1]
+            logits = None  # [B, V]
+            for n, rows in groups.items():
+                group_logits = self(sequences[n], state=state).logits[:, -1]
+                if logits is None:
+                    logits = group_logits.new_empty(input_ids.shape[0], group_logits.shape[-1])
+                logits[rows] = group_logits
             token = sample_next_token(logits, temperature, top_k, top_p, generator)
             yield token
-            ids = torch.cat([ids, token[:, None]], dim=1)
+            for n, rows in groups.items():
+                sequences[n] = torch.cat([sequences[n], token[rows, None]], dim=1)

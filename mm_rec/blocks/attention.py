@@ -12,7 +12,8 @@ where an answer lies):
 
 Cost per token: O((W + S) * m) per bank, independent of the sequence length. The window runs
 blockwise (queries in blocks of L = min(W, T) tokens against the L + W keys that can reach them),
-so memory is O(T * (L + W)), never O(T^2).
+so memory is O(T * (L + W)), never O(T^2). `step` reads for one token per row in the decode
+layout (decoding): the same logits, biases and softmax over W + S + 1 entries, with no timeline.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mm_rec.config import MMRecConfig
-from mm_rec.core.hds import Hierarchy
+from mm_rec.core.hds import Hierarchy, StepView
 
 
 class MultiMemoryAttention(nn.Module):
@@ -51,6 +52,11 @@ class MultiMemoryAttention(nn.Module):
             self.null_logit.zero_()
             if self.window_size:  # the same spread per token: a block's slope over its C tokens
                 self.log_window_slope.copy_(self.log_age_slope - math.log(self.chunk_size))
+
+    def _slopes(self, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-bank [K] slopes of the age bias (per block) and of the window's distance bias (per token)."""
+        window = self.log_window_slope.to(acc).exp() if self.window_size else None
+        return self.log_age_slope.to(acc).exp(), window
 
     # ------------------------------------------------------------------ probabilities
     def read_probabilities(self, hierarchy: Hierarchy) -> dict[str, torch.Tensor]:
@@ -96,7 +102,7 @@ class MultiMemoryAttention(nn.Module):
         acc = torch.promote_types(q.dtype, torch.float32)  # softmax in fp32 (float64 stays)
         token_block, slot_block = hierarchy.token_block, hierarchy.slot_block  # [B, T], [B, k1, N]
         ref = token_block[:, :1]
-        slope = self.log_age_slope.to(acc).exp().view(1, -1, 1, 1)  # [1, K, 1, 1]
+        slope = self._slopes(acc)[0].view(1, -1, 1, 1)  # [1, K, 1, 1]
         slot_bias = slope * (slot_block - ref[:, :, None]).to(acc)[:, :, None, :]  # [B, K, 1, N]
         if hierarchy.slot_importance is not None:
             slot_bias = slot_bias + hierarchy.slot_importance.to(acc)[:, :, None, :]
@@ -138,7 +144,7 @@ class MultiMemoryAttention(nn.Module):
         in_window = (distance >= 0) & (distance < W)
         ext_index = torch.arange(nb, device=q.device)[:, None] * L + j  # [nb, L + W]
         in_stream = ext_index[:, None, :] >= hierarchy.window_start.view(B, 1, 1, 1)  # [B, nb, 1, L + W]
-        slope = self.log_window_slope.to(acc).exp().view(1, K, 1, 1, 1)
+        slope = self._slopes(acc)[1].view(1, K, 1, 1, 1)
         scores = scores - slope * distance.to(acc)
         scores = scores.masked_fill(~(in_window & in_stream)[:, None], float("-inf"))
         return scores.reshape(B, K, nb * L, L + W)[:, :, :T], value_blocks
@@ -155,6 +161,37 @@ class MultiMemoryAttention(nn.Module):
             blocked = F.pad(window_probs.to(values.dtype), (0, 0, 0, nb * L - T)).view(B, K, nb, L, width)
             read = read + torch.matmul(blocked, window_values).view(B, K, nb * L, -1)[:, :, :T]
         return read.transpose(1, 2)  # [B, T, K, m]
+
+
+    def step(self, view: StepView) -> torch.Tensor:
+        """The read [B, K, m] of one token per row (`HDSHierarchy.step_token`): one softmax over the
+        window ring (bias -window_slope * distance), the ring's slots of earlier blocks (bias
+        -slope * (age - 1) plus importance) and the null slot. Scores and reads in the state's dtype
+        (fp32, or float64; the mixer runs it with autocast off): the ring is read once, never copied to
+        a lower precision."""
+        acc = torch.promote_types(view.slot_keys.dtype, torch.float32)
+        q = (view.queries.to(acc) * self.scale)[:, :, None, :]  # [B, K, 1, m]
+        B, K = q.shape[:2]
+        age_slope, window_slope = self._slopes(acc)
+        age = (view.position // self.chunk_size)[:, None, None] - view.slot_block  # [B, k1, S]
+        slot_bias = -age_slope[:, None] * (age - 1).to(acc)  # [B, K, S]
+        if view.slot_importance is not None:
+            slot_bias = slot_bias + view.slot_importance.to(acc)
+        slot_scores = torch.matmul(q, view.slot_keys.to(acc).transpose(-1, -2))[:, :, 0] + slot_bias
+        slot_scores = slot_scores.masked_fill(view.slot_block < 0, float("-inf"))  # empty slots
+        scores = [slot_scores, self.null_logit.to(acc)[None, :, None].expand(B, K, 1)]
+        if self.window_size:
+            distance = view.window_distance  # [B, W]
+            window_scores = torch.matmul(q, view.window_keys.to(acc).transpose(-1, -2))[:, :, 0]
+            window_scores = window_scores - window_slope[:, None] * distance[:, None].to(acc)
+            before_start = (distance > view.position[:, None])[:, None]  # [B, 1, W]
+            scores.insert(0, window_scores.masked_fill(before_start, float("-inf")))
+        probs = torch.softmax(torch.cat(scores, dim=-1), dim=-1)[:, :, None]  # [B, K, 1, W + S + 1]
+        W, S = self.window_size, view.slot_keys.shape[2]
+        read = torch.matmul(probs[..., W:W + S], view.slot_values.to(acc))  # the null slot's value is 0
+        if W:
+            read = read + torch.matmul(probs[..., :W], view.window_values.to(acc))
+        return read[:, :, 0].to(view.queries.dtype)
 
 
 HDSAttention = MultiMemoryAttention

@@ -9,6 +9,9 @@ The mixer runs the seven steps of docs/architecture.md:
   5. multi-memory attention: one softmax over the window, the visible slots and a null slot;
   6. MDI integration: o_t = g_t * memory_t + (1 - g_t) * h_hat_t, then the output projection;
   7. the new layer state, built in one place (LayerState).
+
+`step` runs the same seven steps for one token per row on a state in the decode layout
+(mm_rec/core/hds.py), updating it in place in O(1) per token (docs/architecture.md, "Decoding one token").
 """
 
 from __future__ import annotations
@@ -20,11 +23,11 @@ from torch import nn
 from mm_rec.blocks.attention import MultiMemoryAttention
 from mm_rec.blocks.layers import RMSNorm, ShortConvolution, SwiGLU
 from mm_rec.config import MMRecConfig
-from mm_rec.core.associative_scan import associative_scan_exponential
+from mm_rec.core.associative_scan import associative_scan_exponential, associative_scan_step
 from mm_rec.core.hds import HDSHierarchy
 from mm_rec.core.mdi import LearnableDecay, MemoryIntegration
 from mm_rec.core.memory_state import LayerState
-from mm_rec.core.recurrence import mmrec_recurrence
+from mm_rec.core.recurrence import mmrec_recurrence, mmrec_recurrence_step
 from mm_rec.ops.delta_rule import CHUNK_LEN, delta_rule_flops
 
 
@@ -77,33 +80,72 @@ class MMRecMixer(nn.Module):
 
     def forward(self, x: torch.Tensor, state: LayerState, position: torch.Tensor) -> tuple[torch.Tensor, LayerState]:
         B, T, D = x.shape
-        H, d, K, m = self.num_heads, self.head_dim, self.num_memories, self.mem_dim
-        parts = dict(zip(self.split_sizes, self.in_proj(x).split(list(self.split_sizes.values()), dim=-1)))
-        log_gamma = self.decay(parts["modulation"]).view(B, T, H, d)
-        z = parts["z"].view(B, T, H, d)
+        parts, z, log_gamma = self._project(x)  # z, log_gamma [B, T, H, d]
         if self.gate_input == "state":
             h, h_last = mmrec_recurrence(z, log_gamma, self.W_g, self.b_g, state.h, backend=self.recurrence_backend)
         else:  # ablation: sigma(z_t W_g + b_g) does not depend on h, so the recurrence is linear
-            gate = torch.sigmoid(torch.einsum("bthd,hde->bthe", z.to(self.W_g.dtype), self.W_g) + self.b_g)
-            h, h_last = associative_scan_exponential(log_gamma, z * gate.to(z.dtype), state.h)
+            h, h_last = associative_scan_exponential(log_gamma, z * self._input_gate(z), state.h)
         h_hat = self.state_norm(h.reshape(B, T, D))
-
-        # The memory's q/k/v: from the input, from RMSNorm(h), or both; then the short convolution.
-        memory_in = parts.get("memory")
-        if self.memory_input in ("state", "both"):
-            from_state = self.hds.qkv(h_hat)
-            memory_in = from_state if memory_in is None else memory_in + from_state
-        conv_tail = None
-        if self.memory_conv is not None:
-            memory_in, conv_tail = self.memory_conv(memory_in, state.conv_tail)
-            memory_in = F.silu(memory_in)
-        q, k, v = memory_in.view(B, T, 3, K, m).unbind(2)  # each [B, T, K, m]
-
+        q, k, v, conv_tail = self._memory_qkv(parts, h_hat, state.conv_tail)  # each [B, T, K, m]
         hierarchy = self.hds.build_hierarchy(q, k, v, state, position, parts.get("delta_gates"))
         read = self.attention(hierarchy)
         mixed = self.integration(read, hierarchy.level2, h_hat, parts["gate"])
         new_state = LayerState(h=h_last, conv_tail=conv_tail, **hierarchy.carried)
         return self.out_proj(mixed), new_state
+
+    def step(self, x: torch.Tensor, state: LayerState, position: torch.Tensor) -> torch.Tensor:
+        """One token per row: x [B, D] at stream positions `position` [B] -> the mixer's output [B, D].
+        `state` (decode layout, mm_rec/core/hds.py) is updated in place: the same seven steps as
+        `forward` on T = 1, with the recurrence, the memory and the attention in their O(1) form."""
+        B, D = x.shape
+        parts, z, log_gamma = self._project(x[:, None])  # T = 1: the projections are the forward's
+        z, log_gamma = z[:, 0], log_gamma[:, 0]  # [B, H, d]
+        if self.gate_input == "state":
+            h = mmrec_recurrence_step(z, log_gamma, self.W_g, self.b_g, state.h)
+        else:
+            h = associative_scan_step(log_gamma, z * self._input_gate(z), state.h)
+        state.h.copy_(h)
+        h_hat = self.state_norm(h.to(z.dtype).reshape(B, 1, D))
+        q, k, v, conv_tail = self._memory_qkv(parts, h_hat, state.conv_tail)  # each [B, 1, K, m]
+        if conv_tail is not None:
+            state.conv_tail.copy_(conv_tail)
+        delta_gates = parts.get("delta_gates")
+        # The memory in the state's dtype (fp32), autocast or not: its matmuls read the ring, the window
+        # and the delta memory once, with no low-precision copies, and the state is written as computed.
+        with torch.autocast(x.device.type, enabled=False):
+            view = self.hds.step_token(q[:, 0], k[:, 0], v[:, 0], state, position,
+                                       None if delta_gates is None else delta_gates[:, 0])
+            read = self.attention.step(view)
+            self.hds.step_close_block(state, position)  # after the read: a token never sees its own block
+        mixed = self.integration(read[:, None], view.level2[:, None], h_hat, parts["gate"])
+        return self.out_proj(mixed[:, 0])
+
+    def _project(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Step 1 and 2 on x [B, T, D]: the fused projection's parts by name, z and log gamma [B, T, H, d]."""
+        parts = dict(zip(self.split_sizes, self.in_proj(x).split(list(self.split_sizes.values()), dim=-1)))
+        shape = (self.num_heads, self.head_dim)
+        return parts, parts["z"].unflatten(-1, shape), self.decay(parts["modulation"]).unflatten(-1, shape)
+
+    def _input_gate(self, z: torch.Tensor) -> torch.Tensor:
+        """gate_input=input: sigma(z W_g + b_g) for z [..., H, d], in z's dtype."""
+        gate = torch.sigmoid(torch.einsum("...hd,hde->...he", z.to(self.W_g.dtype), self.W_g) + self.b_g)
+        return gate.to(z.dtype)
+
+    def _memory_qkv(self, parts: dict[str, torch.Tensor], h_hat: torch.Tensor, conv_tail: torch.Tensor | None):
+        """The memory's q, k, v [B, T, K, m] and the convolution's new tail: from the input, from
+        RMSNorm(h) [B, T, D], or both; then the short convolution."""
+        B, T = h_hat.shape[:2]
+        memory_in = parts.get("memory")
+        if self.memory_input in ("state", "both"):
+            from_state = self.hds.qkv(h_hat)
+            memory_in = from_state if memory_in is None else memory_in + from_state
+        if self.memory_conv is not None:
+            memory_in, conv_tail = self.memory_conv(memory_in, conv_tail)
+            memory_in = F.silu(memory_in)
+        else:
+            conv_tail = None
+        q, k, v = memory_in.view(B, T, 3, self.num_memories, self.mem_dim).unbind(2)
+        return q, k, v, conv_tail
 
 
 class MMRecBlock(nn.Module):
@@ -127,6 +169,12 @@ class MMRecBlock(nn.Module):
         x = x + self.dropout(mixed)
         x = x + self.dropout(self.ffn(self.ffn_norm(x)))
         return x, new_state
+
+    def step(self, x: torch.Tensor, state: LayerState, position: torch.Tensor) -> torch.Tensor:
+        """One token per row: x [B, D] at stream positions `position` [B] -> x [B, D]; `state` (decode
+        layout) updated in place."""
+        x = x + self.dropout(self.mixer.step(self.mixer_norm(x), state, position))
+        return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
 def layer_flops_per_token(config: MMRecConfig) -> dict[str, int]:

@@ -23,7 +23,8 @@ from mm_rec.ops import BACKENDS, compute_dtype, triton_available
 from mm_rec.ops.scan import AssociativeScanExponential, scan_sequential
 
 __all__ = [
-    "LOG_CLAMP_MAX", "LOG_CLAMP_MIN", "AssociativeScanExponential", "associative_scan_exponential", "compute_dtype",
+    "LOG_CLAMP_MAX", "LOG_CLAMP_MIN", "AssociativeScanExponential", "associative_scan_exponential",
+    "associative_scan_step", "compute_dtype",
 ]
 
 LOG_CLAMP_MIN = -50.0
@@ -80,3 +81,11 @@ def associative_scan_exponential(
         h = AssociativeScanExponential.apply(flat_log_a, flat_b, flat_h0)
     final = h[:, -1].reshape(B, *feature_shape).to(acc)
     return h.reshape(b.shape).to(b.dtype), final
+
+
+def associative_scan_step(log_a: torch.Tensor, b: torch.Tensor, h: torch.Tensor,
+                          log_clamp_min: float = LOG_CLAMP_MIN, log_clamp_max: float = LOG_CLAMP_MAX) -> torch.Tensor:
+    """One step of the scan (decoding): h_t = exp(clamp(log_a)) * h + b with the scan's rules (the same
+    clamp, fp32 accumulation); log_a broadcasts against b and h. Returns h_t in the accumulation dtype."""
+    acc = compute_dtype(log_a, b, h)
+    return torch.exp(log_a.to(acc).clamp(log_clamp_min, log_clamp_max)) * h.to(acc) + b.to(acc)

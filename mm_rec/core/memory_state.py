@@ -141,15 +141,25 @@ class MemoryState:
                   for layer in self.layers]
         return MemoryState(layers, self.position.to(device=device))
 
-    def select_rows(self, rows: slice) -> MemoryState:
-        """The state of the batch rows `rows` (views of this state's tensors)."""
-        return MemoryState([layer.map(lambda t: t[rows]) for layer in self.layers], self.position[rows])
+    def select_rows(self, rows: slice | torch.Tensor) -> MemoryState:
+        """The state of the batch rows `rows`: a slice (views of this state's tensors) or an int64
+        index [n] (copies, in that order)."""
+        if isinstance(rows, slice):
+            return MemoryState([layer.map(lambda t: t[rows]) for layer in self.layers], self.position[rows])
+        return MemoryState([layer.map(lambda t: t.index_select(0, rows)) for layer in self.layers],
+                           self.position.index_select(0, rows))
 
     @classmethod
     def cat_rows(cls, states: list[MemoryState]) -> MemoryState:
         """States of consecutive row groups joined into one (the inverse of `select_rows` over a partition)."""
         parts = [state.state_dict() for state in states]
         return cls.from_state_dict({name: torch.cat([part[name] for part in parts]) for name in parts[0]})
+
+    def with_rows(self, index: torch.Tensor, other: MemoryState) -> MemoryState:
+        """A new state: this one with rows `index` [n] replaced by the n rows of `other`."""
+        layers = [LayerState(**{f: t.index_copy(0, index, getattr(o, f)) for f, t in layer.tensors().items()})
+                  for layer, o in zip(self.layers, other.layers)]
+        return MemoryState(layers, self.position.index_copy(0, index, other.position))
 
     def reset(self, mask: torch.Tensor) -> MemoryState:
         """Return the rows where `mask` [B] is True to a fresh stream (zeros, position 0).

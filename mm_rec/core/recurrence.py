@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 
 from mm_rec.ops import BACKENDS, compute_dtype, triton_available
-from mm_rec.ops.recurrence import MMRecRecurrence, recurrence_sequential
+from mm_rec.ops.recurrence import MMRecRecurrence, recurrence_sequential, recurrence_step
 
-__all__ = ["MMRecRecurrence", "mmrec_recurrence"]
+__all__ = ["MMRecRecurrence", "mmrec_recurrence", "mmrec_recurrence_step"]
 
 
 def mmrec_recurrence(
@@ -78,3 +78,15 @@ def mmrec_recurrence(
     )
     h = states.permute(2, 0, 1, 3)  # [T,H,B,d] -> [B,T,H,d]
     return h.to(z.dtype), h[:, -1]
+
+
+def mmrec_recurrence_step(z: torch.Tensor, log_gamma: torch.Tensor, W_g: torch.Tensor, b_g: torch.Tensor,
+                          h: torch.Tensor) -> torch.Tensor:
+    """One token of the recurrence (decoding): z, log_gamma, h [B, H, d] -> h_t [B, H, d] in the
+    accumulation dtype (fp32 or float64), the same step as the torch backend's loop. Shapes are
+    the caller's contract (no checks: this runs once per token and layer, inside CUDA graphs)."""
+    acc = compute_dtype(z, log_gamma, W_g, h)
+    head_major = lambda x: x.to(acc).transpose(0, 1)  # [B, H, d] -> [H, B, d]
+    h_t = recurrence_step(head_major(h), head_major(z), head_major(log_gamma).exp(), W_g.to(acc),
+                          b_g.to(acc).unsqueeze(1))
+    return h_t.transpose(0, 1)

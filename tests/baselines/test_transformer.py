@@ -90,3 +90,12 @@ def test_save_load_and_generate(tmp_path):
     MMRecModel(MMRecConfig.from_preset("tiny", num_layers=1)).save_pretrained(tmp_path / "mmrec")
     with pytest.raises(ValueError, match="not a 'transformer'"):
         TransformerModel.from_pretrained(tmp_path / "mmrec")
+
+
+def test_prompts_of_different_lengths_generate_as_each_alone():
+    model = tiny().eval()
+    lengths = [3, 7, 1]
+    ids = torch.randint(0, 256, (3, 7))
+    batched = model.generate(ids, 5, temperature=0, lengths=lengths)
+    for b, n in enumerate(lengths):
+        assert torch.equal(batched[b, 7:], model.generate(ids[b:b + 1, :n], 5, temperature=0)[0, n:])

@@ -18,7 +18,13 @@ from __future__ import annotations
 import torch
 
 from mm_rec.ops import compute_dtype
-from mm_rec.ops.delta_rule.reference import CHUNK_LEN, chunk_len_for, delta_rule_chunked, delta_rule_sequential
+from mm_rec.ops.delta_rule.reference import (
+    CHUNK_LEN,
+    chunk_len_for,
+    delta_rule_chunked,
+    delta_rule_sequential,
+    delta_rule_step,
+)
 
 DELTA_BACKENDS = ("auto", "torch", "sequential")
 
@@ -67,4 +73,4 @@ def delta_rule_flops(batch: int, seq_len: int, banks: int, key_dim: int, value_d
 
 
 __all__ = ["CHUNK_LEN", "DELTA_BACKENDS", "delta_rule_chunked", "delta_rule_flops", "delta_rule_sequential",
-           "gated_delta_rule"]
+           "delta_rule_step", "gated_delta_rule"]

@@ -6,7 +6,7 @@ with S_t a [m_v, m_k] matrix memory, alpha_t = exp(log_alpha_t) in (0, 1], beta_
 write strength. Written as S_t = alpha_t S_{t-1} + u_t k_t^T with the correction
 u_t = beta_t (v_t - alpha_t S_{t-1} k_t), it stores v_t under k_t after erasing what S held there.
 
-Two implementations of the same function:
+Two implementations of the same function, and its one-token step:
 
 * `delta_rule_sequential`: the obviously correct float64 loop, the test oracle;
 * `delta_rule_chunked`: the chunkwise-parallel form (the WY / UT representation) in plain PyTorch,
@@ -18,7 +18,8 @@ Two implementations of the same function:
       S_L = e^{g_L} S_0 + U^T diag(e^{g_L - g}) K
 
   so each chunk costs a unit lower-triangular solve and a few [L, m] matmuls, and only the state
-  S passes sequentially from chunk to chunk.
+  S passes sequentially from chunk to chunk;
+* `delta_rule_step`: one token in the correction form (decoding), O(m_v m_k).
 
 Shapes: q, k [N, T, m_k]; v [N, T, m_v]; log_alpha, beta [N, T]; S_0 [N, m_v, m_k] (N = batch rows
 times banks). Returns o [N, T, m_v] and S_T [N, m_v, m_k], in the inputs' (promoted) dtype.
@@ -52,6 +53,16 @@ def delta_rule_sequential(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log
         S = torch.exp(log_alpha[:, t])[:, None, None] * (S @ erase) + write
         out.append((S @ q[:, t, :, None]).squeeze(-1))
     return torch.stack(out, dim=1), S
+
+
+def delta_rule_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
+                    beta: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token: q, k [..., m_k], v [..., m_v], log_alpha and beta [...], S [..., m_v, m_k] (one dtype)
+    -> (o [..., m_v], S_t): S_t = alpha S + beta (v - alpha S k) k^T, o = S_t q."""
+    alpha = torch.exp(log_alpha)[..., None]
+    correction = beta[..., None] * (v - alpha * (S @ k[..., None])[..., 0])  # [..., m_v]
+    S = alpha[..., None] * S + correction[..., :, None] * k[..., None, :]
+    return (S @ q[..., None])[..., 0], S
 
 
 def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,

@@ -8,9 +8,9 @@ Public entry point, with argument checks and backend choice: `mm_rec.core.recurr
 Tests: tests/ops/recurrence/.
 """
 
-from mm_rec.ops.recurrence.reference import MMRecRecurrence, recurrence_sequential
+from mm_rec.ops.recurrence.reference import MMRecRecurrence, recurrence_sequential, recurrence_step
 
-__all__ = ["MMRecRecurrence", "backward_flops", "forward_flops", "recurrence_sequential"]
+__all__ = ["MMRecRecurrence", "backward_flops", "forward_flops", "recurrence_sequential", "recurrence_step"]
 
 
 def forward_flops(B: int, T: int, H: int, d: int) -> int:

@@ -4,7 +4,8 @@
 
 * `MMRecRecurrence`: the "torch" backend, a loop of batched matmuls whose backward is a
   hand-written reverse loop, so memory is O(B*T*H*d) rather than a T-step autograd graph;
-* `recurrence_sequential`: the "sequential" backend, a float64 loop through autograd (the oracle).
+* `recurrence_sequential`: the "sequential" backend, a float64 loop through autograd (the oracle);
+* `recurrence_step`: one step of the torch backend's loop (also the decoding step).
 
 Argument checks and defaults (zero bias and state) live in the dispatcher `mm_rec.core.recurrence`.
 """
@@ -12,6 +13,13 @@ Argument checks and defaults (zero bias and state) live in the dispatcher `mm_re
 from __future__ import annotations
 
 import torch
+
+
+def recurrence_step(h: torch.Tensor, z: torch.Tensor, gamma: torch.Tensor, W_g: torch.Tensor,
+                    b_g: torch.Tensor) -> torch.Tensor:
+    """One step, head-major: h, z, gamma [H, B, d]; W_g [H, d, d]; b_g [H, 1, d] (one dtype) -> h_t [H, B, d]."""
+    gate = torch.sigmoid(torch.baddbmm(b_g, h, W_g))
+    return torch.addcmul(gamma * h, z, gate)
 
 
 class MMRecRecurrence(torch.autograd.Function):
@@ -31,8 +39,7 @@ class MMRecRecurrence(torch.autograd.Function):
         states = torch.empty_like(z)
         h = h0
         for t in range(z.shape[0]):
-            gate = torch.sigmoid(torch.baddbmm(b_g, h, W_g))
-            h = torch.addcmul(gamma[t] * h, z[t], gate)
+            h = recurrence_step(h, z[t], gamma[t], W_g, b_g)
             states[t] = h
         ctx.save_for_backward(z, log_gamma, W_g, b_g, h0, states)
         return states

@@ -1,0 +1,259 @@
+"""The one-token step path (MMRecModel.step on a DecodeState) against the segment path (invariant I5,
+docs/architecture.md): the same logits and the same state, for every config switch, over streams that
+cross block edges, wrap the ring and evict kept slots; the decode layout's conversions; the step's
+work independent of the position and free of host syncs; prompts of different lengths in one batch."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mm_rec import MMRecConfig, MMRecModel
+from mm_rec.core.decode_state import DecodeState
+
+# C = 4, S = 6: a 57-token stream completes 14 blocks, so the ring wraps and kept slots are evicted.
+BASE = dict(vocab_size=37, hidden_dim=16, num_layers=2, num_heads=2, ffn_dim=24, num_memories=2, mem_dim=6,
+            memory_size_M=6, chunk_size=4, decay_rank=3)
+VARIANTS = {  # every switch flipped at least once
+    "default": dict(),  # window 8, delta rule, attention pooling, learned retention (R = 3, P = 3)
+    "sub-slots": dict(slots_per_block=2, recent_slots=2),  # R < r * blocks, P = 4
+    "sub-slots, short window": dict(slots_per_block=2, recent_slots=4, window_size=3),
+    "age ring, mean level 2, mean pooling": dict(retention="age", level2="mean", slot_write="mean"),
+    "no window": dict(window_size=0),
+    "long window": dict(window_size=11, recent_slots=1),
+    "state input, no conv": dict(memory_input="state", conv_size=0),
+    "both inputs, conv 1": dict(memory_input="both", conv_size=1),
+    "input gate": dict(gate_input="input"),
+    "no long-term memory": dict(memory_size_M=0),
+    "everything off": dict(memory_size_M=0, window_size=0, level2="mean", conv_size=0, gate_input="input"),
+    "equal importances": dict(memory_size_M=5, recent_slots=2, keep_init=True),  # as at init: ties decide
+}
+
+
+def small_model(dtype=torch.float64, keep_init=False, **overrides) -> MMRecModel:
+    model = MMRecModel(MMRecConfig(**{**BASE, **overrides})).to(dtype)
+    with torch.no_grad():  # parameters that start at constants get random values, so every path is exercised
+        for name, p in model.named_parameters():
+            if keep_init and "importance" in name:
+                continue
+            if any(key in name for key in ("write_query", "importance", "null_logit", "level_logits")):
+                p.copy_(torch.randn_like(p))
+    return model
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def step_through(model, ids, decode, start):
+    """Step `decode` over ids[:, start:]; logits [B, T - start, V]."""
+    return torch.stack([model.step(ids[:, t], decode) for t in range(start, ids.shape[1])], dim=1)
+
+
+def assert_states_equal(decode: DecodeState, expected, check):
+    got, want = decode.state_dict(), expected.state_dict()
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        if value.is_floating_point():
+            check(got[key], value, key)
+        else:
+            assert torch.equal(got[key], value), key
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("prefix", [0, 7])
+def test_step_equals_forward_float64(variant, prefix):
+    """From a fresh stream or after a 7-token forward (mid-block), one token at a time = one forward,
+    the logits and every piece of the state, at a block edge, mid-block and at the end."""
+    model = small_model(**VARIANTS[variant])
+    ids = torch.randint(0, 37, (3, 57))
+    state = model(ids[:, :prefix]).state if prefix else model.init_state(3)
+    decode = DecodeState.from_memory_state(state, model.config)
+
+    def close(a, b, name):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+
+    start = prefix
+    for stop in (24, 43, 57):  # positions 24 (a block edge), 43 (mid-block) and the end
+        logits = step_through(model, ids[:, :stop], decode, start)
+        full = model(ids[:, :stop])
+        close(logits, full.logits[:, start:], "logits")
+        assert_states_equal(decode, full.state, close)
+        start = stop
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_step_equals_forward_fp32(variant):
+    """In fp32: relative error below 1e-5 for the logits and every piece of the state."""
+    model = small_model(torch.float32, **VARIANTS[variant])
+    ids = torch.randint(0, 37, (2, 61))
+    decode = DecodeState.from_memory_state(model(ids[:, :10]).state, model.config)
+    logits = step_through(model, ids, decode, 10)
+    full = model(ids)
+    assert rel(logits, full.logits[:, 10:]) < 1e-5
+
+    def close(a, b, name):
+        assert rel(a, b) < 1e-5 or b.abs().max() == 0 and a.abs().max() == 0, name
+
+    assert_states_equal(decode, full.state, close)
+
+
+def test_kept_slots_outlive_the_age_ring_in_the_step_path():
+    """After 20 blocks through a ring of S = 3 slots (R = 1 by age, P = 2 by importance), the step path's
+    kept part holds blocks older than any age ring of S slots would, and the same ones as the forward."""
+    model = small_model(memory_size_M=3, recent_slots=1)
+    ids = torch.randint(0, 37, (2, 80))
+    decode = DecodeState.from_memory_state(model.init_state(2), model.config)
+    step_through(model, ids, decode, 0)
+    expected = model(ids).state.state_dict()
+    for layer in range(2):
+        kept = decode.state_dict()[f"banks.{layer}.slot_ids"]  # [B, K, P]
+        assert torch.equal(kept, expected[f"banks.{layer}.slot_ids"])
+        assert (kept >= 0).all() and (kept < 20 - 3).any(dim=-1).all(), kept  # full, and older than S blocks
+
+
+@pytest.mark.parametrize("variant", ["default", "sub-slots", "long window"])
+def test_rows_at_different_positions_step_together(variant):
+    """Rows whose prompts have different lengths (positions) step as one batch, each as if alone."""
+    model = small_model(**VARIANTS[variant])
+    lengths = [1, 13, 8, 22]
+    ids = torch.randint(0, 37, (4, 40))
+    _, memory = model.prefill(ids, lengths)
+    decode = DecodeState.from_memory_state(memory, model.config)
+    steps = 15
+    feed = torch.stack([ids[b, n:n + steps] for b, n in enumerate(lengths)])  # each row's next tokens
+    logits = torch.stack([model.step(feed[:, t], decode) for t in range(steps)], dim=1)
+    for b, n in enumerate(lengths):
+        alone = model(ids[b:b + 1, :n + steps])
+        torch.testing.assert_close(logits[b], alone.logits[0, n:], rtol=1e-10, atol=1e-12)
+        for key, value in alone.state.state_dict().items():
+            torch.testing.assert_close(decode.state_dict()[key][b:b + 1], value, rtol=1e-10, atol=1e-12, msg=key)
+
+
+@pytest.mark.parametrize("variant", ["default", "sub-slots", "age ring, mean level 2, mean pooling", "long window"])
+def test_decode_layout_round_trip_is_exact(variant):
+    """documented -> decode -> documented is the identity at any position, kept slots in priority order;
+    load_ writes the same tensors in place."""
+    model = small_model(**VARIANTS[variant])
+    lengths = [1, 5, 14, 31, 48]
+    ids = torch.randint(0, 37, (5, 48))
+    _, memory = model.prefill(ids, lengths)
+    decode = DecodeState.from_memory_state(memory, model.config)
+    for key, value in memory.state_dict().items():
+        assert torch.equal(decode.state_dict()[key], value), key
+    other = DecodeState.from_memory_state(model.init_state(5), model.config)
+    storage = [t.data_ptr() for layer in other.layers for t in layer.tensors().values()]
+    other.load_(memory)
+    assert storage == [t.data_ptr() for layer in other.layers for t in layer.tensors().values()]
+    for key, value in memory.state_dict().items():
+        assert torch.equal(other.state_dict()[key], value), key
+
+
+class OpTrace(TorchDispatchMode):
+    """Records (op, shapes of its tensor arguments) of everything dispatched."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        shapes = tuple(tuple(a.shape) for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                       if isinstance(a, torch.Tensor))
+        self.ops.append((str(func), shapes))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("variant", ["default", "sub-slots", "age ring, mean level 2, mean pooling"])
+def test_step_work_does_not_depend_on_the_position_and_never_syncs(variant):
+    """The same ops on the same shapes at position 5 and at position 10^12 (O(1) per token), and no op
+    that copies a value to the host (no .item(), no data-dependent shapes): capturable in a CUDA graph."""
+    model = small_model(torch.float32, **VARIANTS[variant])
+    traces = []
+    for start in (5, 10**12 + 3):
+        memory = model.init_state(2)
+        memory.position.fill_(start)
+        decode = DecodeState.from_memory_state(memory, model.config)
+        with OpTrace() as trace:
+            model.step(torch.tensor([3, 4]), decode)
+        traces.append(trace.ops)
+    assert traces[0] == traces[1]
+    syncing = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.item.default"}
+    assert not [op for op, _ in traces[0] if op in syncing]
+
+
+def test_prefill_reads_each_prompt_alone_and_ignores_padding():
+    model = small_model()
+    lengths = [9, 3, 9, 17]
+    ids = torch.randint(0, 37, (4, 17))
+    logits, memory = model.prefill(ids, lengths)
+    padded = ids.clone()
+    for b, n in enumerate(lengths):
+        padded[b, n:] = 0
+        alone = model(ids[b:b + 1, :n])
+        torch.testing.assert_close(logits[b], alone.logits[0, -1], rtol=1e-10, atol=1e-12)
+        for key, value in alone.state.state_dict().items():
+            torch.testing.assert_close(memory.state_dict()[key][b:b + 1], value, rtol=1e-10, atol=1e-12, msg=key)
+    other_logits, _ = model.prefill(padded, lengths)
+    assert torch.equal(other_logits, logits)
+
+
+def test_batched_generation_of_prompts_of_different_lengths_equals_each_alone():
+    """Greedy, fp32: the batch (left-aligned, per-row lengths) generates what each prompt generates alone."""
+    model = small_model(torch.float32, slots_per_block=2, recent_slots=2)
+    lengths = [6, 1, 14, 9]
+    ids = torch.randint(0, 37, (4, 14))
+    batched = model.generate(ids, 20, temperature=0, lengths=torch.tensor(lengths))
+    for b, n in enumerate(lengths):
+        alone = model.generate(ids[b:b + 1, :n], 20, temperature=0)
+        assert torch.equal(batched[b, 14:], alone[0, n:]), b
+
+
+def test_generation_continues_a_given_state_and_streams():
+    model = small_model()
+    ids = torch.randint(0, 37, (2, 30))
+    state = model(ids[:, :12]).state
+    stream = model.generate_stream(ids[:, 12:], 5, temperature=0, state=state)
+    first = next(stream)  # the first token comes before the rest are computed
+    assert torch.equal(first, model(ids).logits[:, -1].argmax(-1))
+    assert len(list(stream)) == 4
+
+
+def test_bad_step_and_prefill_inputs_are_refused():
+    model = small_model()
+    decode = DecodeState.from_memory_state(model.init_state(2), model.config)
+    with pytest.raises(ValueError, match="input_ids"):
+        model.step(torch.tensor([[1, 2]]), decode)
+    with pytest.raises(ValueError, match="rows"):
+        model.step(torch.tensor([1, 2, 3]), decode)
+    with pytest.raises(ValueError, match="lengths"):
+        model.prefill(torch.zeros(2, 5, dtype=torch.long), [5, 6])
+    with pytest.raises(ValueError, match="lengths"):
+        model.generate(torch.zeros(2, 5, dtype=torch.long), 3, lengths=[0, 5])
+    with pytest.raises(ValueError, match="vocab_size"):
+        model.prefill(torch.tensor([[1, 2, 99]]))
+    with pytest.raises(ValueError, match="batch"):
+        decode.load_(model.init_state(3))
+
+
+def test_step_under_bf16_autocast_keeps_the_memory_in_fp32():
+    """Under bf16 autocast (the projections in bf16, as in the forward) the step keeps its state in fp32
+    and its logits agree with the forward's to bf16 precision."""
+    model = small_model(torch.float32)
+    ids = torch.randint(0, 37, (2, 30))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        memory = model(ids[:, :29]).state
+        decode = DecodeState.from_memory_state(memory, model.config)
+        logits = model.step(ids[:, 29], decode)
+        full = model(ids)
+    assert logits.isfinite().all() and rel(logits.float(), full.logits[:, -1].float()) < 3e-2
+    assert all(t.dtype in (torch.float32, torch.int64) for t in decode.state_dict().values())
+
+
+def test_the_forward_per_token_fallback_generates_the_same_tokens():
+    """use_step=False (what generate does when FSDP shards the parameters) = the step path, greedy."""
+    model = small_model(torch.float32, slots_per_block=2, recent_slots=2)
+    ids = torch.randint(0, 37, (3, 11))
+    lengths = [11, 2, 7]
+    step = model.generate(ids, 25, temperature=0, lengths=lengths)
+    forward = torch.stack(list(model.generate_stream(ids, 25, temperature=0, lengths=lengths, use_step=False)), 1)
+    assert torch.equal(step[:, 11:], forward)
