@@ -72,7 +72,7 @@ def test_bad_flags_are_one_line_before_anything_else(capsys, tmp_path, model_fol
     assert_one_line_error(code, err, "unknown device 'gpu'")
     for flag, value, needle in (("--temperature", "nan", "temperature must be a finite number"),
                                 ("--temperature", "inf", "temperature must be a finite number"),
-                                ("--top-k", "0", "top_k must be >= 1"), ("--top-p", "1.5", "top_p must lie in"),
+                                ("--top-k", "0", "--top-k must be >= 1"), ("--top-p", "1.5", "--top-p must lie in"),
                                 ("--max-new-tokens", "-1", "--max-new-tokens must be >= 0")):
         code, out, err = run(capsys, "generate", "--checkpoint", model_folder, "--prompt", "PROMPT", flag, value)
         assert_one_line_error(code, err, needle)
