@@ -45,7 +45,7 @@ from mm_rec.model import write_pretrained_config
 from mm_rec.training import checkpoint as ckpt
 from mm_rec.training.config import RunConfig, TrainingConfig
 from mm_rec.training.evaluate import EvalResult, evaluate, token_bytes_table
-from mm_rec.training.metrics import MetricsLogger
+from mm_rec.training.metrics import MetricsLogger, WandbOptions, require_wandb
 from mm_rec.training.optim import build_optimizer, build_scheduler, clip_gradients, load_scheduler_state
 from mm_rec.utils.debugging import NonFiniteDetector, format_gradient_flow, gradient_flow
 from mm_rec.utils.device import autocast_for, resolve_device, resolve_precision
@@ -216,6 +216,8 @@ class Trainer:
         self.config, self.debug = config, debug
         tc, dc = config.training, config.data
         self.run_dir = Path(out_dir)
+        if tc.wandb:
+            require_wandb()  # a missing package is said at once, not after the data is prepared
         self._init_distributed()
         self.log = log if self.is_main else (lambda *_: None)
 
@@ -469,7 +471,8 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "recipe.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        logger = (MetricsLogger(self.run_dir, tc.tensorboard, self.step_count if self.resumed_from else None)
+        wandb = WandbOptions(tc.wandb_project, self.config.to_dict()) if tc.wandb else None
+        logger = (MetricsLogger(self.run_dir, tc.tensorboard, self.step_count if self.resumed_from else None, wandb)
                   if self.is_main else None)
         self._describe()
         detector = NonFiniteDetector(self.raw) if self.debug else None
