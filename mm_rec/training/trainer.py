@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from mm_rec.config import MMRecConfig
+from mm_rec.constants import IGNORE_INDEX
 from mm_rec.core.memory_state import MemoryState
 from mm_rec.data.batching import ContiguousStreams, RandomWindows
 from mm_rec.data.cache import prepare_tokens
@@ -158,17 +159,21 @@ def check_resume(config: RunConfig, checkpoint: ckpt.Checkpoint, model_config: d
     fixed = [("model_type", recipe.get("model_type"), config.model_type)]
     # the data itself is compared by the digest of its tokens, once tokenized
     for section, keys in (("data", ("tokenizer", "carry_state", "val_fraction", "document_separator")),
-                          ("training", ("batch_size", "seq_len"))):
+                          ("training", ("seq_len",))):
         for key in keys:
             fixed.append((f"{section}.{key}", recipe.get(section, {}).get(key), getattr(getattr(config, section), key)))
     changed = [f"{name}: checkpoint {old!r}, now {new!r}" for name, old, new in fixed if old != new]
     if changed:
         raise ckpt.CheckpointError(f"cannot resume {checkpoint.path}: the data or batching changed ("
                                    + "; ".join(changed) + "); start a new run with another --out")
-    if checkpoint.trainer_state.get("world_size", 1) != world_size:
-        raise ckpt.CheckpointError(f"checkpoint {checkpoint.path} was written by "
-                                   f"{checkpoint.trainer_state.get('world_size')} process(es); "
-                                   f"this run has {world_size}")
+    # another number of processes may continue the run with the same global batch (its rows are regrouped)
+    saved_world, saved_batch = checkpoint.trainer_state.get("world_size", 1), recipe["training"]["batch_size"]
+    if saved_world * saved_batch != world_size * config.training.batch_size:
+        hint = (f"; with {world_size} process(es) set training.batch_size={saved_world * saved_batch // world_size}"
+                if saved_world * saved_batch % world_size == 0 else "")
+        raise ckpt.CheckpointError(f"cannot resume {checkpoint.path}: the global batch changed (checkpoint "
+                                   f"{saved_world} process(es) x training.batch_size {saved_batch}, now {world_size} x "
+                                   f"{config.training.batch_size}){hint}")
 
 
 # what the optimizer and the schedule read from the recipe; a resumed run may change them
@@ -225,7 +230,8 @@ class Trainer:
         if resume is None and list_checkpoints(self.run_dir):
             raise ckpt.CheckpointError(f"{self.run_dir} already holds checkpoints; pass --resume auto to continue "
                                        "that run, or choose another --out")
-        checkpoint = ckpt.resolve_resume(self.run_dir, resume, self.rank, warn=self.log) if resume else None
+        checkpoint = (ckpt.resolve_resume(self.run_dir, resume, self.rank, warn=self.log, world_size=self.world_size)
+                      if resume else None)
         if resume == "auto" and checkpoint is None:
             self.log(f"--resume auto: no checkpoint in {self.run_dir / CHECKPOINTS}; starting a new run")
         if checkpoint is not None and "config_version" not in checkpoint.model_config:
@@ -321,8 +327,8 @@ class Trainer:
                                              rows=tc.batch_size * self.world_size, first_row=self.rank * tc.batch_size,
                                              seed=tc.seed)
         else:
-            self.batcher = RandomWindows(self.data, 0, self.split, tc.batch_size, tc.seq_len,
-                                         seed=tc.seed + 7919 * self.rank)
+            self.batcher = RandomWindows(self.data, 0, self.split, tc.batch_size, tc.seq_len, seed=tc.seed,
+                                         rows=tc.batch_size * self.world_size, first_row=self.rank * tc.batch_size)
         self.token_bytes = token_bytes_table(self.tokenizer, self.vocab_size)
 
     def _main_first(self, fn):
@@ -372,13 +378,14 @@ class Trainer:
             self.scaler.load_state_dict(ts["scaler"])
         self.step_count, self.tokens_seen = int(ts["step"]), int(ts["tokens_seen"])
         self.elapsed_before = float(ts.get("elapsed_s", 0.0))
+        local = ckpt.local_state(checkpoint, self.rank, self.world_size)  # regrouped for another world size
         try:
-            self.batcher.load_state_dict(checkpoint.local["data"])
+            self.batcher.load_state_dict(local["data"])
         except (KeyError, ValueError) as err:
             raise ckpt.CheckpointError(f"checkpoint {checkpoint.path}: the data position does not fit: {err}") from None
-        if self.carry and checkpoint.local.get("memory_state"):
-            self.state = MemoryState.from_state_dict(checkpoint.local["memory_state"]).to(self.device)
-        set_rng_state(checkpoint.local["rng"])
+        if self.carry and local.get("memory_state"):
+            self.state = MemoryState.from_state_dict(local["memory_state"]).to(self.device)
+        set_rng_state(local["rng"])
         changed = changed_schedule(checkpoint.recipe.get("training", {}), self.config.training)
         if changed:
             apply_schedule(self.optimizer, self.scheduler, self.config.training)
@@ -425,10 +432,11 @@ class Trainer:
             ids, labels = batch.input_ids.to(self.device), batch.labels.to(self.device)
             if self.carry:
                 self.state.reset(batch.reset.to(self.device))
+            share = self._token_share(labels)
             with _grad_sync(self.model, micro == tc.grad_accum_steps - 1), self._autocast():
                 out = self.model(ids, state=self.state, labels=labels, return_logits=False)
-            self.scaler.scale(out.loss / tc.grad_accum_steps).backward()
-            loss_sum += out.loss.detach().float()
+            self.scaler.scale(out.loss * share / tc.grad_accum_steps).backward()
+            loss_sum += out.loss.detach().float() * share
             if self.carry:
                 self.state = out.state.detach()
         loss = loss_sum / tc.grad_accum_steps
@@ -455,11 +463,26 @@ class Trainer:
         self.tokens_seen += self.tokens_per_step
         return float(loss), float(grad_norm), applied
 
+    def _token_share(self, labels: torch.Tensor) -> torch.Tensor | float:
+        """world_size * this process's labelled tokens / all processes' labelled tokens (1 alone).
+
+        Each process's loss is the mean over its own labelled tokens, and DDP and FSDP average the
+        gradients over the processes. Padding at document ends (label -100) leaves the processes
+        different numbers of labelled tokens, so that average of means is not the mean over the
+        global batch; scaled by this share it is, as with one process holding the whole batch."""
+        if not (self.distributed and torch.distributed.is_initialized()):
+            return 1.0
+        count = (labels != IGNORE_INDEX).sum().float()
+        total = count.clone()
+        torch.distributed.all_reduce(total)
+        return count * self.world_size / total.clamp_min(1)
+
     def evaluate(self) -> EvalResult:
         tc = self.config.training
         end = min(len(self.data), self.split + tc.eval_tokens)
         return evaluate(self.model, self.data, self.split, end, tc.batch_size, tc.seq_len,
-                        self.raw.init_state if self.carry else None, self.token_bytes, self.device, self._autocast())
+                        self.raw.init_state if self.carry else None, self.token_bytes, self.device, self._autocast(),
+                        self.rank, self.world_size)
 
     @property
     def elapsed(self) -> float:
