@@ -4,6 +4,11 @@
 uniformly random start (nanoGPT style); the model starts each batch from a fresh state. The
 sampler's position is the state of its own torch.Generator.
 
+Under torchrun both split one global batch of `rows` rows: a process reads rows [first_row,
+first_row + batch_size), so N processes of batch_size B see the rows that one process of batch_size
+N * B sees (the same windows, cut the same way), and a process's position is a piece of the global
+one (`regroup_rows` moves it to another number of processes).
+
 `ContiguousStreams` (data.carry_state: true): the range is cut into one contiguous stretch per
 batch row, and each row reads its stretch window after window, so the memory state can be
 carried (detached) from one batch to the next: truncated backpropagation through time, which
@@ -36,18 +41,39 @@ class Batch:
     reset: torch.Tensor | None  # [B] bool: rows that start a new stream (ContiguousStreams only)
 
 
+# entries of `ContiguousStreams.state_dict` that hold one value per batch row; the rest of a
+# batcher's state (RandomWindows' generator) is the same on every process
+ROW_STATE_KEYS = ("offset", "fresh", "row_start", "row_end", "passes")
+
+
+def regroup_rows(parts: list[torch.Tensor], rank: int, world_size: int) -> torch.Tensor:
+    """Per-row tensors of the processes of one run (rank order, rows on dim 0) -> the rows that
+    process `rank` of `world_size` holds: the global rows, cut into `world_size` equal pieces."""
+    rows = torch.cat(parts)
+    if rows.shape[0] % world_size:
+        raise ValueError(f"{rows.shape[0]} batch rows cannot be shared equally by {world_size} processes")
+    per = rows.shape[0] // world_size
+    return rows[rank * per:(rank + 1) * per].clone()
+
+
 class RandomWindows:
-    def __init__(self, data: TokenData, start: int, end: int, batch_size: int, seq_len: int, seed: int):
+    """`rows` random windows per batch from one generator (the same `seed` on every process); this
+    process reads rows [first_row, first_row + batch_size)."""
+
+    def __init__(self, data: TokenData, start: int, end: int, batch_size: int, seq_len: int, seed: int,
+                 rows: int | None = None, first_row: int = 0):
         if end - start < seq_len + 1:
             raise ValueError(f"the training split holds {end - start} tokens; a window needs seq_len + 1 = "
                              f"{seq_len + 1} (use more data or a shorter training.seq_len)")
         self.data, self.start, self.end = data, start, end
         self.batch_size, self.seq_len = batch_size, seq_len
+        self.rows, self.first_row = rows or batch_size, first_row
         self.generator = torch.Generator().manual_seed(seed)
 
     def next_batch(self) -> Batch:
         T = self.seq_len
-        starts = torch.randint(self.start, self.end - T, (self.batch_size,), generator=self.generator)
+        starts = torch.randint(self.start, self.end - T, (self.rows,), generator=self.generator)
+        starts = starts[self.first_row:self.first_row + self.batch_size]  # every process draws the whole batch
         rows = torch.stack([self.data.window(s, s + T + 1) for s in starts.tolist()])
         return Batch(rows[:, :-1], rows[:, 1:], None)
 
@@ -134,9 +160,7 @@ class ContiguousStreams:
         return Batch(input_ids, labels, reset)
 
     def state_dict(self) -> dict:
-        return {"offset": self.offset.clone(), "fresh": self.fresh.clone(),
-                "row_start": self.row_start.clone(), "row_end": self.row_end.clone(),
-                "passes": self.passes.clone()}
+        return {key: getattr(self, key).clone() for key in ROW_STATE_KEYS}
 
     def load_state_dict(self, state: dict) -> None:
         if not (torch.equal(state["row_start"], self.row_start) and torch.equal(state["row_end"], self.row_end)):

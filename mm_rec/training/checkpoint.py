@@ -5,7 +5,9 @@
     sharded/                          instead of the two above with training.checkpoint_format sharded:
                                       model and AdamW state as DCP shards, one file per process
     trainer_state.pt                  step, tokens seen, scheduler, grad scaler, counters
-    rank_00000.pt                     per process: RNG states, data position, carried memory state
+    rank_00000.pt                     per process: RNG states, data position, carried memory state (of
+                                      its batch rows; `local_state` regroups them for another number
+                                      of processes)
     recipe.json                       the full run configuration
     tokenizer_config.json, tokenizer.json  the tokenizer (mm_rec.data.tokenizers; transformers reads them too)
     manifest.json                     format version, step and the size of every file; written last
@@ -30,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mm_rec.data.batching import ROW_STATE_KEYS, regroup_rows
 from mm_rec.loading import SHARDED, checkpoint_dir, checkpoint_step, list_checkpoints
 from mm_rec.model import CONFIG_NAME, WEIGHTS_NAME
 from mm_rec.utils.atomic import commit_directory
@@ -107,12 +110,16 @@ class Checkpoint:
     model_config: dict[str, Any]
     trainer_state: dict[str, Any]
     optimizer: dict[str, Any] | None  # None for a sharded checkpoint: its state is in sharded/
-    local: dict[str, Any]  # this process's rank file
+    local: dict[str, Any] | None  # this process's rank file; None when read for another number of processes
     sharded: bool = False  # weights and optimizer state as DCP shards (training.checkpoint_format sharded)
+    rank_files: list[dict[str, Any]] | None = None  # every process's rank file, when `local` is None
 
 
-def load_checkpoint(path: str | Path, rank: int = 0) -> Checkpoint:
-    """Read and check a checkpoint folder; raises CheckpointError naming what is wrong."""
+def load_checkpoint(path: str | Path, rank: int = 0, world_size: int | None = None) -> Checkpoint:
+    """Read and check a checkpoint folder; raises CheckpointError naming what is wrong.
+
+    world_size: of the run that reads it. When it differs from the writer's, every rank file is
+    read (`rank_files`, for `local_state`) instead of this process's own."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -142,23 +149,56 @@ def load_checkpoint(path: str | Path, rank: int = 0) -> Checkpoint:
         model_config = json.loads((path / MODEL_CONFIG).read_text())
         trainer_state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
         optimizer = None if sharded else torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
-        local_path = path / rank_file(rank)
-        if not local_path.is_file():
-            raise CheckpointError(f"checkpoint {path} has no {local_path.name}: it was written by "
-                                  f"{trainer_state.get('world_size')} process(es)")
-        local = torch.load(local_path, map_location="cpu", weights_only=True)
+        writers = trainer_state.get("world_size", 1)
+        own = world_size in (None, writers)  # else every rank file, to be regrouped
+        ranks = [rank] if own else range(writers)
+        files = []
+        for r in ranks:
+            local_path = path / rank_file(r)
+            if not local_path.is_file():
+                raise CheckpointError(f"checkpoint {path} has no {local_path.name}: it was written by "
+                                      f"{writers} process(es)")
+            files.append(torch.load(local_path, map_location="cpu", weights_only=True))
     except CheckpointError:
         raise
     except Exception as err:  # unpickling / JSON / safetensors errors: the content is damaged
         raise CheckpointError(f"checkpoint {path} is damaged: {type(err).__name__}: {err}") from None
-    return Checkpoint(path, int(trainer_state["step"]), recipe, model_config, trainer_state, optimizer, local, sharded)
+    local, rank_files = (files[0], None) if own else (None, files)
+    return Checkpoint(path, int(trainer_state["step"]), recipe, model_config, trainer_state, optimizer, local, sharded,
+                      rank_files)
 
 
-def resolve_resume(run_dir: str | Path, resume: str, rank: int = 0,
-                   warn: Callable[[str], None] = print) -> Checkpoint | None:
+def local_state(checkpoint: Checkpoint, rank: int, world_size: int) -> dict[str, Any]:
+    """What process `rank` of `world_size` resumes from: its own rank file, or, for a run on
+    another number of processes with the same global batch, the rank file it would have written.
+
+    A process holds a contiguous piece of the global batch rows (mm_rec.data.batching), so the
+    per-row entries (the stream positions, and the carried memory state, whose tensors all have
+    the batch rows first) are joined in rank order and cut anew. The rest is the same on every
+    process and comes from rank 0: the random-window generator and the RNG states (which differ
+    between processes only where dropout draws from them: such a run continues with rank 0's)."""
+    if checkpoint.local is not None:
+        return checkpoint.local
+    files = checkpoint.rank_files
+    try:
+        data = dict(files[0]["data"])
+        for key in ROW_STATE_KEYS:
+            if key in data:
+                data[key] = regroup_rows([f["data"][key] for f in files], rank, world_size)
+        memory = files[0].get("memory_state")
+        if memory is not None:
+            memory = {k: regroup_rows([f["memory_state"][k] for f in files], rank, world_size) for k in memory}
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {checkpoint.path}: the data position does not fit "
+                              f"{world_size} process(es): {err}") from None
+    return dict(files[0], data=data, memory_state=memory)
+
+
+def resolve_resume(run_dir: str | Path, resume: str, rank: int = 0, warn: Callable[[str], None] = print,
+                   world_size: int | None = None) -> Checkpoint | None:
     """`--resume auto`: the newest readable checkpoint of the run (None when there is none),
     skipping damaged ones with a warning. `--resume PATH`: that checkpoint, or the newest of the
-    run folder PATH; any damage is an error."""
+    run folder PATH; any damage is an error. world_size: as for `load_checkpoint`."""
     if resume != "auto":
         path = Path(resume)
         if path.is_dir() and not is_checkpoint(path):
@@ -166,10 +206,10 @@ def resolve_resume(run_dir: str | Path, resume: str, rank: int = 0,
             if not found:
                 raise CheckpointError(f"no checkpoint in {path}")
             path = found[-1]
-        return load_checkpoint(path, rank)
+        return load_checkpoint(path, rank, world_size)
     for path in reversed(list_checkpoints(run_dir)):
         try:
-            return load_checkpoint(path, rank)
+            return load_checkpoint(path, rank, world_size)
         except CheckpointError as err:
             warn(f"warning: skipping {err}")
     return None

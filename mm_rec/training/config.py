@@ -64,6 +64,8 @@ class TrainingConfig:
     seed: int = 0  # model init, data order, sampling
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
     tensorboard: bool = True  # also write OUT/tensorboard when the tensorboard package is installed
+    wandb: bool = False  # also log to Weights & Biases (pip install 'mm-rec[wandb]'); the run is named after OUT
+    wandb_project: str = "mm-rec"  # the W&B project
     sample_tokens: int = 300  # tokens generated after training (0 = no sample)
     sample_prompt: str = "\n"
     sample_temperature: float = 0.8
@@ -87,6 +89,7 @@ class TrainingConfig:
         _need(self, "precision", self.precision in PRECISIONS, f"must be one of {PRECISIONS}")
         _need(self, "checkpoint_format", self.checkpoint_format in CHECKPOINT_FORMATS,
               f"must be one of {CHECKPOINT_FORMATS}")
+        _need(self, "wandb_project", bool(self.wandb_project.strip()), "must be a project name")
         _need(self, "sample_temperature", self.sample_temperature >= 0, "must be >= 0")
         _need(self, "sample_top_k", self.sample_top_k is None or self.sample_top_k > 0, "must be positive or null")
 

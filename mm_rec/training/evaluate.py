@@ -47,16 +47,24 @@ def token_bytes_table(tokenizer: Tokenizer, vocab_size: int) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model: nn.Module, data: TokenData, start: int, end: int, batch_size: int, seq_len: int,
              init_state: Callable[..., Any] | None, token_bytes: torch.Tensor, device: torch.device,
-             autocast: contextlib.AbstractContextManager | None = None) -> EvalResult:
+             autocast: contextlib.AbstractContextManager | None = None, rank: int = 0,
+             world_size: int = 1) -> EvalResult:
     """Score every token of [start, end) once (the first of each row has no context and no loss).
 
-    The range is cut into `batch_size` contiguous rows read in windows of `seq_len`. With
-    `init_state` (the model's, for carry_state runs) the memory state runs on across windows
+    The range is cut into `batch_size * world_size` contiguous rows read in windows of `seq_len`.
+    With `init_state` (the model's, for carry_state runs) the memory state runs on across windows
     (reset at document boundaries), as in training; with None every window starts from a fresh
     state. Deterministic, uses no RNG.
+
+    world_size > 1 (a process group; every process calls this): process `rank` scores its share
+    of the rows and the sums are added up, so the result is what one process with all the rows
+    gets, whatever the number of processes. Every process runs as many forwards as the busiest
+    one (an FSDP forward is collective), the others on padding.
     """
-    rows = max(1, min(batch_size, (end - start) // 2))
-    streams = ContiguousStreams(data, start, end, rows, seq_len, wrap=False)
+    total = max(world_size, min(batch_size * world_size, (end - start) // 2))
+    first, last = rank * total // world_size, (rank + 1) * total // world_size
+    rows = last - first
+    streams = ContiguousStreams(data, start, end, rows, seq_len, rows=total, first_row=first, wrap=False)
     carry = init_state is not None
     state = init_state(rows, device=device) if carry else None
     was_training = model.training
@@ -66,7 +74,7 @@ def evaluate(model: nn.Module, data: TokenData, start: int, end: int, batch_size
     num_bytes = torch.zeros((), dtype=torch.int64, device=device)
     token_bytes = token_bytes.to(device)
     try:
-        while not streams.exhausted:
+        while not _all_done(streams.exhausted, world_size, device):
             batch = streams.next_batch()
             ids, labels = batch.input_ids.to(device), batch.labels.to(device)
             if carry:
@@ -82,5 +90,17 @@ def evaluate(model: nn.Module, data: TokenData, start: int, end: int, batch_size
                 state = out.state
     finally:
         model.train(was_training)
+    if world_size > 1:
+        for value in (loss_sum, count, num_bytes):
+            torch.distributed.all_reduce(value)
     n = int(count)
     return EvalResult(loss=float(loss_sum) / max(1, n), tokens=n, bytes=int(num_bytes))
+
+
+def _all_done(done: bool, world_size: int, device: torch.device) -> bool:
+    """Whether every process's rows are done (this process's alone when world_size is 1)."""
+    if world_size == 1:
+        return done
+    busy = torch.tensor(0 if done else 1, device=device)
+    torch.distributed.all_reduce(busy, op=torch.distributed.ReduceOp.MAX)
+    return not bool(busy)

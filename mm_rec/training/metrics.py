@@ -1,9 +1,10 @@
-"""Run logging: OUT/metrics.jsonl (one JSON object per line), TensorBoard when installed, and
-`mmrec plot` (loss curves as a PNG).
+"""Run logging: OUT/metrics.jsonl (one JSON object per line), TensorBoard when installed, Weights &
+Biases when asked for (training.wandb), and `mmrec plot` (loss curves as a PNG).
 
 Rows: training steps `{"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s"}`
 (plus `"skipped": true` for a non-finite step), evaluations `{"step", "val_loss", "val_ppl",
-"val_bpb", "val_tokens"}`.
+"val_bpb", "val_tokens"}`. TensorBoard and W&B get every number of a row but the step, under the
+same names (`train/loss`, `val/bpb`, ...: `scalars`).
 """
 
 from __future__ import annotations
@@ -11,14 +12,23 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = "wandb_run_id"  # in the run folder: a resumed run continues the same W&B run
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None):
+    """metrics.jsonl, plus TensorBoard (`tensorboard`, when the package is installed) and W&B
+    (`wandb`: a `WandbOptions`, or None). `resume_step`: a resumed run drops the rows logged
+    after its checkpoint and continues the TensorBoard events and the W&B run of the folder;
+    None starts both anew."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None,
+                 wandb: WandbOptions | None = None):
         self.path = run_dir / METRICS_FILE
         if resume_step is not None:
             truncate_metrics(self.path, resume_step)
@@ -33,23 +43,73 @@ class MetricsLogger:
                 pass
             else:
                 self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
+        self.wandb_run = start_wandb(run_dir, wandb, resume_step is not None) if wandb is not None else None
 
     def log(self, row: dict[str, Any]) -> None:
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
+        values = scalars(row)
         if self.writer is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.writer.add_scalar(_tb_name(key), value, row["step"])
+            for name, value in values.items():
+                self.writer.add_scalar(name, value, row["step"])
+        if self.wandb_run is not None:
+            self.wandb_run.log({"step": row["step"], **values})
 
     def close(self) -> None:
         self.file.close()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
 
 
-def _tb_name(key: str) -> str:
-    return f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
+def scalars(row: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a metrics row as TensorBoard and W&B show them: `train/<key>`, and
+    `val/<key>` for `val_<key>`; the step and flags such as `skipped` are left out."""
+    return {(f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"): value for key, value in row.items()
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+# ---------------------------------------------------------------------- Weights & Biases
+@dataclass(frozen=True)
+class WandbOptions:
+    """training.wandb_project, and the recipe, shown as the W&B run's config."""
+
+    project: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def require_wandb() -> None:
+    """Raise a one-line ValueError when training.wandb is on but the package is missing (checked
+    before any work is done, on every process)."""
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise ValueError("training.wandb is on but the wandb package is not installed: "
+                         "pip install 'mm-rec[wandb]', or set training.wandb=false") from None
+
+
+def start_wandb(run_dir: Path, options: WandbOptions, resume: bool):
+    """A W&B run named after the run folder. Its id is kept in RUN_DIR/wandb_run_id: a resumed run
+    continues it (a fresh start in the folder begins a new one). W&B's files go to WANDB_DIR when
+    set, else into the run folder. The x-axis of every chart is the training step (logged as
+    `step`), so that steps logged again after a resume from an older checkpoint are kept, not dropped
+    as W&B does with an explicit step that goes back."""
+    require_wandb()
+    import wandb
+
+    id_file = run_dir / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
+    if not run_id:
+        run_id = secrets.token_hex(4)  # W&B ids: letters and digits
+        id_file.write_text(run_id + "\n")
+    run = wandb.init(project=options.project, name=run_dir.name, id=run_id, resume="allow",
+                     dir=os.environ.get("WANDB_DIR") or str(run_dir), config=options.config,
+                     settings=wandb.Settings(console="off"))  # the terminal output stays ours (tqdm, torchrun)
+    run.define_metric("step")
+    for prefix in ("train", "val"):
+        run.define_metric(f"{prefix}/*", step_metric="step")
+    return run
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from mm_rec.config import MMRecConfig
+from mm_rec.constants import IGNORE_INDEX
 from mm_rec.core.memory_state import MemoryState
 from mm_rec.data.batching import ContiguousStreams, RandomWindows
 from mm_rec.data.cache import prepare_tokens
@@ -48,7 +49,7 @@ from mm_rec.model import write_pretrained_config
 from mm_rec.training import checkpoint as ckpt
 from mm_rec.training.config import RunConfig, TrainingConfig
 from mm_rec.training.evaluate import EvalResult, evaluate, token_bytes_table
-from mm_rec.training.metrics import MetricsLogger
+from mm_rec.training.metrics import MetricsLogger, WandbOptions, require_wandb
 from mm_rec.training.optim import build_optimizer, build_scheduler, clip_gradients, load_scheduler_state
 from mm_rec.utils.debugging import NonFiniteDetector, format_gradient_flow, gradient_flow
 from mm_rec.utils.device import autocast_for, resolve_device, resolve_precision
@@ -149,7 +150,8 @@ def seed_everything(seed: int) -> None:
 
 
 def check_resume(config: RunConfig, checkpoint: ckpt.Checkpoint, model_config: dict, world_size: int) -> None:
-    """Refuse a checkpoint that does not fit this run: another model or vocabulary, other batching."""
+    """Refuse a checkpoint that does not fit this run: another model or vocabulary, other batching.
+    world_size: the processes of this run."""
     # in today's terms: renamed keys migrated, a config without config_version read as version 1
     saved = MMRecConfig.from_saved({k: v for k, v in checkpoint.model_config.items() if k != "model_type"}).to_dict()
     diff = sorted(k for k in set(saved) | set(model_config) if saved.get(k) != model_config.get(k))
@@ -161,17 +163,29 @@ def check_resume(config: RunConfig, checkpoint: ckpt.Checkpoint, model_config: d
     fixed = [("model_type", recipe.get("model_type"), config.model_type)]
     # the data itself is compared by the digest of its tokens, once tokenized
     for section, keys in (("data", ("tokenizer", "carry_state", "val_fraction", "document_separator")),
-                          ("training", ("batch_size", "seq_len"))):
+                          ("training", ("seq_len",))):
         for key in keys:
             fixed.append((f"{section}.{key}", recipe.get(section, {}).get(key), getattr(getattr(config, section), key)))
     changed = [f"{name}: checkpoint {old!r}, now {new!r}" for name, old, new in fixed if old != new]
     if changed:
         raise ckpt.CheckpointError(f"cannot resume {checkpoint.path}: the data or batching changed ("
                                    + "; ".join(changed) + "); start a new run with another --out")
-    if checkpoint.trainer_state.get("world_size", 1) != world_size:
-        raise ckpt.CheckpointError(f"checkpoint {checkpoint.path} was written by "
-                                   f"{checkpoint.trainer_state.get('world_size')} process(es); "
-                                   f"this run has {world_size}")
+    saved_processes = checkpoint.trainer_state.get("world_size", 1)
+    sequence_parallel = "sp" in (recipe.get("distributed", {}).get("parallel"), config.distributed.parallel)
+    if sequence_parallel and saved_processes != world_size:
+        # each process holds its part in time of every row: parts cut for N processes do not regroup
+        raise ckpt.CheckpointError(f"cannot resume {checkpoint.path}: a sequence-parallel run resumes on the same "
+                                   f"number of processes ({saved_processes}), not {world_size}")
+    if sequence_parallel:  # every process reads the same batch: the global batch is one process's
+        return
+    # another number of processes may continue the run with the same global batch (its rows are regrouped)
+    saved_world, saved_batch = saved_processes, recipe["training"]["batch_size"]
+    if saved_world * saved_batch != world_size * config.training.batch_size:
+        hint = (f"; with {world_size} process(es) set training.batch_size={saved_world * saved_batch // world_size}"
+                if saved_world * saved_batch % world_size == 0 else "")
+        raise ckpt.CheckpointError(f"cannot resume {checkpoint.path}: the global batch changed (checkpoint "
+                                   f"{saved_world} process(es) x training.batch_size {saved_batch}, now {world_size} x "
+                                   f"{config.training.batch_size}){hint}")
 
 
 # what the optimizer and the schedule read from the recipe; a resumed run may change them
@@ -219,6 +233,8 @@ class Trainer:
         self.config, self.debug = config, debug
         tc, dc = config.training, config.data
         self.run_dir = Path(out_dir)
+        if tc.wandb:
+            require_wandb()  # a missing package is said at once, not after the data is prepared
         self._init_distributed()
         self.log = log if self.is_main else (lambda *_: None)
 
@@ -226,7 +242,8 @@ class Trainer:
         if resume is None and list_checkpoints(self.run_dir):
             raise ckpt.CheckpointError(f"{self.run_dir} already holds checkpoints; pass --resume auto to continue "
                                        "that run, or choose another --out")
-        checkpoint = ckpt.resolve_resume(self.run_dir, resume, self.rank, warn=self.log) if resume else None
+        checkpoint = (ckpt.resolve_resume(self.run_dir, resume, self.rank, warn=self.log, world_size=self.world_size)
+                      if resume else None)
         if resume == "auto" and checkpoint is None:
             self.log(f"--resume auto: no checkpoint in {self.run_dir / CHECKPOINTS}; starting a new run")
         if checkpoint is not None and "config_version" not in checkpoint.model_config:
@@ -335,8 +352,9 @@ class Trainer:
                                              rows=tc.batch_size * self.data_parallel_size,
                                              first_row=data_rank * tc.batch_size, seed=tc.seed)
         else:
-            self.batcher = RandomWindows(self.data, 0, self.split, tc.batch_size, tc.seq_len,
-                                         seed=tc.seed + 7919 * data_rank)
+            self.batcher = RandomWindows(self.data, 0, self.split, tc.batch_size, tc.seq_len, seed=tc.seed,
+                                         rows=tc.batch_size * self.data_parallel_size,
+                                         first_row=data_rank * tc.batch_size)
         self.token_bytes = token_bytes_table(self.tokenizer, self.vocab_size)
 
     def _main_first(self, fn):
@@ -388,13 +406,14 @@ class Trainer:
             self.scaler.load_state_dict(ts["scaler"])
         self.step_count, self.tokens_seen = int(ts["step"]), int(ts["tokens_seen"])
         self.elapsed_before = float(ts.get("elapsed_s", 0.0))
+        local = ckpt.local_state(checkpoint, self.rank, self.world_size)  # regrouped for another world size
         try:
-            self.batcher.load_state_dict(checkpoint.local["data"])
+            self.batcher.load_state_dict(local["data"])
         except (KeyError, ValueError) as err:
             raise ckpt.CheckpointError(f"checkpoint {checkpoint.path}: the data position does not fit: {err}") from None
-        if self.carry and checkpoint.local.get("memory_state"):
-            self.state = MemoryState.from_state_dict(checkpoint.local["memory_state"]).to(self.device)
-        set_rng_state(checkpoint.local["rng"])
+        if self.carry and local.get("memory_state"):
+            self.state = MemoryState.from_state_dict(local["memory_state"]).to(self.device)
+        set_rng_state(local["rng"])
         changed = changed_schedule(checkpoint.recipe.get("training", {}), self.config.training)
         if changed:
             apply_schedule(self.optimizer, self.scheduler, self.config.training)
@@ -444,10 +463,11 @@ class Trainer:
             if self.sequence_parallel:
                 loss, state = self._sequence_parallel_step(ids, labels)
             else:
+                share = self._token_share(labels)
                 with _grad_sync(self.model, micro == tc.grad_accum_steps - 1), self._autocast():
                     out = self.model(ids, state=self.state, labels=labels, return_logits=False)
-                self.scaler.scale(out.loss / tc.grad_accum_steps).backward()
-                loss, state = out.loss.detach().float(), out.state
+                self.scaler.scale(out.loss * share / tc.grad_accum_steps).backward()
+                loss, state = out.loss.detach().float() * share, out.state
             loss_sum += loss
             if self.carry:
                 self.state = None if state is None else state.detach()
@@ -493,11 +513,26 @@ class Trainer:
                                      loss_scale=1.0 / tc.grad_accum_steps, hand_over_state=self.carry)
         return out.loss.float(), out.state
 
+    def _token_share(self, labels: torch.Tensor) -> torch.Tensor | float:
+        """data_parallel_size * this process's labelled tokens / all processes' labelled tokens (1 alone).
+
+        Each process's loss is the mean over its own labelled tokens, and DDP and FSDP average the
+        gradients over the processes. Padding at document ends (label -100) leaves the processes
+        different numbers of labelled tokens, so that average of means is not the mean over the
+        global batch; scaled by this share it is, as with one process holding the whole batch."""
+        if not (self.distributed and torch.distributed.is_initialized()):
+            return 1.0
+        count = (labels != IGNORE_INDEX).sum().float()
+        total = count.clone()
+        torch.distributed.all_reduce(total)
+        return count * self.data_parallel_size / total.clamp_min(1)
+
     def evaluate(self) -> EvalResult:
         tc = self.config.training
         end = min(len(self.data), self.split + tc.eval_tokens)
         return evaluate(self.model, self.data, self.split, end, tc.batch_size, tc.seq_len,
-                        self.raw.init_state if self.carry else None, self.token_bytes, self.device, self._autocast())
+                        self.raw.init_state if self.carry else None, self.token_bytes, self.device, self._autocast(),
+                        self.rank, self.world_size)
 
     @property
     def elapsed(self) -> float:
@@ -509,7 +544,8 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "recipe.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        logger = (MetricsLogger(self.run_dir, tc.tensorboard, self.step_count if self.resumed_from else None)
+        wandb = WandbOptions(tc.wandb_project, self.config.to_dict()) if tc.wandb else None
+        logger = (MetricsLogger(self.run_dir, tc.tensorboard, self.step_count if self.resumed_from else None, wandb)
                   if self.is_main else None)
         self._describe()
         detector = NonFiniteDetector(self.raw) if self.debug else None

@@ -57,3 +57,24 @@ def test_damage_is_detected(tmp_path):
     assert ckpt.resolve_resume(tmp_path, "auto", warn=warnings.append) is None
     with pytest.raises(ckpt.CheckpointError, match="checkpoint not found"):
         ckpt.resolve_resume(tmp_path, str(tmp_path / "nope"))
+
+
+def test_rank_files_regroup_for_another_number_of_processes(tmp_path):
+    """local_state: the batch rows of every rank file (stream positions, carried memory state),
+    joined in rank order and cut for the reading run; the rest is rank 0's."""
+    def rank_file(rank):
+        rows = torch.arange(2) + 2 * rank
+        data = {key: rows.clone() for key in ("offset", "fresh", "row_start", "row_end", "passes")}
+        memory = {"position": rows * 10, "banks.0.h": rows[:, None, None].float().expand(2, 3, 4).clone()}
+        return {"rng": {"torch": torch.tensor([rank])}, "data": data, "memory_state": memory}
+
+    files = [rank_file(0), rank_file(1)]
+    checkpoint = ckpt.Checkpoint(tmp_path, 4, {}, {}, {"world_size": 2}, None, None, rank_files=files)
+    one = ckpt.local_state(checkpoint, 0, 1)
+    assert torch.equal(one["data"]["offset"], torch.arange(4)) and torch.equal(one["rng"]["torch"], torch.tensor([0]))
+    assert torch.equal(one["memory_state"]["position"], torch.arange(4) * 10)
+    assert torch.equal(one["memory_state"]["banks.0.h"][:, 0, 0], torch.arange(4).float())
+    fourth = ckpt.local_state(checkpoint, 3, 4)
+    assert torch.equal(fourth["data"]["row_end"], torch.tensor([3])) and fourth["memory_state"]["position"] == 30
+    with pytest.raises(ckpt.CheckpointError, match="does not fit 3 process"):
+        ckpt.local_state(checkpoint, 0, 3)

@@ -5,7 +5,7 @@ import array
 import pytest
 import torch
 
-from mm_rec.data.batching import IGNORE_INDEX, ContiguousStreams, RandomWindows
+from mm_rec.data.batching import IGNORE_INDEX, ROW_STATE_KEYS, ContiguousStreams, RandomWindows, regroup_rows
 from mm_rec.data.cache import TokenData, load_bin, prepare_tokens, tokenize_in_memory
 from mm_rec.data.corpus import resolve_source, stdlib_files
 from mm_rec.data.tokenizers import BPETokenizer, ByteTokenizer, load_tokenizer
@@ -92,6 +92,42 @@ def test_random_windows_resume_exactly():
     b = RandomWindows(data, 0, 150, batch_size=3, seq_len=8, seed=123)
     b.load_state_dict(saved)
     assert torch.equal(a.next_batch().input_ids, b.next_batch().input_ids)
+
+
+def test_random_windows_split_one_global_batch_over_processes():
+    """N processes of batch_size B read the rows that one process of batch_size N * B reads."""
+    data = make_data([list(range(1, 200))])
+    whole = RandomWindows(data, 0, 150, batch_size=4, seq_len=8, seed=5)
+    halves = [RandomWindows(data, 0, 150, batch_size=2, seq_len=8, seed=5, rows=4, first_row=2 * k) for k in range(2)]
+    for _ in range(3):
+        batch = whole.next_batch()
+        assert torch.equal(batch.input_ids, torch.cat([h.next_batch().input_ids for h in halves]))
+
+
+def test_stream_positions_regroup_for_another_number_of_processes():
+    """The positions of 2 processes regrouped for 1 are the position of one process with both
+    halves' rows, and the other way round; either continues with the same batches."""
+    data = make_data([[1] * 37, [2] * 50, [3] * 9, list(range(4, 120))])
+    whole = ContiguousStreams(data, 0, len(data), batch_size=4, seq_len=6, seed=1)
+    halves = [ContiguousStreams(data, 0, len(data), batch_size=2, seq_len=6, rows=4, first_row=2 * k, seed=1)
+              for k in range(2)]
+    for _ in range(9):
+        whole.next_batch()
+        for h in halves:
+            h.next_batch()
+    joined = {key: regroup_rows([h.state_dict()[key] for h in halves], 0, 1) for key in ROW_STATE_KEYS}
+    assert all(torch.equal(joined[key], value) for key, value in whole.state_dict().items())
+    cut = [{key: regroup_rows([value], k, 2) for key, value in whole.state_dict().items()} for k in range(2)]
+    for k, h in enumerate(halves):
+        assert all(torch.equal(cut[k][key], value) for key, value in h.state_dict().items())
+    resumed = ContiguousStreams(data, 0, len(data), batch_size=4, seq_len=6, seed=1)
+    resumed.load_state_dict(joined)
+    for _ in range(5):
+        batch = resumed.next_batch()
+        assert torch.equal(batch.input_ids, torch.cat([h.next_batch().input_ids for h in halves]))
+        assert torch.equal(batch.input_ids, whole.next_batch().input_ids)
+    with pytest.raises(ValueError, match="cannot be shared equally by 3 processes"):
+        regroup_rows([torch.zeros(2), torch.zeros(2)], 0, 3)
 
 
 def test_contiguous_streams_cover_each_row_and_respect_documents():
