@@ -5,6 +5,7 @@ package the switch is refused in one line."""
 import json
 import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,8 @@ def wandb_records(path: Path):
     from wandb.proto import wandb_internal_pb2
 
     data = path.read_bytes()
+    if len(data) < 7:  # not written yet
+        return
     assert data[:4] == b":W&B", f"{path} is not a W&B record log"
     pos, block, chunks = 7, 32768, []
     while pos + 7 <= len(data):
@@ -41,7 +44,7 @@ def wandb_records(path: Path):
             pos += block - pos % block
             continue
         _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if kind == 0:
+        if kind == 0 or pos + 7 + length > len(data):  # the end, or a chunk still being written
             break
         chunks.append(data[pos + 7:pos + 7 + length])
         pos += 7 + length
@@ -52,12 +55,23 @@ def wandb_records(path: Path):
             yield record
 
 
+def complete_records(path: Path, timeout_s: float = 60.0) -> list:
+    """The records of a run's file once it ends with W&B's exit record. wandb-core writes the file
+    in a separate process, which may still be flushing when `finish()` has returned."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = list(wandb_records(path))
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
 def offline_runs(wandb_dir: Path) -> list[tuple[str, list[dict]]]:
     """(run id, history rows without W&B's own _step/_runtime/_timestamp) of every offline run."""
     runs = []
     for path in sorted(wandb_dir.glob("wandb/offline-run-*/run-*.wandb")):
         run_id, rows = None, []
-        for record in wandb_records(path):
+        for record in complete_records(path):
             kind = record.WhichOneof("record_type")
             if kind == "run":
                 run_id = record.run.run_id
