@@ -239,6 +239,8 @@ def test_command_line_refusals(saved, capsys):
                           "--group-size applies to --quantize int4 only")
     assert_one_line_error(*run(capsys, *base, "--group-size", 32)[::2], "--group-size applies to --quantize int4")
     assert run(capsys, *base, "--quantize", "int3")[0] == 2  # argparse's choices
+    assert_one_line_error(*run(capsys, "eval", "--task", "mqar", "--checkpoint", model_dir, "--quantize", "int8")[::2],
+                          "--quantize applies to the loss on a text, not to --task")
 
 
 def test_command_line_without_torchao(saved, capsys, monkeypatch):

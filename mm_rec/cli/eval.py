@@ -50,6 +50,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.task:
+        if args.quantize or args.group_size is not None:
+            raise ValueError("--quantize applies to the loss on a text, not to --task")
         return tasks.run_eval_task(args)
     if not args.checkpoint:
         raise ValueError("mmrec eval needs --checkpoint DIR (and --data PATH), or --task mqar|passkey")
