@@ -4,6 +4,7 @@ model is saved and loaded back.
     info = quantize_model(model, "int8")                   # one int8 scale per output channel
     info = quantize_model(model, "int4", group_size=128)   # one scale and zero per 128 inputs
     info.modules, info.skipped                             # what was quantized, what was not and why
+    dequantize_model(model)                                # a float copy computing the same (for measuring)
     model.save_pretrained("out/q")                         # config.json, quantization.json, model.pt
     mm_rec.loading.load_model("out/q")                     # the same quantized model
 
@@ -44,12 +45,14 @@ type they were quantized on (else ValueError: quantize the unquantized checkpoin
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 MODES = ("int8", "int4")
@@ -177,6 +180,24 @@ def quantize_model(model: nn.Module, mode: str, group_size: int | None = None,
                         skipped={name: reason for name, reason in reasons.items() if name not in selected})
     model.quantization = info
     return info
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """A float copy of a quantized `model` whose linear layers hold the weights the quantized kernels
+    multiply by, read through each kernel itself (linear(identity) = W^T): the same function to
+    float rounding, on plain matrix products. What the quality of a mode is measured with where its
+    kernel is slow (int4 on the CPU, docs/quality.md), and what the tests compare the kernels with."""
+    if getattr(model, "quantization", None) is None:
+        raise ValueError("the model is not quantized")
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        for name in model.quantization.modules:
+            linear = copied.get_submodule(name)
+            weight = linear.weight
+            identity = torch.eye(linear.in_features, dtype=weight.dtype, device=weight.device)
+            linear.weight = nn.Parameter(F.linear(identity, weight).T.contiguous(), requires_grad=False)
+    copied.quantization = None
+    return copied
 
 
 def parameter_bytes(model: nn.Module) -> int:

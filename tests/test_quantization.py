@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 from test_cli import assert_one_line_error, run
 from torch import nn
 
@@ -22,6 +21,7 @@ from mm_rec.model import WEIGHTS_NAME
 from mm_rec.quantization import (
     QUANTIZATION_NAME,
     QUANTIZED_WEIGHTS_NAME,
+    dequantize_model,
     load_quantized,
     parameter_bytes,
     quantize_model,
@@ -40,11 +40,6 @@ MODES = [("int8", None), ("int4", 32)]
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def effective_weight(linear: nn.Linear) -> torch.Tensor:
-    """The [out, in] weight the layer multiplies by, read through its own kernel: linear(identity) = W^T."""
-    return F.linear(torch.eye(linear.in_features, dtype=torch.float32), linear.weight).T
 
 
 def half_step(weight: torch.Tensor, mode: str, group_size: int | None) -> torch.Tensor:
@@ -70,7 +65,7 @@ def test_each_weight_lies_within_half_a_step_of_the_float_weight(mode, group_siz
     it); the layers left out, the embedding, W_g and the other parameters are untouched."""
     model = MMRecModel(CONFIG).eval()
     quantized, info = quantized_copy(model, mode, group_size)
-    floats = dict(model.named_modules())
+    floats, dequantized = dict(model.named_modules()), dequantize_model(quantized)
     assert info.modules and (mode == "int8" or info.skipped)
     if mode == "int4":
         assert all("in_proj" in name or "memory_proj" in name for name in info.skipped), info.skipped
@@ -82,7 +77,7 @@ def test_each_weight_lies_within_half_a_step_of_the_float_weight(mode, group_siz
             assert type(module.weight) is nn.Parameter and torch.equal(module.weight, original), name
             continue
         assert type(module.weight) is not nn.Parameter, name  # a torchao tensor
-        error = (effective_weight(module) - original).abs()
+        error = (dequantized.get_submodule(name).weight - original).abs()
         assert bool((error <= half_step(original, mode, group_size) * (1 + 1e-4) + 1e-7).all()), name
         assert error.max() > 0, name
     float_state = model.state_dict()
@@ -102,10 +97,8 @@ def test_logits_are_close_to_the_float_model_and_equal_to_its_dequantized_weight
     ~1.5% and ~10%). A broken scale, zero point or layout gives errors of order 100%."""
     model = MMRecModel(CONFIG).eval()
     quantized, info = quantized_copy(model, mode, group_size)
-    dequantized = copy.deepcopy(model)
-    with torch.no_grad():
-        for name in info.modules:
-            dequantized.get_submodule(name).weight.copy_(effective_weight(quantized.get_submodule(name)))
+    dequantized = dequantize_model(quantized)
+    assert dequantized.quantization is None and all(type(p) is nn.Parameter for p in dequantized.parameters())
     ids = torch.randint(0, CONFIG.vocab_size, (3, 40))
     with torch.no_grad():
         reference, got, same_weights = model(ids).logits, quantized(ids).logits, dequantized(ids).logits
