@@ -5,7 +5,8 @@ TORCH_VERSION ?= 2.13.0
 # Everything the tests exercise (a missing optional package skips its tests) and what the default
 # recipes log to (TensorBoard). lm-eval is the largest (~30 packages, ~1 min to install); its tests run offline.
 # wandb (~15 packages): its test runs offline (WANDB_MODE=offline) in ~3 s.
-EXTRAS ?= dev,bpe,plot,jax,tensorboard,hf,eval,data,wandb
+# torchao (quant) is one 3.4 MB wheel without dependencies; its tests take ~15 s.
+EXTRAS ?= dev,bpe,plot,jax,tensorboard,hf,eval,data,wandb,quant
 
 .PHONY: setup demo test test-gpu lint bench-cpu clean
 

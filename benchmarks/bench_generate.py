@@ -3,9 +3,11 @@ Hugging Face Llama of the same sizes and the memory-bandwidth floor, in the same
 
     python benchmarks/bench_generate.py [--presets 1b,7b] [--batches 1,8,64] [--prompts 2K,32K,128K]
                                         [--new-tokens 64] [--methods mmrec-step,mmrec-forward,hf-llama]
-                                        [--prefill forward|synthetic] [--compile] [--device cuda] [--json out.json]
+                                        [--prefill forward|synthetic] [--compile] [--quantize none,int8,int4]
+                                        [--device cuda] [--json out.json]
 
-Per preset (random weights, bf16; the MM-Rec state fp32), batch size B and prompt length L:
+Per preset (random weights, bf16; the MM-Rec state fp32), weight format (`--quantize`), batch size B and
+prompt length L:
 
   * mmrec-step: `MMRecModel.generate_stream` from the state after the prompt: every token one
     `step` in O(1), replayed as a captured CUDA graph on CUDA (mm_rec/decoding.py; `--compile`
@@ -16,7 +18,11 @@ Per preset (random weights, bf16; the MM-Rec state fp32), batch size B and promp
     and vocabulary of the preset, generating with `cache_implementation="static"`, which makes
     transformers compile the decoding forward (torch.compile, mode reduce-overhead: CUDA graphs),
     its fastest documented path;
-  * the bandwidth floor: weight bytes / the device-to-device copy bandwidth measured in this run
+  * weights (`--quantize`, default none): bf16, or the linear layers' weights quantized weight-only to
+    int8 or int4 (groups of `--group-size`) by `mm_rec.quantization.quantize_model` (torchao), for both
+    models; the embedding stays bf16 (docs/benchmarks.md, "Decoding");
+  * the bandwidth floor: weight bytes (as stored: quantized weights by their int data and scales)
+    / the device-to-device copy bandwidth measured in this run
     (bytes read + written), the time a token needs at batch 1 if reading the weights once were
     all it cost; "% floor" is the floor over the measured time per token (the design's target:
     >= 70% at batch 1, docs/architecture.md section 6). `ctx MiB/row` is what each row carries:
@@ -53,9 +59,11 @@ from mm_rec import MMRecConfig, MMRecModel
 from mm_rec.core.memory_state import MemoryState
 from mm_rec.distributed import init_model_on_device
 from mm_rec.loading import build_model
+from mm_rec.quantization import DEFAULT_GROUP_SIZE, MODES, parameter_bytes, quantize_model
 from mm_rec.utils.profiling import peak_memory, reset_peak_memory, time_fn
 
 METHODS = ("mmrec-step", "mmrec-forward", "hf-llama")
+WEIGHTS = ("none",) + MODES  # --quantize: bf16 weights, or int8 / int4 weight-only
 
 
 def parse_sizes(text: str, flag: str) -> list[int]:
@@ -129,6 +137,13 @@ class HFTokenClock(TokenClock):
 def build_mmrec(config: MMRecConfig, device: torch.device) -> MMRecModel:
     model = init_model_on_device(lambda: build_model(config), device)
     return model.to(torch.bfloat16).eval()
+
+
+def quantized(model: torch.nn.Module, weights: str, group_size: int) -> torch.nn.Module:
+    """The bf16 `model` with its linear layers' weights quantized to `weights` (none: as it is)."""
+    if weights != "none":
+        quantize_model(model, weights, group_size if weights == "int4" else None)
+    return model
 
 
 def state_bytes_per_row(model: MMRecModel, device: torch.device) -> int:
@@ -247,11 +262,11 @@ def guarded(fn: Callable[[], tuple[float, float | None]], record: dict) -> tuple
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| preset | method | batch | prompt | ms/token | tokens/s | peak GiB | prefill GiB | ctx MiB/row | "
-             "floor ms | % floor |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| preset | method | weights | batch | prompt | ms/token | tokens/s | peak GiB | prefill GiB | "
+             "ctx MiB/row | floor ms | % floor |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
-        head = f"| {r['preset']} | {r['method']} | {r['batch']} | {r['prompt']} |"
+        head = f"| {r['preset']} | {r['method']} | {r['weights']} | {r['batch']} | {r['prompt']} |"
         floor = f"{r['floor_ms']:.3f}"
         if "error" in r:
             lines.append(f"{head} {r['error']} | | | | {r['ctx_mib_per_row']:.2f} | {floor} | |")
@@ -261,10 +276,6 @@ def markdown(results: list[dict]) -> str:
         lines.append(f"{head} {ms:.3f} | {r['batch'] * 1e3 / ms:,.0f} | {peak} | {prefill} | "
                      f"{r['ctx_mib_per_row']:.2f} | {floor} | {100 * r['floor_ms'] / ms:.0f}% |")
     return "\n".join(lines)
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights once
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -280,6 +291,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--segment-len", type=int, help="MM-Rec prompt forwards in segments of this many tokens "
                         "(default: the preset's max_segment_len; lower it if long prompts run out of memory)")
     parser.add_argument("--compile", action="store_true", help="torch.compile MM-Rec's step before capturing it")
+    parser.add_argument("--quantize", default="none",
+                        help=f"comma-separated weight formats from {WEIGHTS}: a row per format (int4 needs CUDA bf16 "
+                             "or the CPU; torchao: pip install 'mm-rec[quant]')")
+    parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, help="int4: inputs per scale and zero")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                         help="cpu: a check of this script with a small preset (no GPU result)")
     parser.add_argument("--json", help="also write the results to this file")
@@ -290,6 +305,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; choose from {METHODS}")
+    weight_formats = [w.strip() for w in args.quantize.split(",")]
+    if sorted(set(weight_formats) - set(WEIGHTS)):
+        raise SystemExit(f"--quantize: unknown {sorted(set(weight_formats) - set(WEIGHTS))}; choose from {WEIGHTS}")
     batches, prompts = parse_sizes(args.batches, "--batches"), parse_sizes(args.prompts, "--prompts")
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -301,34 +319,39 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.segment_len:
             config = config.replace(max_segment_len=args.segment_len)
         mmrec_methods = [m for m in methods if m.startswith("mmrec")]
-        if mmrec_methods:
-            model = build_mmrec(config, device)
-            floor_ms, state_mib = weight_bytes(model) / bandwidth * 1e3, state_bytes_per_row(model, device) / 2**20
-            for batch in batches:
-                for prompt in prompts:
-                    for r in run_mmrec(model, mmrec_methods, batch, prompt, args, device):
-                        results.append({**r, "preset": preset, "floor_ms": floor_ms, "ctx_mib_per_row": state_mib})
-                        print(json.dumps(results[-1]), flush=True)
-            del model
-            gc.collect()
-        if "hf-llama" in methods:
-            for prompt in prompts:  # one model per prompt length: the position table covers prompt + new tokens
-                record = {"preset": preset, "ctx_mib_per_row": kv_bytes_per_row(config, prompt + args.new_tokens)
-                          / 2**20}
-                try:
-                    llama = build_llama(config, prompt + args.new_tokens, device)
-                except ImportError as err:
-                    results += [{**record, "method": "hf-llama", "batch": b, "prompt": prompt, "floor_ms": float("nan"),
-                                 "error": f"not run: {err}"} for b in batches]
-                    continue
-                record["floor_ms"] = weight_bytes(llama) / bandwidth * 1e3
+        for weights in weight_formats:
+            if mmrec_methods:
+                model = quantized(build_mmrec(config, device), weights, args.group_size)
+                floor_ms = parameter_bytes(model) / bandwidth * 1e3
+                state_mib = state_bytes_per_row(model, device) / 2**20
                 for batch in batches:
-                    results.append({**run_hf(llama, batch, prompt, args, device), **record})
-                    print(json.dumps(results[-1]), flush=True)
-                del llama
+                    for prompt in prompts:
+                        for r in run_mmrec(model, mmrec_methods, batch, prompt, args, device):
+                            results.append({**r, "preset": preset, "weights": weights, "floor_ms": floor_ms,
+                                            "ctx_mib_per_row": state_mib})
+                            print(json.dumps(results[-1]), flush=True)
+                del model
                 gc.collect()
+            if "hf-llama" in methods:
+                for prompt in prompts:  # one model per prompt length: the position table covers prompt + new tokens
+                    record = {"preset": preset, "weights": weights,
+                              "ctx_mib_per_row": kv_bytes_per_row(config, prompt + args.new_tokens) / 2**20}
+                    try:
+                        llama = quantized(build_llama(config, prompt + args.new_tokens, device), weights,
+                                          args.group_size)
+                    except (ImportError, ValueError) as err:
+                        results += [{**record, "method": "hf-llama", "batch": b, "prompt": prompt,
+                                     "floor_ms": float("nan"), "error": f"not run: {err}"} for b in batches]
+                        continue
+                    record["floor_ms"] = parameter_bytes(llama) / bandwidth * 1e3
+                    for batch in batches:
+                        results.append({**run_hf(llama, batch, prompt, args, device), **record})
+                        print(json.dumps(results[-1]), flush=True)
+                    del llama
+                    gc.collect()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (no GPU result)"
-    header = (f"Device: {name}, torch {torch.__version__}, {datetime.date.today()}; bf16 weights, random; "
+    header = (f"Device: {name}, torch {torch.__version__}, {datetime.date.today()}; bf16 weights, random "
+              f"(quantized: {args.quantize}, int4 groups of {args.group_size}); "
               f"copy bandwidth {bandwidth / 1e12:.3f} TB/s; new tokens {args.new_tokens} "
               f"(first {args.skip} not timed); prefill {args.prefill}; compile {args.compile}\n"
               f"Command: python {' '.join(sys.argv)}\n")

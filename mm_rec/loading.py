@@ -8,7 +8,9 @@ generation, the command line and the benchmarks.
 
 `load_model` reads three kinds of folder:
 
-    save_pretrained folder   config.json (with its "model_type" marker: "mmrec" or "transformer") + model.safetensors
+    save_pretrained folder   config.json (with its "model_type" marker: "mmrec" or "transformer") + model.safetensors;
+                             a quantized model's: quantization.json + model.pt instead (mm_rec/quantization.py),
+                             rebuilt quantized
     checkpoint folder        the same plus the training state (mm_rec.training.checkpoint); a
                              sharded one holds sharded/ (DCP shards) instead of model.safetensors
     run folder               RUN/checkpoints/step_XXXXXXXX/: its newest checkpoint

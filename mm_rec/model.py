@@ -35,6 +35,7 @@ from mm_rec.constants import IGNORE_INDEX
 from mm_rec.core.decode_state import DecodeState
 from mm_rec.core.memory_state import MemoryState
 from mm_rec.decoding import StepRunner
+from mm_rec.quantization import Quantization, is_quantized_folder, load_quantized, remove_quantized, save_quantized
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -49,7 +50,8 @@ class MMRecOutput:
 
 class LanguageModel(nn.Module):
     """What MMRecModel and the Transformer baseline share: the input checks, `generate` over the
-    subclass's `generate_stream`, and the save_pretrained folder (config.json, model.safetensors).
+    subclass's `generate_stream`, and the save_pretrained folder (config.json, model.safetensors; for a
+    model whose weights `mm_rec.quantization.quantize_model` quantized, quantization.json and model.pt).
 
     `model_type` is the config.json marker that tells loaders which class to build ("mmrec" or
     "transformer"); it is also the model_type transformers' AutoConfig reads. Folders written
@@ -58,6 +60,7 @@ class LanguageModel(nn.Module):
 
     model_type: str = "mmrec"
     config: MMRecConfig
+    quantization: Quantization | None = None  # set by mm_rec.quantization.quantize_model
 
     def _check_token_inputs(self, input_ids: torch.Tensor, labels: torch.Tensor | None) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
@@ -125,24 +128,34 @@ class LanguageModel(nn.Module):
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write config.json (the `model_type` marker and the config) and model.safetensors."""
+        """Write config.json (the `model_type` marker and the config) and model.safetensors, or for a
+        quantized model quantization.json and model.pt (mm_rec/quantization.py); a save replaces the
+        weights an earlier one left in the folder."""
         from safetensors.torch import save_model
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         write_pretrained_config(self, directory)
-        save_model(self, str(directory / WEIGHTS_NAME))
+        if self.quantization is not None:
+            (directory / WEIGHTS_NAME).unlink(missing_ok=True)
+            save_quantized(self, directory)
+        else:
+            remove_quantized(directory)
+            save_model(self, str(directory / WEIGHTS_NAME))
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device=None):
-        """The model in a save_pretrained folder, on `device` (default: CPU). Raises FileNotFoundError
-        for a missing file and ValueError for a folder of another model type or unreadable contents."""
+        """The model in a save_pretrained folder, on `device` (default: CPU); a quantized one comes back
+        quantized. Raises FileNotFoundError for a missing file and ValueError for a folder of another
+        model type or unreadable contents (or quantized weights that cannot be rebuilt here)."""
         from safetensors.torch import load_model
 
         directory = Path(directory)
         model_type, config = read_pretrained_config(directory)
         if model_type != cls.model_type:
             raise ValueError(f"{directory} holds a {model_type!r} model, not a {cls.model_type!r} one")
+        if is_quantized_folder(directory):
+            return load_quantized(cls(config), directory, device)
         if not (directory / WEIGHTS_NAME).is_file():
             raise FileNotFoundError(f"{directory / WEIGHTS_NAME} not found (expected a save_pretrained directory)")
         model = cls(config)

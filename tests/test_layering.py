@@ -16,7 +16,7 @@ LAYERS = [
     ["mm_rec.core"],
     ["mm_rec.blocks"],
     # the package root re-exports the model API, and installs the integrations' registration hook
-    ["mm_rec.decoding", "mm_rec.model", "mm_rec", "mm_rec.integrations.hook"],
+    ["mm_rec.decoding", "mm_rec.quantization", "mm_rec.model", "mm_rec", "mm_rec.integrations.hook"],
     ["mm_rec.baselines"],
     ["mm_rec.data", "mm_rec.utils", "mm_rec.distributed"],
     ["mm_rec.loading", "mm_rec.generation"],

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 from mm_rec.cli import tasks
-from mm_rec.cli.common import HelpFormatter
+from mm_rec.cli.common import HelpFormatter, add_quantize_arguments, quantize_for_inference
 from mm_rec.data.cache import DTYPES, tokenize_in_memory
 from mm_rec.data.corpus import resolve_source
 from mm_rec.loading import load_model_and_tokenizer
@@ -20,6 +21,7 @@ from mm_rec.utils.device import autocast_for, resolve_device
 DESCRIPTION = """\
   mmrec eval --checkpoint runs/x --data held_out.txt
   mmrec eval --checkpoint runs/x            # the validation split of its training data
+  mmrec eval --checkpoint runs/x --data held_out.txt --quantize int8   # with int8 weights (also int4)
   mmrec eval --task mqar --checkpoint DIR   # long-context recall tasks
   mmrec eval --task longdoc --checkpoint DIR --out DIR   # loss by position far into long files"""
 
@@ -39,14 +41,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--bin-dtype", default="uint16", choices=list(DTYPES),
                    help="element type of a .bin file")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="autocast dtype; auto: bf16 on CUDA, fp32 on CPU")
+                   help="autocast dtype; auto: bf16 on CUDA, fp32 on CPU (with --quantize: the weights' dtype)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    add_quantize_arguments(p)
     tasks.add_eval_task_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.task:
+        if args.quantize or args.group_size is not None:
+            raise ValueError("--quantize applies to the loss on a text, not to --task")
         return tasks.run_eval_task(args)
     if not args.checkpoint:
         raise ValueError("mmrec eval needs --checkpoint DIR (and --data PATH), or --task mqar|passkey")
@@ -56,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
     device = resolve_device(args.device or "auto")
     model, tokenizer, model_dir = load_model_and_tokenizer(args.checkpoint, device)
+    quantization = quantize_for_inference(model, args, device)
     vocab_size = model.config.vocab_size
     recipe = _saved_recipe(model_dir)
     data_cfg = recipe.get("data", {})
@@ -80,13 +86,18 @@ def run(args: argparse.Namespace) -> int:
     seq_len = args.seq_len if args.seq_len is not None else train_cfg.get("seq_len", 256)
     batch_size = args.batch_size if args.batch_size is not None else train_cfg.get("batch_size", 8)
     carry = args.carry_state if args.carry_state is not None else data_cfg.get("carry_state", True)
-    autocast = autocast_for(args.precision, device)
+    autocast = None if quantization else autocast_for(args.precision, device)  # quantized: weights in their dtype
     token_bytes = token_bytes_table(tokenizer, vocab_size)
     init_state = model.init_state if carry and hasattr(model, "init_state") else None
+    started = time.perf_counter()
     result = evaluate(model, data, start, end, batch_size, seq_len, init_state, token_bytes, device, autocast)
+    seconds = time.perf_counter() - started
     print(f"{model_dir} on {what}: {result.tokens:,} tokens ({result.bytes:,} bytes), "
           f"{'state carried' if init_state else 'fresh state per window'} (windows of {seq_len})")
-    print(f"loss {result.loss:.4f} | perplexity {result.perplexity:.3f} | bits per byte {result.bits_per_byte:.4f}")
+    if quantization:
+        print(f"weights: {quantization.describe()}")
+    print(f"loss {result.loss:.4f} | perplexity {result.perplexity:.3f} | bits per byte {result.bits_per_byte:.4f} | "
+          f"{result.tokens / seconds:,.0f} tokens/s")
     return 0
 
 

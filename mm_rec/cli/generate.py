@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from mm_rec.cli.common import HelpFormatter
+from mm_rec.cli.common import HelpFormatter, add_quantize_arguments, quantize_for_inference
 from mm_rec.generation import Completion, encode_prompts, generate_text, generate_texts
 from mm_rec.loading import load_model_and_tokenizer
 from mm_rec.model import check_sampling
@@ -24,13 +24,16 @@ EXAMPLES = """examples:
   mmrec generate --checkpoint runs/x --prompt 'def ' --max-new-tokens 200 --seed 0
   mmrec generate --checkpoint runs/x --prompt 'ROMEO:' --stop '\\n\\n' --temperature 0
   mmrec generate --checkpoint runs/x --prompts-file prompts.txt --batch-size 16 --stop '\\n' --temperature 0
+  mmrec generate --checkpoint runs/x --prompt 'def ' --quantize int4 --group-size 64
 
 With --prompt the continuation streams to stdout as it is generated. With --prompts-file (one prompt
 per line; an empty line is the empty prompt) the prompts are generated --batch-size at a time (rows of
 different lengths together: no padding enters a row's state) and each prompt's result is printed, in
 the file's order, as one JSON line {"prompt": ..., "completion": ..., "finish": "stop" | "length"}.
 A row ends at its first --stop string (cut before it) or after --max-new-tokens. On a CUDA device the
-model runs in --precision's dtype and each token is one replay of a captured CUDA graph."""
+model runs in --precision's dtype and each token is one replay of a captured CUDA graph. --quantize
+stores the linear layers' weights in 8 or 4 bits (torchao, weight-only: mm_rec/quantization.py); a
+checkpoint saved quantized loads quantized without it."""
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -51,6 +54,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="dtype; auto: bf16 on CUDA (the weights cast, no autocast), fp32 on CPU")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    add_quantize_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -97,7 +101,10 @@ def run(args: argparse.Namespace) -> int:
     encode_prompts(tokenizer, prompts or [args.prompt or ""], model.config.vocab_size)  # before any output
     precision = resolve_precision(args.precision, device)
     autocast = None
-    if device.type == "cuda" and precision in DTYPES:
+    quantization = quantize_for_inference(model, args, device)  # weights cast to --precision's dtype, then quantized
+    if quantization:
+        print(f"weights: {quantization.describe()}", file=sys.stderr)
+    elif device.type == "cuda" and precision in DTYPES:
         model.to(DTYPES[precision])  # CUDA graphs replay fixed kernels: the weights cast once, not per step
     else:
         autocast = autocast_for(precision, device)

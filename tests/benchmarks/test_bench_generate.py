@@ -32,15 +32,30 @@ def test_the_script_runs_every_mmrec_method_on_the_cpu(prefill, tmp_path, capsys
     assert (tmp_path / "out.json").stat().st_size > 0
 
 
+def test_quantized_weights_are_rows_of_their_own():
+    """--quantize none,int8,int4: the same methods once per weight format; the quantized weights take fewer
+    bytes than bf16, so their bandwidth floor is lower (the floor is bytes over the copy bandwidth of the run;
+    on the CPU the tiny preset's int4 keeps its input projections in bf16, so it is not below int8)."""
+    pytest.importorskip("torchao")
+    results = bench_generate.main(["--device", "cpu", "--presets", "tiny", "--batches", "2", "--prompts", "9",
+                                   "--new-tokens", "4", "--skip", "1", "--methods", "mmrec-step",
+                                   "--quantize", "none,int8,int4", "--group-size", "32"])
+    assert [r["weights"] for r in results] == ["none", "int8", "int4"]
+    assert all("error" not in r and r["ms_per_token"] > 0 for r in results), results
+    assert results[0]["floor_ms"] > max(results[1]["floor_ms"], results[2]["floor_ms"])
+    with pytest.raises(SystemExit, match="--quantize: unknown"):
+        bench_generate.main(["--device", "cpu", "--quantize", "int2"])
+
+
 def test_the_llama_baseline_runs_where_transformers_is_installed(capsys):
     pytest.importorskip("transformers")
     results = bench_generate.main(["--device", "cpu", "--presets", "tiny", "--batches", "2", "--prompts", "9",
                                    "--new-tokens", "4", "--skip", "1", "--methods", "hf-llama"])
     assert len(results) == 1 and "error" not in results[0], results
-    assert "| tiny | hf-llama | 2 | 9 |" in capsys.readouterr().out
+    assert "| tiny | hf-llama | none | 2 | 9 |" in capsys.readouterr().out
 
 
 def test_failures_are_rows_of_the_table():
-    row = dict(preset="7b", method="hf-llama", batch=64, prompt=131072, ctx_mib_per_row=1.0, floor_ms=2.0,
-               error="OOM", prefill_gib=None)
-    assert "| 7b | hf-llama | 64 | 131072 | OOM |" in bench_generate.markdown([row])
+    row = dict(preset="7b", method="hf-llama", weights="int4", batch=64, prompt=131072, ctx_mib_per_row=1.0,
+               floor_ms=2.0, error="OOM", prefill_gib=None)
+    assert "| 7b | hf-llama | int4 | 64 | 131072 | OOM |" in bench_generate.markdown([row])
