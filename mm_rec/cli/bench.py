@@ -33,16 +33,19 @@ from mm_rec.config import LEGACY_V1
 from mm_rec.loading import build_model
 
 
-def time_steps(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> float:
-    """Median seconds of one forward+backward."""
-    times = []
+def time_steps(models: list[torch.nn.Module], ids: torch.Tensor, steps: int) -> list[float]:
+    """Median seconds of one forward+backward of each model. The models take turns, one step each
+    per round (after two warm-up rounds), so a machine whose speed drifts (a shared or throttled
+    CPU) slows them alike and their ratios hold."""
+    times: list[list[float]] = [[] for _ in models]
     for i in range(steps + 2):
-        start = time.perf_counter()
-        model(ids, labels=ids).loss.backward()
-        if i >= 2:  # two warm-up steps
-            times.append(time.perf_counter() - start)
-        model.zero_grad(set_to_none=True)
-    return statistics.median(times)
+        for model, own in zip(models, times):
+            start = time.perf_counter()
+            model(ids, labels=ids).loss.backward()
+            if i >= 2:
+                own.append(time.perf_counter() - start)
+            model.zero_grad(set_to_none=True)
+    return [statistics.median(own) for own in times]
 
 
 def profile_shares(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, float]:
@@ -67,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps of each model, taken in turns (median reported)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--config", help="recipe whose model section to use (default: the tiny preset)")
     args = parser.parse_args(argv)
@@ -90,10 +93,9 @@ def main(argv: list[str] | None = None) -> None:
           f"torch {torch.__version__}, {args.threads} threads, batch {args.batch} x {args.seq} tokens\n")
     print("| model | params | fwd+bwd ms | tokens/s | speed vs exact MM-Rec | recurrence share | scan share |")
     print("|---|---|---|---|---|---|---|")
-    reference = None
-    for name, model in variants:
-        seconds = time_steps(model, ids, args.steps)
-        reference = reference or seconds
+    all_seconds = time_steps([model for _, model in variants], ids, args.steps)
+    reference = all_seconds[0]
+    for (name, model), seconds in zip(variants, all_seconds):
         shares = profile_shares(model, ids) if isinstance(model, MMRecModel) else None
         n_params = sum(p.numel() for p in model.parameters())
         rec = f"{shares['recurrence']:.0%}" if shares else "-"

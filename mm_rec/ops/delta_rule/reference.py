@@ -90,17 +90,19 @@ def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_al
     decay = torch.exp(diff.masked_fill(~causal, float("-inf")))  # e^{g_t - g_i} for i <= t, else 0
     A = (beta[..., :, None] * decay * (k @ k.transpose(-1, -2))).tril(-1)
     eye = torch.eye(L, dtype=q.dtype, device=q.device)
-    # T_beta = (I + A)^{-1} diag(beta): one unit lower-triangular solve per chunk
-    T_beta = torch.linalg.solve_triangular(eye + A, torch.diag_embed(beta), upper=False, unitriangular=True)
-    W = T_beta @ (torch.exp(g)[..., None] * k)  # [N, n, L, mk]: U = U_v - W S_0^T
-    U_v = T_beta @ v  # [N, n, L, mv]
+    # [W | U_v] = (I + A)^{-1} diag(beta) [e^g K | V]: one unit lower-triangular solve per chunk,
+    # straight onto both right-hand sides (no inverse formed); U = U_v - W S_0^T
+    exp_g = torch.exp(g)[..., None]
+    rhs = beta[..., None] * torch.cat([exp_g * k, v], dim=-1)  # [N, n, L, mk + mv]
+    solved = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
     attend = decay * (q @ k.transpose(-1, -2))  # [N, n, L, L] intra-chunk scores
-    q_decayed = torch.exp(g)[..., None] * q
+    # the rows that multiply S_0^T: W's (the corrections) above q's (the outputs), one matmul per chunk
+    by_state = torch.cat([solved[..., :mk], exp_g * q], dim=2)  # [N, n, 2L, mk]
     k_to_end = torch.exp(g[..., -1:] - g)[..., None] * k  # e^{g_L - g_i} k_i
     chunk_decay = torch.exp(g[..., -1])  # [N, n]
 
     low = matmul_dtype or q.dtype
-    outputs, S = _through_chunks(U_v.to(low), W.to(low), q_decayed.to(low), attend.to(low), k_to_end.to(low),
+    outputs, S = _through_chunks(solved[..., mk:].to(low), by_state.to(low), attend.to(low), k_to_end.to(low),
                                  chunk_decay, initial_state.to(q.dtype))
     o = outputs.reshape(N, n * L, mv)[:, :T]
     return o, S
@@ -112,12 +114,18 @@ def _cumsum_last(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.compiler.disable  # a loop of small matmuls: compiling it unrolls n steps (minutes at 32K tokens)
-def _through_chunks(U_v, W, q_decayed, attend, k_to_end, chunk_decay, S):
-    """The sequential part: pass the state S [N, mv, mk] through the n chunks; outputs [N, n, L, mv]."""
+def _through_chunks(U_v, by_state, attend, k_to_end, chunk_decay, S):
+    """The sequential part: pass the state S [N, mv, mk] through the n chunks; outputs [N, n, L, mv].
+    by_state [N, n, 2L, mk] holds W (rows :L) and the decayed queries (rows L:), which both multiply
+    S^T. The inputs are split into chunks once (unbind): indexing chunk c of each in the loop would
+    make autograd fill a zero tensor of the whole input per chunk in the backward (O(n^2) traffic)."""
     outputs = []
-    for c in range(U_v.shape[1]):
-        S_t = S.transpose(-1, -2).to(U_v.dtype)  # the operands in the matmul dtype, S kept as it is
-        U = U_v[:, c] - W[:, c] @ S_t  # [N, L, mv]: the corrections given S
-        outputs.append(q_decayed[:, c] @ S_t + attend[:, c] @ U)
-        S = chunk_decay[:, c, None, None] * S + (U.transpose(-1, -2) @ k_to_end[:, c]).to(S.dtype)
+    L = U_v.shape[2]
+    chunks = zip(U_v.unbind(1), by_state.unbind(1), attend.unbind(1), k_to_end.unbind(1),
+                 chunk_decay[..., None, None].unbind(1))
+    for U_v_c, by_state_c, attend_c, k_c, decay_c in chunks:
+        W_S, q_S = (by_state_c @ S.transpose(-1, -2).to(U_v.dtype)).split(L, dim=1)  # operands in the matmul dtype
+        U = U_v_c - W_S  # [N, L, mv]: the corrections given S
+        outputs.append(q_S + attend_c @ U)
+        S = decay_c * S + (U.transpose(-1, -2) @ k_c).to(S.dtype)
     return torch.stack(outputs, dim=1).to(S.dtype), S
