@@ -9,12 +9,15 @@
 #   OUT=/tmp/h200 LR=0.001 bash scripts/h200_session.sh ablations   # MQAR (Zoology) with memory pieces off
 #   OUT=/tmp/h200 PASSKEY_ABLATIONS="retention=age level2=mean" bash scripts/h200_session.sh passkey
 #   OUT=/tmp/h200 bash scripts/h200_session.sh widths     # MQAR (Zoology) at widths 64 and 256
+#   OUT=/tmp/h200 bash scripts/h200_session.sh decode     # alone: decode GPU tests, then bench_generate
+#                                                       # (bf16/int8/int4; carry torchao's wheel in .whl,
+#                                                       # device README: pip install --target, PYTHONPATH)
 #
 # Runs share the GPU (small models leave it mostly idle), so steps, not wall time, compare them.
 # Each run is stopped by a time budget (it then evaluates and writes its results); the results
 # come back in $OUT: logs and runs.tgz (every run's JSON and log; no weights).
 set -u
-PHASE=${1:?usage: h200_session.sh recall|lm|ablations|passkey|widths}
+PHASE=${1:?usage: h200_session.sh recall|lm|ablations|passkey|widths|decode}
 OUT=${OUT:-runs/h200-out}
 RUNS=runs/h200
 mkdir -p "$OUT" "$RUNS"
@@ -132,6 +135,18 @@ widths)
         zoology "mmrec_w${width}_lr2.2e-3" "mmrec_w${width}" 0.0022 $BUDGET
         zoology "transformer_w${width}_lr2.2e-3" "transformer_w${width}" 0.0022 $BUDGET
     done
+    finish
+    ;;
+decode)
+    # Alone on the GPU (timings): the decode and quantization GPU tests, then ms per token at batch
+    # 1/8/64 x prompt 2K/32K(/128K) for the 1b preset (and 7b at batch 1/8), bf16/int8/int4, beside
+    # the Hugging Face Llama of the same sizes (static cache + torch.compile) and the copy floor
+    { python3 -m pytest -q -m gpu tests/test_decode_gpu.py; python3 -m pytest -q tests/test_quantization.py; } \
+        > "$OUT/decode_tests.txt" 2>&1
+    timeout 240 python3 benchmarks/bench_generate.py --presets 1b --batches 1,8,64 --prompts ${PROMPTS:-2,32} \
+        --quantize none,int8,int4 --json "$RUNS/generate_1b.json" > "$OUT/generate_1b.txt" 2>&1
+    timeout $((560 - SECONDS)) python3 benchmarks/bench_generate.py --presets 7b --batches 1,8 --prompts 2,32 \
+        --quantize none,int8 --json "$RUNS/generate_7b.json" > "$OUT/generate_7b.txt" 2>&1
     finish
     ;;
 *)
