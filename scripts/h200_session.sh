@@ -143,9 +143,9 @@ decode)
     # the Hugging Face Llama of the same sizes (static cache + torch.compile) and the copy floor
     { python3 -m pytest -q -m gpu tests/test_decode_gpu.py; python3 -m pytest -q tests/test_quantization.py; } \
         > "$OUT/decode_tests.txt" 2>&1
-    timeout 240 python3 benchmarks/bench_generate.py --presets 1b --batches 1,8,64 --prompts ${PROMPTS:-2,32} \
+    timeout 240 python3 benchmarks/bench_generate.py --presets 1b --batches 1,8,64 --prompts ${PROMPTS:-2K,32K} \
         --quantize none,int8,int4 --json "$RUNS/generate_1b.json" > "$OUT/generate_1b.txt" 2>&1
-    timeout $((560 - SECONDS)) python3 benchmarks/bench_generate.py --presets 7b --batches 1,8 --prompts 2,32 \
+    timeout $((560 - SECONDS)) python3 benchmarks/bench_generate.py --presets 7b --batches 1,8 --prompts 2K,32K \
         --quantize none,int8 --json "$RUNS/generate_7b.json" > "$OUT/generate_7b.txt" 2>&1
     finish
     ;;
