@@ -16,10 +16,11 @@ import torch
 
 
 def recurrence_step(h: torch.Tensor, z: torch.Tensor, gamma: torch.Tensor, W_g: torch.Tensor,
-                    b_g: torch.Tensor) -> torch.Tensor:
-    """One step, head-major: h, z, gamma [H, B, d]; W_g [H, d, d]; b_g [H, 1, d] (one dtype) -> h_t [H, B, d]."""
+                    b_g: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One step, head-major: h, z, gamma [H, B, d]; W_g [H, d, d]; b_g [H, 1, d] (one dtype) -> h_t [H, B, d],
+    written into `out` when given (no autograd through it)."""
     gate = torch.sigmoid(torch.baddbmm(b_g, h, W_g))
-    return torch.addcmul(gamma * h, z, gate)
+    return torch.addcmul(gamma * h, z, gate, out=out)
 
 
 class MMRecRecurrence(torch.autograd.Function):
@@ -38,9 +39,8 @@ class MMRecRecurrence(torch.autograd.Function):
         gamma = torch.exp(log_gamma)
         states = torch.empty_like(z)
         h = h0
-        for t in range(z.shape[0]):
-            h = recurrence_step(h, z[t], gamma[t], W_g, b_g)
-            states[t] = h
+        for t in range(z.shape[0]):  # each state written in place into `states`: no copy per step
+            h = recurrence_step(h, z[t], gamma[t], W_g, b_g, out=states[t])
         ctx.save_for_backward(z, log_gamma, W_g, b_g, h0, states)
         return states
 
@@ -57,8 +57,7 @@ class MMRecRecurrence(torch.autograd.Function):
         g_all = torch.empty_like(z)
         carry = torch.zeros_like(h0)
         for t in range(T - 1, -1, -1):
-            g = d_states[t] + carry
-            g_all[t] = g
+            g = torch.add(d_states[t], carry, out=g_all[t])
             carry = torch.baddbmm(gamma[t] * g, g * dp_coef[t], W_t)
         dp = g_all * dp_coef
         d_z = g_all * s
