@@ -20,18 +20,17 @@ import torch
 
 from mm_rec.config import MMRecConfig
 from mm_rec.core.hds import from_decode_layout, to_decode_layout
-from mm_rec.core.memory_state import LayerState, MemoryState
+from mm_rec.core.memory_state import LayerState, LayerStates, MemoryState
 
 
-class DecodeState:
+class DecodeState(LayerStates):
     """Per-layer `LayerState`s in the decode layout plus the stream position of every row [B] (int64).
 
     `MMRecModel.step` updates every tensor in place (their storage never changes), so a CUDA graph
     captured on one step replays on the next."""
 
     def __init__(self, layers: list[LayerState], position: torch.Tensor, config: MMRecConfig):
-        self.layers = list(layers)
-        self.position = position
+        super().__init__(layers, position)
         self.config = config
 
     @classmethod
@@ -61,14 +60,6 @@ class DecodeState:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """`MemoryState.state_dict` of the documented layout (a copy)."""
         return self.to_memory_state().state_dict()
-
-    @property
-    def batch_size(self) -> int:
-        return self.position.shape[0]
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers)
 
     def __repr__(self) -> str:
         return f"DecodeState(layers={self.num_layers}, position={self.position.tolist()})"

@@ -98,12 +98,25 @@ class LayerState:
 MemoryBank = LayerState  # the seeds' name, kept public: one layer's state (all K banks)
 
 
-class MemoryState:
-    """Per-layer `LayerState`s plus the stream position of every batch row."""
+class LayerStates:
+    """Per-layer `LayerState`s plus the stream position of every batch row [B] (int64): what the
+    documented layout (`MemoryState`) and the decode layout (`DecodeState`) share."""
 
     def __init__(self, layers: list[LayerState], position: torch.Tensor):
         self.layers = list(layers)
         self.position = position
+
+    @property
+    def batch_size(self) -> int:
+        return self.position.shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+
+class MemoryState(LayerStates):
+    """Per-layer `LayerState`s plus the stream position of every batch row."""
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -115,14 +128,6 @@ class MemoryState:
     def banks(self) -> list[LayerState]:
         """The layers' states under their earlier name."""
         return self.layers
-
-    @property
-    def batch_size(self) -> int:
-        return self.position.shape[0]
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers)
 
     # ------------------------------------------------------------------ transforms
     def map(self, fn) -> MemoryState:
