@@ -60,7 +60,7 @@ from mm_rec.core.memory_state import MemoryState
 from mm_rec.distributed import init_model_on_device
 from mm_rec.loading import build_model
 from mm_rec.quantization import DEFAULT_GROUP_SIZE, MODES, parameter_bytes, quantize_model
-from mm_rec.utils.profiling import peak_memory, reset_peak_memory, time_fn
+from mm_rec.utils.profiling import peak_memory, print_report, reset_peak_memory, time_fn
 
 METHODS = ("mmrec-step", "mmrec-forward", "hf-llama")
 WEIGHTS = ("none",) + MODES  # --quantize: bf16 weights, or int8 / int4 weight-only
@@ -355,11 +355,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"copy bandwidth {bandwidth / 1e12:.3f} TB/s; new tokens {args.new_tokens} "
               f"(first {args.skip} not timed); prefill {args.prefill}; compile {args.compile}\n"
               f"Command: python {' '.join(sys.argv)}\n")
-    print("\n" + header)
-    print(markdown(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"header": header, "results": results}, f, indent=2)
+    print_report(header, markdown(results), results, args.json)
     return results
 
 

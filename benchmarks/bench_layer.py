@@ -43,7 +43,7 @@ from mm_rec.baselines.transformer import rope_tables
 from mm_rec.core.memory_state import MemoryState
 from mm_rec.distributed import init_model_on_device
 from mm_rec.loading import build_model
-from mm_rec.utils.profiling import count_flops, peak_memory, reset_peak_memory, time_fn
+from mm_rec.utils.profiling import count_flops, peak_memory, print_report, reset_peak_memory, time_fn
 
 LAYERS = {"mmrec": "MM-Rec layer", "transformer": "Transformer layer"}  # model_type -> label
 SDPA_BACKENDS = {
@@ -231,11 +231,7 @@ def main() -> None:
               f"K={config.num_memories}, m={config.mem_dim}, S={config.memory_size_M}, C={config.chunk_size}); "
               f"bf16; sdpa={args.sdpa}; compile={args.compile}\n"
               f"Command: python {' '.join(sys.argv)}\n")
-    print("\n" + header)
-    print(markdown(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"header": header, "results": results}, f, indent=2)
+    print_report(header, markdown(results), results, args.json)
 
 
 if __name__ == "__main__":

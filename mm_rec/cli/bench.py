@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps of each model, taken in turns (median reported)")
+    parser.add_argument("--steps", type=int, default=10,
+                        help="timed steps of each model, taken in turns (median reported)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--config", help="recipe whose model section to use (default: the tiny preset)")
     args = parser.parse_args(argv)

@@ -21,6 +21,7 @@ MFU, model FLOPs utilisation, as the benchmarks report it:
 from __future__ import annotations
 
 import functools
+import json
 import resource
 import statistics
 import time
@@ -275,3 +276,13 @@ def peak_memory(device: torch.device | str) -> PeakMemory:
                           torch.cuda.max_memory_reserved(device) / 2**30)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     return PeakMemory(rss, rss)
+
+
+def print_report(header: str, table: str, results: Any, json_path: str | None = None) -> None:
+    """A benchmark's report: its header (device, date, command) and markdown table on stdout, and with
+    `json_path` the header and the raw results as JSON."""
+    print("\n" + header)
+    print(table)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"header": header, "results": results}, f, indent=2)
