@@ -5,6 +5,7 @@ work independent of the position and free of host syncs; prompts of different le
 
 import pytest
 import torch
+from random_models import randomize_constant_parameters
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mm_rec import MMRecConfig, MMRecModel
@@ -30,14 +31,7 @@ VARIANTS = {  # every switch flipped at least once
 
 
 def small_model(dtype=torch.float64, keep_init=False, **overrides) -> MMRecModel:
-    model = MMRecModel(MMRecConfig(**{**BASE, **overrides})).to(dtype)
-    with torch.no_grad():  # parameters that start at constants get random values, so every path is exercised
-        for name, p in model.named_parameters():
-            if keep_init and "importance" in name:
-                continue
-            if any(key in name for key in ("write_query", "importance", "null_logit", "level_logits")):
-                p.copy_(torch.randn_like(p))
-    return model
+    return randomize_constant_parameters(MMRecModel(MMRecConfig(**{**BASE, **overrides})).to(dtype), keep_init)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

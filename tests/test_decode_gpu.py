@@ -4,8 +4,9 @@ with and without the graph; rows of different lengths generate as each alone."""
 
 import pytest
 import torch
+from random_models import gpu_small_model
 
-from mm_rec import MMRecConfig, MMRecModel
+from mm_rec import MMRecModel
 from mm_rec.core.decode_state import DecodeState
 from mm_rec.decoding import StepRunner
 
@@ -18,15 +19,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def small_model(**overrides) -> MMRecModel:
-    cfg = MMRecConfig(**{**dict(vocab_size=97, hidden_dim=64, num_layers=2, num_heads=2, ffn_dim=96, num_memories=2,
-                                mem_dim=32, memory_size_M=6, chunk_size=8, decay_rank=8), **overrides})
-    torch.manual_seed(0)
-    model = MMRecModel(cfg)
-    with torch.no_grad():  # parameters that start at constants get random values, so every path is exercised
-        for name, p in model.named_parameters():
-            if any(key in name for key in ("write_query", "importance", "null_logit", "level_logits")):
-                p.copy_(torch.randn_like(p))
-    return model.cuda().eval()
+    return gpu_small_model(**overrides).cuda().eval()
 
 
 @pytest.mark.parametrize("compile", [False, True])

@@ -7,8 +7,9 @@ to fp32 rounding, and in bf16 (autocast, as in training) within bf16 tolerance.
 
 import pytest
 import torch
+from random_models import gpu_small_model
 
-from mm_rec import MMRecConfig, MMRecModel
+from mm_rec import MMRecModel
 from mm_rec.ops.delta_rule import gated_delta_rule
 
 pytestmark = pytest.mark.gpu
@@ -45,16 +46,7 @@ def test_delta_rule_on_gpu_matches_the_float64_loop(T, dtype, tol):
 
 
 def small_model(**overrides) -> MMRecModel:
-    cfg = MMRecConfig(**{**dict(vocab_size=97, hidden_dim=64, num_layers=2, num_heads=2, ffn_dim=96,
-                                num_memories=2, mem_dim=32, memory_size_M=6, chunk_size=8, decay_rank=8),
-                         **overrides})
-    torch.manual_seed(0)
-    model = MMRecModel(cfg)
-    with torch.no_grad():  # parameters that start at constants get random values, so every path is exercised
-        for name, p in model.named_parameters():
-            if any(key in name for key in ("write_query", "importance", "null_logit", "level_logits")):
-                p.copy_(torch.randn_like(p))
-    return model
+    return gpu_small_model(**overrides)
 
 
 @pytest.mark.parametrize("overrides", [dict(), dict(slots_per_block=2, memory_size_M=8, recent_slots=4)])

@@ -13,29 +13,10 @@ pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.api.registry import get_model, model_registry  # noqa: E402
 
-from mm_rec import MMRecConfig, MMRecModel  # noqa: E402
-from mm_rec.data.tokenizers import ByteTokenizer  # noqa: E402
+from mm_rec import MMRecModel  # noqa: E402
 from mm_rec.integrations.lm_eval import MMRecLM  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "lm_eval"
-CONFIG = MMRecConfig(vocab_size=256, hidden_dim=16, num_layers=2, num_heads=2, ffn_dim=24, num_memories=2, mem_dim=4,
-                     memory_size_M=4, chunk_size=4)
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-
-
-@pytest.fixture
-def saved(tmp_path):
-    torch.manual_seed(3)
-    model = MMRecModel(CONFIG).eval()
-    folder = tmp_path / "model"
-    model.save_pretrained(folder)
-    ByteTokenizer().save(folder)
-    return model, folder
 
 
 def reference(model: MMRecModel, context: bytes, continuation: bytes) -> tuple[float, bool]:

@@ -8,27 +8,12 @@ import torch
 
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
+from jax_helpers import enable_x64, rel_err  # noqa: E402
 
 from mm_rec.core.recurrence import mmrec_recurrence as torch_recurrence  # noqa: E402
 from mm_rec.jax import mmrec_recurrence  # noqa: E402
 
 NAMES = ["d z", "d log_gamma", "d W_g", "d b_g", "d h0"]
-
-
-def enable_x64():
-    """Context manager turning jax's float64 on (jax.enable_x64 from jax 0.5, jax.experimental's before)."""
-    if hasattr(jax, "enable_x64"):
-        return jax.enable_x64(True)
-    from jax.experimental import enable_x64 as experimental_enable_x64
-
-    return experimental_enable_x64()
-
-
-def rel_err(x, ref) -> float:
-    """||x - ref|| / ||ref|| in float64; x a JAX array of any float dtype, ref a torch tensor."""
-    x = np.asarray(x).astype(np.float64)
-    ref = ref.detach().double().numpy()
-    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
 def random_inputs(B, T, H, d):
