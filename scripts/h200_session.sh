@@ -138,10 +138,11 @@ widths)
     finish
     ;;
 decode)
-    # Alone on the GPU (timings): the decode and quantization GPU tests, then ms per token at batch
+    # Alone on the GPU (timings): the decode, memory and quantization tests on the GPU, then ms per token at batch
     # 1/8/64 x prompt 2K/32K(/128K) for the 1b preset (and 7b at batch 1/8), bf16/int8/int4, beside
     # the Hugging Face Llama of the same sizes (static cache + torch.compile) and the copy floor
-    { python3 -m pytest -q -m gpu tests/test_decode_gpu.py; python3 -m pytest -q tests/test_quantization.py; } \
+    { python3 -m pytest -q -m gpu tests/test_decode_gpu.py tests/core/test_memory_gpu.py
+      python3 -m pytest -q tests/test_quantization.py; } \
         > "$OUT/decode_tests.txt" 2>&1
     timeout 240 python3 benchmarks/bench_generate.py --presets 1b --batches 1,8,64 --prompts ${PROMPTS:-2K,32K} \
         --quantize none,int8,int4 --json "$RUNS/generate_1b.json" > "$OUT/generate_1b.txt" 2>&1
