@@ -1,10 +1,13 @@
-"""GPU benchmark of the associative scan h_t = exp(log_a_t) * h_{t-1} + b_t (Triton kernels).
+"""GPU benchmark of the associative scan h_t = exp(log_a_t) * h_{t-1} + b_t (Triton and CUDA kernels).
 
-Times, in one run, per shape [B, T, D] (b bf16, h_0 fp32; log_a fp32 as the model hands it
-over, and bf16), forward and forward+backward:
+Times, in one run, per shape [B, T, D] (b bf16 or --b-dtype fp32, h_0 fp32; log_a fp32 as the
+model hands it over, and bf16), forward and forward+backward:
   * the Triton scan through autograd as eager code calls it (`mm_rec.ops.scan.triton_kernels`),
     through the registered operator `mm_rec::scan_fwd` (what torch.compile graphs call), and the
     raw kernel launches without autograd, with the host time each forward+backward takes to issue;
+  * the public call `associative_scan_exponential` with backend "triton" (it casts and clamps
+    log_a before the kernels) and backend "cuda" (mm_rec/cuda/scan_kernel.cu: clamps and casts
+    inside), and the CUDA kernels alone (the extension's functions, no autograd);
   * a device-to-device copy moving the same bytes as the forward (log_a + b read, h written),
     the bandwidth ceiling the forward is measured against;
   * the PyTorch backend (`backend="torch"`).
@@ -14,6 +17,7 @@ date. `--variants` also times the raw kernels under several launch configuration
 counts along T, each checked against the default configuration's outputs.
 
     python benchmarks/bench_scan.py [--shapes 8x2048x4096,1x32768x4096,4x8192x2048] [--variants]
+                                    [--backends triton,cuda,torch] [--b-dtype bf16|fp32]
 """
 
 from __future__ import annotations
@@ -71,11 +75,12 @@ def precompile(jobs: list[tuple]) -> None:
                   f"{time.perf_counter() - start:.0f} s", flush=True)
 
 
-def make_inputs(B: int, T: int, D: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """log_a fp32 in [-2, 0], b bf16, h_0 fp32 (random: zeros could run faster than real data)."""
+def make_inputs(B: int, T: int, D: int, b_dtype: torch.dtype = torch.bfloat16
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log_a fp32 in [-2, 0], b (bf16), h_0 fp32 (random: zeros could run faster than real data)."""
     torch.manual_seed(0)
     log_a = -torch.rand(B, T, D, device="cuda") * 2
-    return log_a, torch.randn(B, T, D, device="cuda").bfloat16(), torch.randn(B, D, device="cuda")
+    return log_a, torch.randn(B, T, D, device="cuda").to(b_dtype), torch.randn(B, D, device="cuda")
 
 
 def time_ms(fn, leaves=()) -> float:
@@ -133,6 +138,60 @@ def time_kernels(log_a, b, h0) -> tuple[float, float, float]:
     return time_ms(lambda: st.launch_fwd(log_a, b, h0)), time_ms(step), host_ms(step)
 
 
+def time_cuda_kernels(log_a, b, h0) -> tuple[float, float, float]:
+    """time_scan's numbers for the CUDA extension's functions, without autograd."""
+    from mm_rec.cuda import load_extension
+
+    ext = load_extension()
+    dh, d_final = torch.randn_like(b), torch.randn_like(h0)
+
+    def step():
+        h, _ = ext.scan_fwd(log_a, b, h0, -50.0, 0.0)
+        ext.scan_bwd(dh, d_final, log_a, h, h0, -50.0, 0.0)
+
+    return time_ms(lambda: ext.scan_fwd(log_a, b, h0, -50.0, 0.0)), time_ms(step), host_ms(step)
+
+
+def measure_cuda_variant(ext, default, B: int, T: int, D: int, b_dtype: torch.dtype) -> tuple:
+    """(fwd ms, fwd GB/s, fwd % of copy, bwd ms, bwd GB/s, rel. diff from the default build)."""
+    log_a, b, h0 = make_inputs(B, T, D, b_dtype)
+    dh, d_final = torch.randn_like(b), torch.randn_like(h0)
+    h_ref, _ = default.scan_fwd(log_a, b, h0, -50.0, 0.0)
+    h, _ = ext.scan_fwd(log_a, b, h0, -50.0, 0.0)
+    g_ref = default.scan_bwd(dh, d_final, log_a, h_ref, h0, -50.0, 0.0)
+    g = ext.scan_bwd(dh, d_final, log_a, h_ref, h0, -50.0, 0.0)
+    err = max([rel_err(h, h_ref)] + [rel_err(x, y) for x, y in zip(g, g_ref)])
+    fwd_bytes, bwd_bytes = nbytes(log_a, b, h), nbytes(dh, log_a, h, b, log_a)
+    fwd = time_ms(lambda: ext.scan_fwd(log_a, b, h0, -50.0, 0.0))
+    bwd = time_ms(lambda: ext.scan_bwd(dh, d_final, log_a, h_ref, h0, -50.0, 0.0))
+    copy = copy_ms(fwd_bytes)
+    return fwd, fwd_bytes / fwd / 1e9, 100 * copy / fwd, bwd, bwd_bytes / bwd / 1e9, err
+
+
+def time_cuda_variants(shapes, b_dtype: torch.dtype, spec: str) -> None:
+    """Raw CUDA forward and backward per launch shape (a build each), as a Markdown table."""
+    from mm_rec.cuda import build, load_extension
+
+    default = load_extension()
+    rows = []
+    for variant in spec.split(","):
+        warps, steps, min_blocks = (int(v) for v in variant.split("x"))
+        start = time.perf_counter()
+        ext = build(f"mm_rec_cuda_w{warps}s{steps}m{min_blocks}", {"MMREC_SCAN_WARPS": warps, "MMREC_SCAN_STEPS": steps,
+                                                                  "MMREC_SCAN_MIN_BLOCKS": min_blocks})
+        print(f"variant {variant} built in {time.perf_counter() - start:.1f} s", flush=True)
+        for B, T, D in shapes:
+            rows.append((variant, f"[{B}, {T}, {D}]", *measure_cuda_variant(ext, default, B, T, D, b_dtype)))
+            print("measured:", *rows[-1], flush=True)
+            torch.cuda.empty_cache()
+    print("\n| CUDA launch shape (warps x steps x min blocks) | shape | fwd ms | fwd TB/s | fwd % copy | bwd ms "
+          "| bwd TB/s | rel. diff from default |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for variant, shape, fwd, fwd_tbs, pct, bwd, bwd_tbs, err in rows:
+        print(f"| {variant} | {shape} | {fwd:.3f} | {fwd_tbs:.2f} | {pct:.0f}% | {bwd:.3f} | {bwd_tbs:.2f} "
+              f"| {err:.1e} |")
+
+
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
 
@@ -176,9 +235,23 @@ def main() -> None:
     parser.add_argument("--shapes", default="8x2048x4096,1x32768x4096,4x8192x2048", help="comma-separated BxTxD")
     parser.add_argument("--variants", action="store_true", help="also time the raw kernels per launch config")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch backend")
+    parser.add_argument("--backends", default="triton,cuda,torch", help="comma-separated subset of triton,cuda,torch")
+    parser.add_argument("--cuda-variants", default="",
+                        help="also build and time the CUDA kernels at these launch shapes, WARPSxSTEPSxMINBLOCKS "
+                             "comma-separated (e.g. 8x8x1,8x4x2,4x8x2), each checked against the default build")
+    parser.add_argument("--b-dtype", choices=["bf16", "fp32"], default="bf16", help="dtype of b and h")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
+    backends = {name.strip() for name in args.backends.split(",")}
+    b_dtype = torch.bfloat16 if args.b_dtype == "bf16" else torch.float32
+    if "cuda" in backends:
+        from mm_rec.cuda import load_extension
+
+        start = time.perf_counter()
+        if load_extension() is None:
+            raise SystemExit("the CUDA kernels could not be built here (see the notice above)")
+        print(f"CUDA extension ready in {time.perf_counter() - start:.1f} s (a build on first use, else the cache)")
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     jobs = set()
     for B, T, D in shapes:
@@ -191,26 +264,40 @@ def main() -> None:
                 jobs |= {(pass_, D, torch.float32, None, min(k, 2)) for k in CHUNK_COUNTS}
     # Longest compiles (most steps unrolled) first.
     jobs = sorted(jobs, key=lambda job: (-dict(job[3] or st._BWD_CONFIG)["U"], str(job)))
-    precompile([(p, D, dt, dict(c) if c else None, n) for p, D, dt, c, n in jobs])
+    if "triton" in backends:
+        precompile([(p, D, dt, dict(c) if c else None, n) for p, D, dt, c, n in jobs])
 
     results = []
     for B, T, D in shapes:
-        log_a, b, h0 = make_inputs(B, T, D)
+        log_a, b, h0 = make_inputs(B, T, D, b_dtype)
         shape = f"[{B}, {T}, {D}]"
         eager, operator = "Triton, eager (autograd.Function)", "Triton, registered operator (autograd)"
-        methods = [(eager, log_a, st.scan_triton),
-                   (operator, log_a, lambda *x: torch.ops.mm_rec.scan_fwd(*x)),
-                   ("Triton kernels alone (no autograd)", log_a, None),
-                   (eager, log_a.bfloat16(), st.scan_triton)]
-        if not args.no_torch:
+        methods = []
+        if "triton" in backends:
+            methods += [(eager, log_a, st.scan_triton),
+                        (operator, log_a, lambda *x: torch.ops.mm_rec.scan_fwd(*x)),
+                        ("Triton kernels alone (no autograd)", log_a, None),
+                        ("Triton, public call (cast + clamp first)", log_a,
+                         lambda *x: associative_scan_exponential(*x, backend="triton")),
+                        (eager, log_a.to(b_dtype), st.scan_triton)]
+        if "cuda" in backends:
+            cuda_call = lambda *x: associative_scan_exponential(*x, backend="cuda")  # noqa: E731
+            methods += [("CUDA kernels alone (no autograd)", log_a, "cuda"),
+                        ("CUDA, public call (autograd)", log_a, cuda_call),
+                        ("CUDA kernels alone (no autograd)", log_a.to(b_dtype), "cuda"),
+                        ("CUDA, public call (autograd)", log_a.to(b_dtype), cuda_call)]
+        if "torch" in backends and not args.no_torch:
             methods.append(("PyTorch backend", log_a, lambda *x: associative_scan_exponential(*x, backend="torch")))
         for name, la, fn in methods:
             fwd_bytes = nbytes(la, b, b)  # h is written in b's dtype
             # backward: dh, log_a, h read; db, d log_a written
             both_bytes = fwd_bytes + nbytes(b, la, b, b, la)
             copy = copy_ms(fwd_bytes)
-            fwd, both, host = time_scan(fn, la, b, h0) if fn else time_kernels(la, b, h0)
-            dtypes = f"log_a {str(la.dtype)[6:]}, b bf16"
+            if fn == "cuda":
+                fwd, both, host = time_cuda_kernels(la, b, h0)
+            else:
+                fwd, both, host = time_scan(fn, la, b, h0) if fn else time_kernels(la, b, h0)
+            dtypes = f"log_a {str(la.dtype)[6:]}, b {args.b_dtype}"
             results.append((name, shape, dtypes, fwd, fwd_bytes / fwd / 1e9, copy, fwd_bytes / copy / 1e9,
                             both, both_bytes / both / 1e9, host))
             print("measured:", *results[-1], flush=True)
@@ -218,7 +305,10 @@ def main() -> None:
         torch.cuda.empty_cache()
     print_results(results)
 
-    if args.variants:
+    if args.cuda_variants:
+        time_cuda_variants(shapes, b_dtype, args.cuda_variants)
+
+    if args.variants and "triton" in backends:
         for B, T, D in shapes:
             log_a, b, h0 = make_inputs(B, T, D)
             variant_rows = [(f"[{B}, {T}, {D}]", *row) for row in time_variants(log_a, b, h0)]
@@ -234,7 +324,7 @@ def print_results(results: list[tuple]) -> None:
     """The Markdown table of the main measurements, with the device and the date."""
     print(f"\nDevice: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}; "
           f"{datetime.date.today().isoformat()}")
-    print("b bf16, h_0 fp32, h written in bf16, state fp32. Median times. TB/s counts log_a + b read and h "
+    print("h_0 fp32, h written in b's dtype, state fp32. Median times. TB/s counts log_a + b read and h "
           "written (forward), plus dh, log_a, h read and db, d log_a written (backward). "
           "% copy = forward TB/s over a device-to-device copy of the forward's bytes in the same run.\n")
     print("| method | shape [B, T, D] | dtypes | forward (ms) | forward TB/s | copy (ms) | copy TB/s | % copy "

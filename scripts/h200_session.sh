@@ -9,22 +9,27 @@
 #   OUT=/tmp/h200 LR=0.001 bash scripts/h200_session.sh ablations   # MQAR (Zoology) with memory pieces off
 #   OUT=/tmp/h200 PASSKEY_ABLATIONS="retention=age level2=mean" bash scripts/h200_session.sh passkey
 #   OUT=/tmp/h200 bash scripts/h200_session.sh widths     # MQAR (Zoology) at widths 64 and 256
-#   OUT=/tmp/h200 bash scripts/h200_session.sh decode     # alone: decode GPU tests, then bench_generate
-#                                                       # (bf16/int8/int4; carry torchao's wheel in .whl,
-#                                                       # device README: pip install --target, PYTHONPATH)
+#   OUT=/tmp/h200 bash scripts/h200_session.sh cuda       # alone: build + test the CUDA scan, bench_scan
+#   OUT=/tmp/h200 bash scripts/h200_session.sh decode     # alone: JAX scan bench, decode GPU tests, MM-Rec's
+#                                                       # bench_generate (bf16/int8/int4; carry torchao's wheel
+#                                                       # in .whl, device README: pip install --target, PYTHONPATH)
+#   OUT=/tmp/h200 bash scripts/h200_session.sh decode_hf  # alone: the Hugging Face Llama beside MM-Rec
+# DEADLINE (default 580): the second of the phase by which every step has stopped.
 #
 # Runs share the GPU (small models leave it mostly idle), so steps, not wall time, compare them.
 # Each run is stopped by a time budget (it then evaluates and writes its results); the results
 # come back in $OUT: logs and runs.tgz (every run's JSON and log; no weights).
 set -u
-PHASE=${1:?usage: h200_session.sh recall|lm|ablations|passkey|widths|decode}
+PHASE=${1:?usage: h200_session.sh recall|lm|ablations|passkey|widths|cuda|decode|decode_hf}
 OUT=${OUT:-runs/h200-out}
 RUNS=runs/h200
 mkdir -p "$OUT" "$RUNS"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 MMREC=${MMREC:-"python3 -m mm_rec"}
 { nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"; date -u; } > "$OUT/env.txt" 2>&1
 SECONDS=0
+DEADLINE=${DEADLINE:-580}
+left() { local t=$((DEADLINE - SECONDS)); echo $(( t < $1 ? (t > 1 ? t : 1) : $1 )); }  # seconds a step may take
 
 zoology_recipes() {  # the recipes of scripts/quality_studies.py mqar-zoology
     python3 scripts/quality_studies.py mqar-zoology --dry-run --out "$RUNS" > "$RUNS/mqar_commands.txt" 2>&1
@@ -137,17 +142,52 @@ widths)
     done
     finish
     ;;
+cuda)
+    # Alone on the GPU (timings): build the CUDA kernels (mm_rec/cuda; build time stated), their GPU
+    # tests, then bench_scan with Triton and CUDA side by side (bf16 and fp32 b) and the CUDA
+    # launch-shape sweep. Each step stops by second $DEADLINE.
+    python3 -c "import time, logging; logging.basicConfig(level=logging.INFO); t = time.time(); \
+import mm_rec.cuda as c; assert c.load_extension() is not None; print(f'first build {time.time() - t:.1f} s')" \
+        > "$OUT/cuda_build.txt" 2>&1
+    timeout $(left 150) python3 -m pytest -q -m gpu tests/ops/scan/test_scan_cuda.py -x -rf > "$OUT/cuda_tests.txt" 2>&1
+    { timeout $(left 120) python3 benchmarks/bench_scan.py --shapes 8x2048x4096,1x32768x4096 --backends triton,cuda \
+          --cuda-variants ${CUDA_VARIANTS:-8x4x2,4x8x2,16x4x1}
+      timeout $(left 60) python3 benchmarks/bench_scan.py --shapes 8x2048x4096,1x32768x4096 --backends triton,cuda \
+          --b-dtype fp32; } > "$OUT/bench_scan.txt" 2>&1
+    finish
+    ;;
 decode)
-    # Alone on the GPU (timings): the decode, memory and quantization tests on the GPU, then ms per token at batch
-    # 1/8/64 x prompt 2K/32K(/128K) for the 1b preset (and 7b at batch 1/8), bf16/int8/int4, beside
-    # the Hugging Face Llama of the same sizes (static cache + torch.compile) and the copy floor
-    { python3 -m pytest -q -m gpu tests/test_decode_gpu.py tests/core/test_memory_gpu.py
-      python3 -m pytest -q tests/test_quantization.py; } \
-        > "$OUT/decode_tests.txt" 2>&1
-    timeout 240 python3 benchmarks/bench_generate.py --presets 1b --batches 1,8,64 --prompts ${PROMPTS:-2K,32K} \
-        --quantize none,int8,int4 --json "$RUNS/generate_1b.json" > "$OUT/generate_1b.txt" 2>&1
-    timeout $((560 - SECONDS)) python3 benchmarks/bench_generate.py --presets 7b --batches 1,8 --prompts 2K,32K \
-        --quantize none,int8 --json "$RUNS/generate_7b.json" > "$OUT/generate_7b.txt" 2>&1
+    # Alone on the GPU (timings): the JAX scan beside Triton, the decode, memory and quantization tests
+    # on the GPU, then ms per token of MM-Rec's step path at batch 1/8/64 x context 2K/32K/128K for
+    # the 1b preset (7b at batch 1/8), bf16/int8/int4, from a full synthetic state (MM-Rec's state
+    # has one size at every position); one forward prefill at 32K as the check of that.
+    G="python3 benchmarks/bench_generate.py --new-tokens 64"
+    timeout $(left 90) python3 benchmarks/bench_jax_scan.py --shapes 8x2048x4096,1x32768x4096 \
+        > "$OUT/jax_scan.txt" 2>&1
+    { timeout $(left 150) python3 -m pytest -q -m gpu tests/test_decode_gpu.py tests/core/test_memory_gpu.py
+      timeout $(left 60) python3 -m pytest -q tests/test_quantization.py; } > "$OUT/decode_tests.txt" 2>&1
+    { timeout $(left 150) $G --presets 1b --batches 1,8,64 --prompts 2K,32K,128K --prefill synthetic \
+          --methods mmrec-step --quantize none,int8,int4 --json "$RUNS/gen_1b_mmrec.json"
+      timeout $(left 60) $G --presets 1b --batches 1 --prompts 32K --methods mmrec-step,mmrec-forward \
+          --json "$RUNS/gen_1b_prefill.json"
+      timeout $(left 120) $G --presets 7b --batches 1,8 --prompts 2K,32K --prefill synthetic \
+          --methods mmrec-step --quantize none,int8,int4 --json "$RUNS/gen_7b_mmrec.json"
+    } > "$OUT/generate.txt" 2>&1
+    finish
+    ;;
+decode_hf)
+    # Alone on the GPU (timings): the Hugging Face Llama of the 1b and 7b presets' sizes (static cache
+    # + torch.compile, each compile about a minute) at the (batch, context) cells the acceptance
+    # compares, and MM-Rec's step path at the same cells in the same run.
+    G="python3 benchmarks/bench_generate.py --new-tokens 64"
+    { timeout $(left 60) $G --presets 1b --batches 1,8 --prompts 2K,32K --prefill synthetic --methods mmrec-step \
+          --json "$RUNS/gen_1b_mmrec_same_run.json"
+      timeout $(left 240) $G --presets 1b --batches 1 --prompts 2K,32K,128K --methods hf-llama \
+          --json "$RUNS/gen_1b_hf_b1.json"
+      timeout $(left 90) $G --presets 1b --batches 8 --prompts 32K --methods hf-llama --json "$RUNS/gen_1b_hf_b8.json"
+      timeout $(left 100) $G --presets 7b --batches 1 --prompts 2K --methods hf-llama,mmrec-step \
+          --prefill synthetic --json "$RUNS/gen_7b_hf.json"
+    } > "$OUT/generate_hf.txt" 2>&1
     finish
     ;;
 *)

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mm_rec"
 # Lowest first; a module may import from its own layer and the ones before it.
 LAYERS = [
     ["mm_rec.constants", "mm_rec.config"],
-    ["mm_rec.ops", "mm_rec.jax"],  # mm_rec.jax: the JAX scan and recurrence, optional (below)
+    ["mm_rec.ops", "mm_rec.jax", "mm_rec.cuda"],  # mm_rec.jax: JAX ops, optional (below); mm_rec.cuda: C++ kernels
     ["mm_rec.core"],
     ["mm_rec.blocks"],
     # the package root re-exports the model API, and installs the integrations' registration hook

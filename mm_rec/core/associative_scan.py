@@ -11,21 +11,24 @@ component is the log of the exponential product prod_i a_i. Rules (docs/architec
 
 This module is the public dispatcher: it checks the arguments, clamps and casts, and hands the
 work to a backend of `mm_rec.ops.scan`: "torch" (vectorised, chunked; CPU reference and
-fallback), "triton" (GPU kernels), "sequential" (float64 Python loop, the test oracle), and
-"auto" (Triton on CUDA tensors, torch otherwise).
+fallback), "triton" (GPU kernels), "cuda" (the single-pass CUDA C++ kernel, which clamps and casts
+inside and reads a broadcast log_a in place: no copy before it), "sequential" (float64 Python
+loop, the test oracle), and "auto" (Triton on CUDA tensors, torch otherwise).
 """
 
 from __future__ import annotations
 
 import torch
 
-from mm_rec.ops import BACKENDS, compute_dtype, triton_available
+from mm_rec.ops import BACKENDS, compute_dtype, cuda_kernels_available, triton_available
 from mm_rec.ops.scan import AssociativeScanExponential, scan_sequential
 
 __all__ = [
     "LOG_CLAMP_MAX", "LOG_CLAMP_MIN", "AssociativeScanExponential", "associative_scan_exponential",
     "associative_scan_step", "compute_dtype",
 ]
+
+_CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 LOG_CLAMP_MIN = -50.0
 LOG_CLAMP_MAX = 0.0
@@ -45,7 +48,7 @@ def associative_scan_exponential(
         log_a: [B, T, ...] log decays (any float dtype; clamped to [log_clamp_min, log_clamp_max]).
         b: [B, T, ...] inputs, same shape as log_a.
         initial_state: [B, ...] h_0, or None for zeros.
-        backend: "auto", "torch", "triton" or "sequential".
+        backend: "auto", "torch", "triton", "cuda" or "sequential" (`mm_rec.ops.BACKENDS`).
 
     Returns:
         h: [B, T, ...] in b's dtype.
@@ -60,6 +63,13 @@ def associative_scan_exponential(
     if initial_state is not None and initial_state.shape != b.shape[:1] + b.shape[2:]:
         raise ValueError(f"initial_state {tuple(initial_state.shape)} must be {tuple(b.shape[:1] + b.shape[2:])}")
     acc = compute_dtype(log_a, b, initial_state)
+    if backend == "cuda":
+        if cuda_kernels_available() and b.is_cuda and acc == torch.float32 and b.dtype in _CUDA_DTYPES \
+                and log_a.dtype in _CUDA_DTYPES:
+            from mm_rec.ops.scan.cuda_ops import scan_cuda  # registers the operators on first use
+
+            return scan_cuda(log_a, b, initial_state, log_clamp_min, log_clamp_max)
+        backend = "auto"  # not built here (load_extension said why), or float64 / CPU tensors
     log_a = log_a.to(acc).clamp(log_clamp_min, log_clamp_max)
     if backend == "auto":
         backend = "triton" if b.is_cuda and triton_available() else "torch"

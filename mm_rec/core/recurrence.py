@@ -60,7 +60,7 @@ def mmrec_recurrence(
         b_g = torch.zeros(H, d, device=z.device, dtype=acc)
     if initial_state is None:
         initial_state = torch.zeros(B, H, d, device=z.device, dtype=acc)
-    if backend == "auto":
+    if backend in ("auto", "cuda"):  # "cuda": no CUDA C++ recurrence yet (the scan has one); Triton's kernel
         backend = "triton" if z.is_cuda and triton_available() else "torch"
 
     if backend == "triton":

@@ -18,9 +18,14 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton", "sequential")
-"""Backends of every op: "auto" (Triton on CUDA tensors, torch otherwise), "torch" (vectorised
-reference, the CPU path), "triton" (the GPU kernels), "sequential" (the float64 loop, the oracle)."""
+from mm_rec.cuda import load_extension
+
+BACKENDS = ("auto", "torch", "triton", "cuda", "sequential")
+"""Backends of every op: "auto" (the fastest measured GPU kernels on CUDA tensors, torch
+otherwise), "torch" (vectorised reference, the CPU path), "triton" (the Triton GPU kernels),
+"cuda" (CUDA C++ kernels of `mm_rec.cuda`, built on first use; where they cannot be built or do
+not cover the call, the Triton or torch backend with a notice), "sequential" (the float64 loop,
+the oracle)."""
 
 _TRITON_AVAILABLE: bool | None = None  # probed once; a plain global, which torch.compile traces without warnings
 
@@ -28,6 +33,11 @@ _TRITON_AVAILABLE: bool | None = None  # probed once; a plain global, which torc
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     """float64 if any input is float64, else float32 (bf16/fp16 inputs accumulate in fp32)."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def cuda_kernels_available() -> bool:
+    """True when the CUDA C++ kernels are built (or build now) and can run here."""
+    return load_extension() is not None
 
 
 def triton_available() -> bool:

@@ -41,14 +41,14 @@ def test_auto_runs_the_torch_backend_on_cpu_tensors():
 
 def test_public_names():
     assert mm_rec.AssociativeScanExponential is AssociativeScanExponential
-    assert BACKENDS == ("auto", "torch", "triton", "sequential")
+    assert BACKENDS == ("auto", "torch", "triton", "cuda", "sequential")
 
 
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="same shape"):
         scan(torch.zeros(1, 3, 2), torch.zeros(1, 3, 3))
     with pytest.raises(ValueError, match="backend"):
-        scan(torch.zeros(1, 3, 2), torch.zeros(1, 3, 2), backend="cuda")
+        scan(torch.zeros(1, 3, 2), torch.zeros(1, 3, 2), backend="cudnn")
     with pytest.raises(ValueError, match="initial_state"):
         scan(torch.zeros(1, 3, 2), torch.zeros(1, 3, 2), torch.zeros(2, 2))
     with pytest.raises(ValueError, match="T >= 1"):

@@ -37,4 +37,4 @@ def test_shape_errors_are_clear():
     with pytest.raises(ValueError, match="initial_state"):
         mmrec_recurrence(z, log_gamma, W_g, b_g, h0[:1])
     with pytest.raises(ValueError, match="backend"):
-        mmrec_recurrence(z, log_gamma, W_g, b_g, h0, backend="cuda")
+        mmrec_recurrence(z, log_gamma, W_g, b_g, h0, backend="cudnn")

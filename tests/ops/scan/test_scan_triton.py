@@ -7,6 +7,7 @@ size against the torch backend in float64 (itself tested against the loop).
 
 import pytest
 import torch
+from scan_helpers import DEVICE, check, outputs_and_grads, random_inputs
 
 from mm_rec.core.associative_scan import associative_scan_exponential
 from mm_rec.ops.scan import triton_kernels as st
@@ -14,55 +15,12 @@ from mm_rec.ops.scan import triton_kernels as st
 # The interpreter trips a NumPy deprecation warning on every scalar index.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-NAMES = ["h", "final_state", "dlog_a", "db", "dh0"]
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
-
-
-def random_inputs(shape, with_h0=True, clamps=True, scale=2.0, device=DEVICE):
-    """Fresh log_a uniform in [-scale, 0], b and h0; `clamps` puts some decays at -50 and at 0
-    (a small `scale` without clamps: long memory, so states carry far across chunks)."""
-    log_a = -torch.rand(shape, device=device) * scale
-    if clamps:
-        log_a[:, ::3] = -50.0
-        log_a[:, 1::4] = 0.0
-    b = torch.randn(shape, device=device)
-    h0 = torch.randn((shape[0], *shape[2:]), device=device) if with_h0 else None
-    return log_a, b, h0
-
-
-def outputs_and_grads(fn, inputs, dtypes, use_h=True):
-    """Run fn(log_a, b, h0) -> (h, final) on leaf copies of `inputs` cast to `dtypes`,
-    backpropagate a random weighting of both outputs (of final alone if not use_h) and return
-    [h, final, dlog_a, db, dh0] (dh0 None without h0)."""
-    leaves = [t.detach().to(dt).clone().requires_grad_() if t is not None else None for t, dt in zip(inputs, dtypes)]
-    h, final = fn(*leaves)
-    gen = torch.Generator().manual_seed(1)
-    w_h = torch.randn(h.shape, generator=gen).to(h.device, h.dtype)
-    w_final = torch.randn(final.shape, generator=gen).to(final.device, final.dtype)
-    loss = (final * w_final).sum() + ((h * w_h).sum() if use_h else 0)
-    loss.backward()
-    return [h, final] + [leaf.grad if leaf is not None else None for leaf in leaves]
-
-
 def triton_scan(log_a, b, h0):
     return associative_scan_exponential(log_a, b, h0, backend="triton")
 
 
 def sequential(log_a, b, h0):
     return associative_scan_exponential(log_a, b, h0, backend="sequential")
-
-
-def check(got, ref, tol):
-    for name, x, r in zip(NAMES, got, ref):
-        if r is None:
-            assert x is None, name
-            continue
-        assert torch.isfinite(x.float()).all(), name
-        assert rel_err(x, r) < tol, f"{name}: {rel_err(x, r):.2e}"
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 33), (2, 67, 1), (3, 67, 33), (1, 300, 16), (2, 9, 3, 5)])

@@ -1,0 +1,46 @@
+"""Shared by the scan kernels' tests: fresh random inputs, outputs and gradients of a scan
+function, and the comparison against the float64 oracle."""
+
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NAMES = ["h", "final_state", "dlog_a", "db", "dh0"]
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def random_inputs(shape, with_h0=True, clamps=True, scale=2.0, device=DEVICE):
+    """Fresh log_a uniform in [-scale, 0], b and h0; `clamps` puts some decays at -50 and at 0
+    (a small `scale` without clamps: long memory, so states carry far across chunks)."""
+    log_a = -torch.rand(shape, device=device) * scale
+    if clamps:
+        log_a[:, ::3] = -50.0
+        log_a[:, 1::4] = 0.0
+    b = torch.randn(shape, device=device)
+    h0 = torch.randn((shape[0], *shape[2:]), device=device) if with_h0 else None
+    return log_a, b, h0
+
+
+def outputs_and_grads(fn, inputs, dtypes, use_h=True):
+    """Run fn(log_a, b, h0) -> (h, final) on leaf copies of `inputs` cast to `dtypes`,
+    backpropagate a random weighting of both outputs (of final alone if not use_h) and return
+    [h, final, dlog_a, db, dh0] (dh0 None without h0)."""
+    leaves = [t.detach().to(dt).clone().requires_grad_() if t is not None else None for t, dt in zip(inputs, dtypes)]
+    h, final = fn(*leaves)
+    gen = torch.Generator().manual_seed(1)
+    w_h = torch.randn(h.shape, generator=gen).to(h.device, h.dtype)
+    w_final = torch.randn(final.shape, generator=gen).to(final.device, final.dtype)
+    loss = (final * w_final).sum() + ((h * w_h).sum() if use_h else 0)
+    loss.backward()
+    return [h, final] + [leaf.grad if leaf is not None else None for leaf in leaves]
+
+
+def check(got, ref, tol):
+    for name, x, r in zip(NAMES, got, ref):
+        if r is None:
+            assert x is None, name
+            continue
+        assert torch.isfinite(x.float()).all(), name
+        assert rel_err(x, r) < tol, f"{name}: {rel_err(x, r):.2e}"
