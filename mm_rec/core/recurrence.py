@@ -9,7 +9,8 @@ This module is the public dispatcher: it checks the arguments, fills in the defa
 zero initial state) and hands the work to a backend of `mm_rec.ops.recurrence`: "torch" (a loop
 of batched matmuls whose backward is a hand-written reverse loop, so memory is O(B*T*H*d) rather
 than a T-step autograd graph), "triton" (the fused kernels), "sequential" (float64 loop through
-autograd: the oracle), and "auto" (Triton on CUDA, torch elsewhere).
+autograd: the oracle), and "auto" (Triton on CUDA, torch elsewhere). "cuda" is accepted for
+symmetry with the scan but has no CUDA C++ kernel yet: it runs what "auto" runs.
 """
 
 from __future__ import annotations
