@@ -5,9 +5,9 @@ model hands it over, and bf16), forward and forward+backward:
   * the Triton scan through autograd as eager code calls it (`mm_rec.ops.scan.triton_kernels`),
     through the registered operator `mm_rec::scan_fwd` (what torch.compile graphs call), and the
     raw kernel launches without autograd, with the host time each forward+backward takes to issue;
-  * the public call `associative_scan_exponential` with backend "triton" (it casts and clamps
-    log_a before the kernels) and backend "cuda" (mm_rec/cuda/scan_kernel.cu: clamps and casts
-    inside), and the CUDA kernels alone (the extension's functions, no autograd);
+  * the public call `associative_scan_exponential` with backend "triton" and backend "cuda"
+    (mm_rec/cuda/scan_kernel.cu; both clamp and cast log_a inside the kernels), and the CUDA
+    kernels alone (the extension's functions, no autograd);
   * a device-to-device copy moving the same bytes as the forward (log_a + b read, h written),
     the bandwidth ceiling the forward is measured against;
   * the PyTorch backend (`backend="torch"`).
@@ -275,9 +275,9 @@ def main() -> None:
         methods = []
         if "triton" in backends:
             methods += [(eager, log_a, st.scan_triton),
-                        (operator, log_a, lambda *x: torch.ops.mm_rec.scan_fwd(*x)),
+                        (operator, log_a, lambda *x: torch.ops.mm_rec.scan_fwd(*x, -50.0, 0.0)),
                         ("Triton kernels alone (no autograd)", log_a, None),
-                        ("Triton, public call (cast + clamp first)", log_a,
+                        ("Triton, public call (clamp + cast inside)", log_a,
                          lambda *x: associative_scan_exponential(*x, backend="triton")),
                         (eager, log_a.to(b_dtype), st.scan_triton)]
         if "cuda" in backends:

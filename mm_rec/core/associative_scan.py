@@ -9,14 +9,17 @@ component is the log of the exponential product prod_i a_i. Rules (docs/architec
   so every exponent is <= 0 and no precision is lost to cancellation;
 * gradients flow to `initial_state` and from `final_state`.
 
-This module is the public dispatcher: it checks the arguments, clamps and casts, and hands the
-work to a backend of `mm_rec.ops.scan`: "torch" (vectorised, chunked; CPU reference and
-fallback), "triton" (GPU kernels), "cuda" (the single-pass CUDA C++ kernel, which clamps and casts
-inside and reads a broadcast log_a in place: no copy before it), "sequential" (float64 Python
-loop, the test oracle), and "auto" (Triton on CUDA tensors, torch otherwise).
+This module is the public dispatcher: it checks the arguments and hands the work to a backend of
+`mm_rec.ops.scan`: "torch" (vectorised, chunked; CPU reference and fallback), "triton" (GPU
+kernels), "cuda" (the single-pass CUDA C++ kernel), "sequential" (float64 Python loop, the test
+oracle), and "auto" (Triton on CUDA tensors, torch otherwise). The GPU kernels clamp and cast
+log_a inside and read a broadcast log_a in place (no copy before them); for the torch and
+sequential backends the dispatcher casts and clamps.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -63,23 +66,26 @@ def associative_scan_exponential(
     if initial_state is not None and initial_state.shape != b.shape[:1] + b.shape[2:]:
         raise ValueError(f"initial_state {tuple(initial_state.shape)} must be {tuple(b.shape[:1] + b.shape[2:])}")
     acc = compute_dtype(log_a, b, initial_state)
-    if backend == "cuda":
-        if cuda_kernels_available() and b.is_cuda and acc == torch.float32 and b.dtype in _CUDA_DTYPES \
-                and log_a.dtype in _CUDA_DTYPES:
+    if backend == "cuda" and not (cuda_kernels_available() and b.is_cuda and acc == torch.float32
+                                  and b.dtype in _CUDA_DTYPES and log_a.dtype in _CUDA_DTYPES):
+        backend = "auto"  # not built here (load_extension said why), or float64 / CPU tensors
+    if backend == "auto":
+        backend = "triton" if b.is_cuda and triton_available() else "torch"
+    if backend in ("cuda", "triton"):
+        # The kernels clamp and cast inside (no copy of log_a before them) when the bounds enclose 0:
+        # the steps they pad a tile with load log_a = 0 as the identity.
+        if not log_clamp_min <= 0.0 <= log_clamp_max:
+            log_a = log_a.to(acc).clamp(log_clamp_min, log_clamp_max)
+            log_clamp_min, log_clamp_max = -math.inf, math.inf
+        if backend == "cuda":
             from mm_rec.ops.scan.cuda_ops import scan_cuda  # registers the operators on first use
 
             return scan_cuda(log_a, b, initial_state, log_clamp_min, log_clamp_max)
-        backend = "auto"  # not built here (load_extension said why), or float64 / CPU tensors
-    log_a = log_a.to(acc).clamp(log_clamp_min, log_clamp_max)
-    if backend == "auto":
-        backend = "triton" if b.is_cuda and triton_available() else "torch"
-
-    if backend == "triton":
         from mm_rec.ops.scan.triton_kernels import scan_triton  # needs Triton: imported on first use
 
-        h, final = scan_triton(log_a, b, initial_state)
-        return h, final
+        return scan_triton(log_a, b, initial_state, log_clamp_min, log_clamp_max)
 
+    log_a = log_a.to(acc).clamp(log_clamp_min, log_clamp_max)
     B, T = b.shape[:2]
     feature_shape = b.shape[2:]
     flat_log_a = log_a.reshape(B, T, -1)

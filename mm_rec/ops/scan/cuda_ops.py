@@ -3,8 +3,8 @@
 Reference: `mm_rec.ops.scan.reference`; public entry point (backend "cuda"):
 `mm_rec.core.associative_scan.associative_scan_exponential`.
 
-Unlike the Triton backend, the kernels take log_a as it is given (fp32, or b's dtype), clamp it
-themselves and read it through its strides: the dispatcher neither casts nor clamps, and a decay
+As the Triton kernels do, these take log_a as it is given (fp32, or b's dtype), clamp it
+themselves and read it through its strides (`kernel_view`): the dispatcher neither casts nor clamps, and a decay
 broadcast over trailing channels ([B, T, K, M] with stride 0 in M) is never materialised. The
 backward returns d log_a dense in log_a's dtype (autograd then sums it over broadcast dims).
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from mm_rec.cuda import load_extension
+from mm_rec.ops.scan.layout import kernel_view
 
 
 def _ext():
@@ -87,21 +88,6 @@ class _CudaScanFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh, d_final):
         return _grads(ctx, dh, d_final, lambda *a: _ext().scan_bwd(*a))
-
-
-def kernel_view(log_a: torch.Tensor, B: int, T: int) -> torch.Tensor:
-    """log_a as the kernel reads it: [B, T, D] when its feature dims flatten without a copy, else
-    [B, T, K, M] (two feature dims, e.g. a decay expanded over M), else a contiguous copy."""
-    if log_a.dim() == 3:
-        return log_a
-    try:
-        return log_a.view(B, T, -1)
-    except RuntimeError:
-        pass
-    if log_a.dim() == 4:
-        return log_a
-    flat = log_a.reshape(B, T, -1, log_a.shape[-1])  # the leading feature dims merged, the last kept
-    return flat
 
 
 def scan_cuda(log_a: torch.Tensor, b: torch.Tensor, initial_state: torch.Tensor | None, clamp_min: float,

@@ -39,11 +39,14 @@ the constants below, host time, compile time): docs/benchmarks.md, "Associative 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from mm_rec.ops import compute_dtype
+from mm_rec.ops.scan.layout import kernel_view
 
 # Launch parameters: elements per thread (EPT), warps per program, steps loaded ahead (U); the
 # best of the `benchmarks/bench_scan.py --variants` sweep on an H100.
@@ -92,6 +95,19 @@ def _program_chunk(bidx, T, chunk_len, n_chunks, first_chunk, D):
 
 
 @triton.jit
+def _log_a_offsets(bidx, t, d, la_sb, la_sk, la_sm, LA_ST: tl.constexpr, LA_M: tl.constexpr):
+    """(scalar element offset of log_a[bidx, t], channel offsets [BLOCK_D]) of a log_a read through
+    its strides as [B, T, K, LA_M] (channel d = (d // LA_M, d % LA_M)): a decay broadcast over
+    trailing channels (stride 0) is read in place, never materialised."""
+    return bidx.to(tl.int64) * la_sb + t.to(tl.int64) * LA_ST, (d // LA_M) * la_sk + (d % LA_M) * la_sm
+
+
+@triton.jit
+def _clamp(x, lo, hi):
+    return tl.minimum(tl.maximum(x, lo), hi)
+
+
+@triton.jit
 def _load_or_zeros(ptr, offset, d, dmask, LOAD: tl.constexpr, ACC: tl.constexpr):
     """ptr[offset + d] in ACC if LOAD, else zeros (ptr is then None)."""
     if LOAD:
@@ -101,12 +117,12 @@ def _load_or_zeros(ptr, offset, d, dmask, LOAD: tl.constexpr, ACC: tl.constexpr)
     return x
 
 
-@triton.jit(do_not_specialize=["T", "chunk_len", "n_chunks", "first_chunk"])
+@triton.jit(do_not_specialize=["T", "chunk_len", "n_chunks", "first_chunk", "la_sb", "clamp_min", "clamp_max"])
 def _scan_fwd_kernel(
-    log_a_ptr, b_ptr, init_ptr,  # [B, T, D], [B, T, D], [B, n_chunks, D] state entering each chunk
+    log_a_ptr, b_ptr, init_ptr,  # log_a (strided: _log_a_offsets), b [B, T, D], [B, n_chunks, D] state entering
     h_ptr, last_ptr, prod_ptr,  # outputs, see below
-    T, chunk_len, n_chunks, first_chunk,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, U: tl.constexpr,
+    T, chunk_len, n_chunks, first_chunk, la_sb, la_sk, la_sm, clamp_min, clamp_max,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, U: tl.constexpr, LA_ST: tl.constexpr, LA_M: tl.constexpr,
     HAS_INIT: tl.constexpr, AGG: tl.constexpr, ACC: tl.constexpr,
 ):
     """Scan of chunk `first_chunk + program_id(1)` for BLOCK_D channels of one batch row.
@@ -121,7 +137,8 @@ def _scan_fwd_kernel(
     if AGG:
         p = tl.full([BLOCK_D], 1.0, ACC)  # decay product of the chunk
     row = (bidx.to(tl.int64) * T + t0) * D  # element offset of (bidx, t0, 0)
-    pa = log_a_ptr + row  # scalar pointers to the current group of U steps
+    la_row, la_d = _log_a_offsets(bidx, t0, d, la_sb, la_sk, la_sm, LA_ST, LA_M)
+    pa = log_a_ptr + la_row  # scalar pointers to the current group of U steps
     pb = b_ptr + row
     if not AGG:
         ph = h_ptr + row
@@ -131,11 +148,11 @@ def _scan_fwd_kernel(
     bs = ()
     for u in tl.static_range(U):
         m = dmask & (u < n_steps)
-        las = las + (tl.load(pa + u * D + d, mask=m, other=0.0),)
+        las = las + (tl.load(pa + u * LA_ST + la_d, mask=m, other=0.0),)
         bs = bs + (tl.load(pb + u * D + d, mask=m, other=0.0),)
     for s0 in range(0, n_steps, U):
         for u in tl.static_range(U):
-            a = tl.exp(las[u].to(ACC))
+            a = tl.exp(_clamp(las[u].to(ACC), clamp_min, clamp_max))
             h = a * h + bs[u].to(ACC)
             if AGG:
                 p = p * a
@@ -143,9 +160,9 @@ def _scan_fwd_kernel(
                 tl.store(ph + u * D + d, h.to(h_ptr.dtype.element_ty), mask=dmask & (s0 + u < n_steps))
             # Refill the slot with the step U ahead: its load has U steps to arrive.
             m = dmask & (s0 + u + U < n_steps)
-            las = las[:u] + (tl.load(pa + (u + U) * D + d, mask=m, other=0.0),) + las[u + 1:]
+            las = las[:u] + (tl.load(pa + (u + U) * LA_ST + la_d, mask=m, other=0.0),) + las[u + 1:]
             bs = bs[:u] + (tl.load(pb + (u + U) * D + d, mask=m, other=0.0),) + bs[u + 1:]
-        pa += U * D
+        pa += U * LA_ST
         pb += U * D
         if not AGG:
             ph += U * D
@@ -157,12 +174,12 @@ def _scan_fwd_kernel(
         tl.store(last_ptr + bidx.to(tl.int64) * D + d, h, mask=dmask)
 
 
-@triton.jit(do_not_specialize=["T", "chunk_len", "n_chunks", "first_chunk"])
+@triton.jit(do_not_specialize=["T", "chunk_len", "n_chunks", "first_chunk", "la_sb", "clamp_min", "clamp_max"])
 def _scan_bwd_kernel(
-    dh_ptr, log_a_ptr, h_ptr, h0_ptr, init_ptr,  # [B,T,D] x3, h_0 [B, D], [B, n_chunks, D] x entering
+    dh_ptr, log_a_ptr, h_ptr, h0_ptr, init_ptr,  # dh, log_a (strided), h, h_0 [B, D], [B, n_chunks, D] x entering
     db_ptr, dla_ptr, first_ptr, prod_ptr,  # outputs, see below
-    T, chunk_len, n_chunks, first_chunk,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, U: tl.constexpr,
+    T, chunk_len, n_chunks, first_chunk, la_sb, la_sk, la_sm, clamp_min, clamp_max,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, U: tl.constexpr, LA_ST: tl.constexpr, LA_M: tl.constexpr,
     HAS_INIT: tl.constexpr, HAS_H0: tl.constexpr, AGG: tl.constexpr, ACC: tl.constexpr,
 ):
     """Reverse scan of chunk `first_chunk + program_id(1)`, x = a_{t+1} g_{t+1} entering from
@@ -181,8 +198,9 @@ def _scan_bwd_kernel(
     h0 = _load_or_zeros(h0_ptr, bidx.to(tl.int64) * D, d, dmask, HAS_H0 and not AGG, ACC)
     last = t0 + n_steps - 1  # the chunk is walked from its last step back to t0
     row = (bidx.to(tl.int64) * T + last) * D
+    la_row, la_d = _log_a_offsets(bidx, last, d, la_sb, la_sk, la_sm, LA_ST, LA_M)
     pdh = dh_ptr + row  # scalar pointers to the step of reverse index i0 (time last - i0)
-    pla = log_a_ptr + row
+    pla = log_a_ptr + la_row
     if not AGG:
         ph = h_ptr + row - D  # h_{t-1}
         pdb = db_ptr + row
@@ -195,12 +213,13 @@ def _scan_bwd_kernel(
     for u in tl.static_range(U):
         m = dmask & (u < n_steps)
         dhs = dhs + (tl.load(pdh - u * D + d, mask=m, other=0.0),)
-        las = las + (tl.load(pla - u * D + d, mask=m, other=0.0),)
+        las = las + (tl.load(pla - u * LA_ST + la_d, mask=m, other=0.0),)
         if not AGG:
             hps = hps + (tl.load(ph - u * D + d, mask=m & (last - u >= 1), other=0.0),)
     for i0 in range(0, n_steps, U):
         for u in tl.static_range(U):
-            a = tl.exp(las[u].to(ACC))
+            la = las[u].to(ACC)
+            a = tl.exp(_clamp(la, clamp_min, clamp_max))
             g = dhs[u].to(ACC) + x
             x = a * g
             if AGG:
@@ -210,15 +229,17 @@ def _scan_bwd_kernel(
                 h_prev = tl.where(t == 0, h0, hps[u].to(ACC))
                 m = dmask & (i0 + u < n_steps)
                 tl.store(pdb - u * D + d, g.to(db_ptr.dtype.element_ty), mask=m)
-                tl.store(pdla - u * D + d, (x * h_prev).to(dla_ptr.dtype.element_ty), mask=m)
+                # zero where the clamp was active (torch.clamp's rule: the bounds themselves pass)
+                dla = tl.where((la >= clamp_min) & (la <= clamp_max), x * h_prev, 0.0)
+                tl.store(pdla - u * D + d, dla.to(dla_ptr.dtype.element_ty), mask=m)
             m = dmask & (i0 + u + U < n_steps)
             dhs = dhs[:u] + (tl.load(pdh - (u + U) * D + d, mask=m, other=0.0),) + dhs[u + 1:]
-            las = las[:u] + (tl.load(pla - (u + U) * D + d, mask=m, other=0.0),) + las[u + 1:]
+            las = las[:u] + (tl.load(pla - (u + U) * LA_ST + la_d, mask=m, other=0.0),) + las[u + 1:]
             if not AGG:
                 m = m & (last - i0 - u - U >= 1)
                 hps = hps[:u] + (tl.load(ph - (u + U) * D + d, mask=m, other=0.0),) + hps[u + 1:]
         pdh -= U * D
-        pla -= U * D
+        pla -= U * LA_ST
         if not AGG:
             ph -= U * D
             pdb -= U * D
@@ -295,101 +316,126 @@ def _carries(prod: torch.Tensor, state: torch.Tensor, init: torch.Tensor | None,
     return carry
 
 
+def _log_a_layout(log_a: torch.Tensor, B: int, T: int) -> tuple[torch.Tensor, dict, dict]:
+    """log_a as the kernels read it ([B, T, D] or [B, T, K, M], any strides: `kernel_view`), its
+    run-time stride arguments and its compile-time ones."""
+    la = kernel_view(log_a, B, T)
+    if la.dim() == 3:  # one channel group of D
+        la_sk, la_sm, M = 0, la.stride(2), la.shape[2]
+    else:
+        la_sk, la_sm, M = la.stride(2), la.stride(3), la.shape[3]
+    return la, {"la_sb": la.stride(0), "la_sk": la_sk, "la_sm": la_sm}, {"LA_ST": la.stride(1), "LA_M": M}
+
+
 def launch_fwd(
     log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None,
     n_chunks: int | None = None, config: dict | None = None,
+    clamp_min: float = -math.inf, clamp_max: float = math.inf,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward scan (no autograd) of [B, T, D] tensors; log_a already clamped to <= 0.
+    """Forward scan (no autograd) of b [B, T, D] with log_a of any float dtype and strides ([B, T, D]
+    or any shape that `kernel_view` reads in place, e.g. a decay expanded over trailing channels),
+    clamped to [clamp_min, clamp_max] inside the kernel (the bounds must enclose 0: steps past a
+    chunk's end load log_a = 0 as the identity).
 
     Returns h [B, T, D] in b's dtype and the final state [B, D] in the accumulation dtype (fp32,
     float64 if an input is float64). `n_chunks` forces the chunking along T (default: `num_chunks`).
     """
     B, T, D = b.shape
     acc = compute_dtype(log_a, b, h0)
-    log_a, b = log_a.contiguous(), b.contiguous()
+    la, la_args, la_meta = _log_a_layout(log_a, B, T)
+    b = b.contiguous()
     h0 = h0.to(acc).contiguous() if h0 is not None else None
     n, chunk_len, block_d, rows, meta = _launch_plan(B, T, D, b.device, n_chunks, config or _FWD_CONFIG)
+    meta.update(la_meta, ACC=_TL_DTYPE[acc], D=D, BLOCK_D=block_d)
+    clamps = {"clamp_min": clamp_min, "clamp_max": clamp_max}
     h = torch.empty_like(b)
     final = torch.empty(B, D, device=b.device, dtype=acc)
     init = h0
     if n > 1:
         state = torch.empty(B, n, D, device=b.device, dtype=acc)
         prod = torch.empty_like(state)
-        _scan_fwd_kernel[(rows, n - 1)](log_a, b, None, None, state, prod, T, chunk_len, n, 0, D=D, BLOCK_D=block_d,
-                                        HAS_INIT=False, AGG=True, ACC=_TL_DTYPE[acc], **meta)
+        _scan_fwd_kernel[(rows, n - 1)](la, b, None, None, state, prod, T, chunk_len, n, 0, **la_args, **clamps,
+                                        HAS_INIT=False, AGG=True, **meta)
         init = _carries(prod, state, h0, reverse=False)
-    _scan_fwd_kernel[(rows, n)](log_a, b, init, h, final, None, T, chunk_len, n, 0, D=D, BLOCK_D=block_d,
-                                HAS_INIT=init is not None, AGG=False, ACC=_TL_DTYPE[acc], **meta)
+    _scan_fwd_kernel[(rows, n)](la, b, init, h, final, None, T, chunk_len, n, 0, **la_args, **clamps,
+                                HAS_INIT=init is not None, AGG=False, **meta)
     return h, final
 
 
 def launch_bwd(
     dh: torch.Tensor, d_final: torch.Tensor | None, log_a: torch.Tensor, h: torch.Tensor, h0: torch.Tensor | None,
     n_chunks: int | None = None, config: dict | None = None,
+    clamp_min: float = -math.inf, clamp_max: float = math.inf,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of `launch_fwd` (no autograd): from dL/dh [B, T, D] and dL/d final_state [B, D]
-    (or None), given log_a, the forward's h and h0. Returns (d log_a in log_a's dtype, db in h's
-    dtype, dh0 [B, D] in the accumulation dtype; zero-input gradient if h0 is None)."""
+    (or None), given log_a (as `launch_fwd` took it), the forward's h and h0. Returns (d log_a
+    [B, T, D] dense in log_a's dtype, zero where the clamp was active; db in h's dtype; dh0 [B, D]
+    in the accumulation dtype, the zero-input gradient if h0 is None)."""
     B, T, D = h.shape
     acc = compute_dtype(log_a, h, h0)
-    dh, log_a, h = dh.contiguous(), log_a.contiguous(), h.contiguous()
+    la, la_args, la_meta = _log_a_layout(log_a, B, T)
+    dh, h = dh.contiguous(), h.contiguous()
     h0 = h0.to(acc).contiguous() if h0 is not None else None
     d_final = d_final.to(acc).contiguous() if d_final is not None else None
     n, chunk_len, block_d, rows, meta = _launch_plan(B, T, D, h.device, n_chunks, config or _BWD_CONFIG)
-    d_log_a = torch.empty_like(log_a)
+    meta.update(la_meta, ACC=_TL_DTYPE[acc], D=D, BLOCK_D=block_d)
+    clamps = {"clamp_min": clamp_min, "clamp_max": clamp_max}
+    d_log_a = torch.empty(B, T, D, device=h.device, dtype=log_a.dtype)
     db = torch.empty_like(h)
     dh0 = torch.empty(B, D, device=h.device, dtype=acc)
     init = d_final
     if n > 1:
         state = torch.empty(B, n, D, device=h.device, dtype=acc)
         prod = torch.empty_like(state)
-        _scan_bwd_kernel[(rows, n - 1)](dh, log_a, None, None, None, None, None, state, prod, T, chunk_len, n, 1, D=D,
-                                        BLOCK_D=block_d, HAS_INIT=False, HAS_H0=False, AGG=True,
-                                        ACC=_TL_DTYPE[acc], **meta)
+        _scan_bwd_kernel[(rows, n - 1)](dh, la, None, None, None, None, None, state, prod, T, chunk_len, n, 1,
+                                        **la_args, **clamps, HAS_INIT=False, HAS_H0=False, AGG=True, **meta)
         init = _carries(prod, state, d_final, reverse=True)
-    _scan_bwd_kernel[(rows, n)](dh, log_a, h, h0, init, db, d_log_a, dh0, None, T, chunk_len, n, 0, D=D,
-                                BLOCK_D=block_d, HAS_INIT=init is not None, HAS_H0=h0 is not None, AGG=False,
-                                ACC=_TL_DTYPE[acc], **meta)
+    _scan_bwd_kernel[(rows, n)](dh, la, h, h0, init, db, d_log_a, dh0, None, T, chunk_len, n, 0, **la_args, **clamps,
+                                HAS_INIT=init is not None, HAS_H0=h0 is not None, AGG=False, **meta)
     return d_log_a, db, dh0
 
 
 @torch.library.custom_op("mm_rec::scan_fwd", mutates_args=())
-def scan_fwd(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def scan_fwd(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, clamp_min: float,
+             clamp_max: float) -> tuple[torch.Tensor, torch.Tensor]:
     """`launch_fwd` as an operator (opaque to torch.compile, differentiable through `_backward`)."""
-    return launch_fwd(log_a, b, h0)
+    return launch_fwd(log_a, b, h0, clamp_min=clamp_min, clamp_max=clamp_max)
 
 
 @scan_fwd.register_fake
-def _scan_fwd_fake(log_a, b, h0):
+def _scan_fwd_fake(log_a, b, h0, clamp_min, clamp_max):
     B, _, D = b.shape
     return torch.empty_like(b), b.new_empty((B, D), dtype=compute_dtype(log_a, b, h0))
 
 
 @torch.library.custom_op("mm_rec::scan_bwd", mutates_args=())
 def scan_bwd(
-    dh: torch.Tensor, d_final: torch.Tensor, log_a: torch.Tensor, h: torch.Tensor, h0: torch.Tensor | None
+    dh: torch.Tensor, d_final: torch.Tensor, log_a: torch.Tensor, h: torch.Tensor, h0: torch.Tensor | None,
+    clamp_min: float, clamp_max: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`launch_bwd` as an operator."""
-    return launch_bwd(dh, d_final, log_a, h, h0)
+    return launch_bwd(dh, d_final, log_a, h, h0, clamp_min=clamp_min, clamp_max=clamp_max)
 
 
 @scan_bwd.register_fake
-def _scan_bwd_fake(dh, d_final, log_a, h, h0):
-    B, _, D = h.shape
-    return torch.empty_like(log_a), torch.empty_like(h), h.new_empty((B, D), dtype=compute_dtype(log_a, h, h0))
+def _scan_bwd_fake(dh, d_final, log_a, h, h0, clamp_min, clamp_max):
+    B, T, D = h.shape
+    return (h.new_empty((B, T, D), dtype=log_a.dtype), torch.empty_like(h),
+            h.new_empty((B, D), dtype=compute_dtype(log_a, h, h0)))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    log_a, _, h0 = inputs
+    log_a, _, h0, clamp_min, clamp_max = inputs
     h, _ = output
+    ctx.clamps = {"clamp_min": clamp_min, "clamp_max": clamp_max}
     ctx.h0_dtype = h0.dtype if h0 is not None else None
     ctx.save_for_backward(log_a, h, h0)
 
 
 def _grads(ctx, dh, d_final, bwd):
     log_a, h, h0 = ctx.saved_tensors
-    d_log_a, db, dh0 = bwd(dh, d_final, log_a, h, h0)
-    return d_log_a, db, dh0.to(ctx.h0_dtype) if h0 is not None else None
+    d_log_a, db, dh0 = bwd(dh, d_final, log_a, h, h0, **ctx.clamps)
+    return d_log_a.view(log_a.shape), db, dh0.to(ctx.h0_dtype) if h0 is not None else None, None, None
 
 
 def _backward(ctx, dh, d_final):
@@ -406,9 +452,10 @@ class _ScanFunction(torch.autograd.Function):
     time")."""
 
     @staticmethod
-    def forward(ctx, log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None):
-        h, final = launch_fwd(log_a, b, h0)
-        _setup_context(ctx, (log_a, b, h0), (h, final))
+    def forward(ctx, log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, clamp_min: float,
+                clamp_max: float):
+        h, final = launch_fwd(log_a, b, h0, clamp_min=clamp_min, clamp_max=clamp_max)
+        _setup_context(ctx, (log_a, b, h0, clamp_min, clamp_max), (h, final))
         return h, final
 
     @staticmethod
@@ -417,13 +464,15 @@ class _ScanFunction(torch.autograd.Function):
 
 
 def scan_triton(
-    log_a: torch.Tensor, b: torch.Tensor, initial_state: torch.Tensor | None = None
+    log_a: torch.Tensor, b: torch.Tensor, initial_state: torch.Tensor | None = None,
+    clamp_min: float = -math.inf, clamp_max: float = math.inf,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """h_t = exp(log_a_t) * h_{t-1} + b_t over dim 1, differentiable in every input.
+    """h_t = exp(clamp(log_a_t)) * h_{t-1} + b_t over dim 1, differentiable in every input.
 
     Args:
-        log_a: [B, T, ...] log decays, already clamped to [-50, 0] (fp32 as the caller hands it
-            over; bf16, fp16 and float64 work too).
+        log_a: [B, T, ...] log decays of any float dtype and any strides (a decay expanded over
+            trailing channels is read in place); clamped inside the kernels to [clamp_min,
+            clamp_max], which must enclose 0 (the public dispatcher clamps beforehand otherwise).
         b: [B, T, ...] inputs (bf16, fp16, fp32 or float64), same shape as log_a.
         initial_state: [B, ...] h_0, or None for zeros.
 
@@ -431,13 +480,13 @@ def scan_triton(
         h: [B, T, ...] all states in b's dtype.
         final_state: [B, ...] h_T in the accumulation dtype (fp32; float64 if an input is).
 
-    The trailing dims are flattened to D (a view for contiguous inputs); the backward reads the
+    b's trailing dims are flattened to D (a view for contiguous inputs); the backward reads the
     saved log_a, h and h_0 only.
     """
     B, T = b.shape[:2]
     features = b.shape[2:]
     flat_h0 = initial_state.reshape(B, -1) if initial_state is not None else None
-    args = (log_a.reshape(B, T, -1), b.reshape(B, T, -1), flat_h0)
+    args = (log_a, b.reshape(B, T, -1), flat_h0, float(clamp_min), float(clamp_max))
     # torch.compile sees the registered operators (opaque graph nodes); eager mode runs the same
     # kernels through a plain autograd.Function, which costs less host time per call.
     if torch.compiler.is_compiling():

@@ -7,7 +7,7 @@ size against the torch backend in float64 (itself tested against the loop).
 
 import pytest
 import torch
-from scan_helpers import DEVICE, check, outputs_and_grads, random_inputs
+from scan_helpers import DEVICE, check, outputs_and_grads, past_the_clamps, random_inputs
 
 from mm_rec.core.associative_scan import associative_scan_exponential
 from mm_rec.ops.scan import triton_kernels as st
@@ -49,15 +49,55 @@ def test_half_inputs_match_float64_loop(log_a_dtype, b_dtype):
 
 @pytest.mark.parametrize("T,n_chunks,clamps", [(67, 3, True), (300, 4, False), (5, 5, True)])
 def test_chunked_passes_match_float64_loop(T, n_chunks, clamps):
-    # The chunked path (aggregates, carry scan, rerun) that long B = 1 sequences take on a GPU.
+    # The chunked path (aggregates, carry scan, rerun) that long B = 1 sequences take on a GPU,
+    # with decays past both clamps, which the kernels clamp.
     log_a, b, h0 = random_inputs((2, T, 16), clamps=clamps, scale=2.0 if clamps else 0.02)
-    h, final = st.launch_fwd(log_a, b, h0, n_chunks=n_chunks)
+    if clamps:
+        past_the_clamps(log_a)
+    bounds = {"clamp_min": -50.0, "clamp_max": 0.0}
+    h, final = st.launch_fwd(log_a, b, h0, n_chunks=n_chunks, **bounds)
     dh, d_final = torch.randn_like(b), torch.randn_like(h0)
-    grads = st.launch_bwd(dh, d_final, log_a, h, h0, n_chunks=n_chunks)
+    grads = st.launch_bwd(dh, d_final, log_a, h, h0, n_chunks=n_chunks, **bounds)
     leaves = [t.double().requires_grad_() for t in (log_a, b, h0)]
     h_ref, final_ref = sequential(*leaves)
     torch.autograd.backward([h_ref, final_ref], [dh.double(), d_final.double()])
     check([h, final, *grads], [h_ref, final_ref] + [leaf.grad for leaf in leaves], 1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 67, 33), (1, 5, 3, 4)])
+@pytest.mark.parametrize("bounds", [(-50.0, 0.0), (-3.0, 0.0), (-50.0, -0.05)])
+def test_clamped_inside_the_kernels(shape, bounds):
+    # Decays past the bounds, clamped by the kernels (bounds that enclose 0) or by the dispatcher
+    # before them (bounds that do not): outputs and gradients (zero where clamped) as the loop's.
+    log_a, b, h0 = random_inputs(shape)
+    past_the_clamps(log_a)
+    lo, hi = bounds
+
+    def scan(backend):
+        return lambda *x: associative_scan_exponential(*x, backend=backend, log_clamp_min=lo, log_clamp_max=hi)
+
+    got = outputs_and_grads(scan("triton"), (log_a, b, h0), [torch.float32] * 3)
+    ref = outputs_and_grads(scan("sequential"), (log_a, b, h0), [torch.float64] * 3)
+    check(got, ref, 1e-5)
+    clamped = (log_a < lo) | (log_a > hi)
+    assert clamped.any() and (got[2][clamped] == 0).all()
+
+
+@pytest.mark.parametrize("M", [1, 4, 7])
+@pytest.mark.parametrize("log_a_dtype", [torch.float32, torch.bfloat16])
+def test_broadcast_decay_read_in_place(M, log_a_dtype):
+    # log_a [B, T, K, 1] expanded over M (stride 0), as the memory's level-2 aggregate passes it:
+    # the same outputs and gradients as the materialised tensor, the gradient summed over M.
+    B, T, K = 2, 45, 3
+    base = -torch.rand(B, T, K, 1, device=DEVICE) * 3
+    base[:, ::5] = -70.0
+    b, h0 = torch.randn(B, T, K, M, device=DEVICE), torch.randn(B, K, M, device=DEVICE)
+    dtypes = [log_a_dtype, torch.float32, torch.float32]
+    got = outputs_and_grads(lambda la, x, s: triton_scan(la.expand(B, T, K, M), x, s), (base, b, h0), dtypes)
+    rounded = [base.to(log_a_dtype), b, h0]
+    ref = outputs_and_grads(lambda la, x, s: sequential(la.expand(B, T, K, M).contiguous(), x, s), rounded,
+                            [torch.float64] * 3)
+    check(got, ref, 1e-5 if log_a_dtype == torch.float32 else 1e-2)
 
 
 def test_chunking_plan():
@@ -79,7 +119,7 @@ def test_gradient_from_final_state_alone():
 def test_operator_matches_float64_loop():
     # The registered operators (what torch.compile calls) through their own autograd formula.
     inputs = random_inputs((2, 37, 5))
-    got = outputs_and_grads(lambda *x: torch.ops.mm_rec.scan_fwd(*x), inputs, [torch.float32] * 3)
+    got = outputs_and_grads(lambda *x: torch.ops.mm_rec.scan_fwd(*x, -50.0, 0.0), inputs, [torch.float32] * 3)
     ref = outputs_and_grads(sequential, inputs, [torch.float64] * 3)
     check(got, ref, 1e-5)
 
@@ -92,8 +132,8 @@ def test_gradcheck_float64():
 def test_operator_registration():
     # Schema, fake (meta) implementations and autograd registration, as torch.compile uses them.
     log_a, b, h0 = (t.requires_grad_() for t in random_inputs((2, 5, 3)))
-    torch.library.opcheck(torch.ops.mm_rec.scan_fwd.default, (log_a, b, h0))
-    torch.library.opcheck(torch.ops.mm_rec.scan_fwd.default, (log_a, b, None))
+    torch.library.opcheck(torch.ops.mm_rec.scan_fwd.default, (log_a, b, h0, -50.0, 0.0))
+    torch.library.opcheck(torch.ops.mm_rec.scan_fwd.default, (log_a, b, None, -50.0, 0.0))
 
 
 class _Decayed(torch.nn.Module):
@@ -105,8 +145,7 @@ class _Decayed(torch.nn.Module):
 
     def forward(self, x, h0):
         a, u = self.proj(x).chunk(2, dim=-1)
-        log_a = torch.nn.functional.logsigmoid(a.float()).clamp(-50.0, 0.0)
-        h, final = st.scan_triton(log_a, u, h0)
+        h, final = st.scan_triton(torch.nn.functional.logsigmoid(a.float()), u, h0, -50.0, 0.0)
         return h.sum() + final.sum()
 
 
