@@ -149,7 +149,7 @@ cuda)
     python3 -c "import time, logging; logging.basicConfig(level=logging.INFO); t = time.time(); \
 import mm_rec.cuda as c; assert c.load_extension() is not None; print(f'first build {time.time() - t:.1f} s')" \
         > "$OUT/cuda_build.txt" 2>&1
-    timeout $(left 150) python3 -m pytest -q -m gpu tests/ops/scan/test_scan_cuda.py -x -rf > "$OUT/cuda_tests.txt" 2>&1
+    timeout $(left 150) python3 -m pytest -q -m gpu tests/ops/scan/test_scan_cuda.py tests/ops/scan/test_scan_triton.py -x -rf > "$OUT/cuda_tests.txt" 2>&1
     { timeout $(left 120) python3 benchmarks/bench_scan.py --shapes 8x2048x4096,1x32768x4096 --backends triton,cuda \
           --cuda-variants ${CUDA_VARIANTS:-8x4x2,4x8x2,16x4x1}
       timeout $(left 60) python3 benchmarks/bench_scan.py --shapes 8x2048x4096,1x32768x4096 --backends triton,cuda \
