@@ -21,6 +21,7 @@ CONV_INITS = ("shift", "random")
 LEVEL2_KINDS = ("delta", "mean")
 SLOT_WRITES = ("attention", "mean")
 RETENTIONS = ("learned", "age")
+KEPT_AGE_BIASES = ("linear", "capped")
 
 CONFIG_VERSION = 2
 # Version 1 is every config.json written before the memory was written at token level: it has
@@ -67,6 +68,9 @@ class MMRecConfig:
     slots_per_block: int = 1  # r: sub-slots per block, each summarising C / r consecutive tokens
     retention: str = "learned"  # ring kept by a learned importance score and age ("learned") or by age alone
     recent_slots: int | None = None  # slots kept by age alone when retention is learned; None: S // 2
+    # age bias of the slots kept by importance: "linear" in their age, or "capped" at the newest-by-age
+    # part's span (a kept slot then competes on content and importance, however old)
+    kept_age_bias: str = "linear"
     dropout: float = 0.0  # residual dropout on each branch's output (training only; small-data recipes)
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
@@ -124,6 +128,7 @@ class MMRecConfig:
         need(self.level2 in LEVEL2_KINDS, "level2", f"must be one of {LEVEL2_KINDS}")
         need(self.slot_write in SLOT_WRITES, "slot_write", f"must be one of {SLOT_WRITES}")
         need(self.retention in RETENTIONS, "retention", f"must be one of {RETENTIONS}")
+        need(self.kept_age_bias in KEPT_AGE_BIASES, "kept_age_bias", f"must be one of {KEPT_AGE_BIASES}")
         need(self.chunk_size % self.slots_per_block == 0, "slots_per_block",
              f"must divide chunk_size={self.chunk_size} (each sub-slot covers chunk_size / r tokens)")
         need(self.memory_size_M % self.slots_per_block == 0, "memory_size_M",

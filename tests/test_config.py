@@ -35,6 +35,7 @@ def test_presets_validate(name):
     ("window_size", -2, "non-negative"),
     ("recent_slots", 33, "<= memory_size_M"),
     ("config_version", 3, "newer one needs a newer mm_rec"),
+    ("kept_age_bias", "log", "one of"),
 ])
 def test_invalid_values_name_field_and_rule(field, value, rule):
     with pytest.raises(ValueError, match=rule) as err:

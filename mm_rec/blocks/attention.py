@@ -37,6 +37,10 @@ class MultiMemoryAttention(nn.Module):
         self.memory_size = config.memory_size_M
         self.window_size = config.window_size
         self.chunk_size = config.chunk_size
+        # Slot ages above the newest-by-age part's span (in blocks) count as that span: a slot kept
+        # by importance competes on content and importance, with the bias of the ring's oldest slot.
+        self.age_cap = (config.memory_size_M - config.kept_slots) // config.slots_per_block \
+            if config.kept_slots and config.kept_age_bias == "capped" else None
         self.scale = 1.0 / math.sqrt(config.mem_dim)
         # ALiBi-like geometric spread of slopes: bank 0 favours recent blocks, bank K-1 is flat-ish.
         self.log_age_slope = nn.Parameter(torch.empty(K))
@@ -104,6 +108,9 @@ class MultiMemoryAttention(nn.Module):
         ref = token_block[:, :1]
         slope = self._slopes(acc)[0].view(1, -1, 1, 1)  # [1, K, 1, 1]
         slot_bias = slope * (slot_block - ref[:, :, None]).to(acc)[:, :, None, :]  # [B, K, 1, N]
+        if self.age_cap is not None:  # + slope * (age - cap) where the age passes the cap: [B, K, T, N]
+            age = token_block[:, None, :, None] - slot_block[:, :, None, :]
+            slot_bias = slot_bias + slope * (age - self.age_cap).clamp_min(0).to(acc)
         if hierarchy.slot_importance is not None:
             slot_bias = slot_bias + hierarchy.slot_importance.to(acc)[:, :, None, :]
         scores = torch.matmul(q, keys.transpose(-1, -2)) + F.pad(slot_bias, (0, Wp - N))  # [B, K, T, Wp] in acc
@@ -174,6 +181,8 @@ class MultiMemoryAttention(nn.Module):
         B, K = q.shape[:2]
         age_slope, window_slope = self._slopes(acc)
         age = (view.position // self.chunk_size)[:, None, None] - view.slot_block  # [B, k1, S]
+        if self.age_cap is not None:
+            age = age.clamp_max(self.age_cap)
         slot_bias = -age_slope[:, None] * (age - 1).to(acc)  # [B, K, S]
         if view.slot_importance is not None:
             slot_bias = slot_bias + view.slot_importance.to(acc)

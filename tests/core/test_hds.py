@@ -28,6 +28,7 @@ VARIANTS = {
     "long window": dict(window_size=11, memory_size_M=4, recent_slots=1),
     "no long-term memory": dict(memory_size_M=0),
     "equal importances": dict(memory_size_M=5, recent_slots=2, init=True),  # as at init: ties decide
+    "kept age capped": dict(memory_size_M=5, recent_slots=2, kept_age_bias="capped"),
 }
 
 
@@ -82,7 +83,10 @@ def reference(cfg, hds, attn, q, k, v, gates):
             for slot_id, key, value, importance in [*recent, *kept]:
                 assert slot_id // r < j
                 bias = importance if P else 0.0
-                logits.append(qt @ key / math.sqrt(m) - slopes[bank] * (j - slot_id // r - 1) + bias)
+                age = j - slot_id // r
+                if P and cfg.kept_age_bias == "capped":  # kept slots: the age part's oldest age at most
+                    age = min(age, R // r)
+                logits.append(qt @ key / math.sqrt(m) - slopes[bank] * (age - 1) + bias)
                 values.append(value)
             w = torch.softmax(torch.stack(logits), 0)
             reads[t, bank] = (w[:, None] * torch.stack(values)).sum(0)
