@@ -77,7 +77,8 @@ def add_eval_task_arguments(parser: argparse.ArgumentParser) -> None:
     _add_shared(parser, "--seed", type=int, default=0, help="seed of the model init and every task batch")
     _add_shared(parser, "--out", help="directory for <task>_results.json (and the model trained with --train)")
     _add_shared(parser, "--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
-                help="with --train: override recipe keys, e.g. --set model.window_size=0 model.level2=mean "
+                help="with --train: override recipe keys, e.g. --set model.window_size=0 model.level2=mean; with "
+                     "--checkpoint: model settings without parameters of their own, e.g. model.kept_age_bias=capped "
                      "(the ablations of docs/quality.md)")
     group = parser.add_argument_group("mqar and passkey")
     group.add_argument("--train", action="store_true", help="train on the task first (recipe: <task>.train)")
@@ -110,6 +111,18 @@ def _prepare_model(args: argparse.Namespace, recipe: dict) -> tuple[nn.Module, t
     torch.manual_seed(args.seed)
     if args.checkpoint:
         model = load_model(args.checkpoint)
+        changes = getattr(args, "model_changes", None)
+        if changes:  # settings without parameters of their own (e.g. kept_age_bias): same weights
+            rebuilt = type(model)(model.config.replace(**changes))
+            weights, shapes = model.state_dict(), {k: v.shape for k, v in rebuilt.state_dict().items()}
+            differ = sorted(set(shapes) ^ set(weights)
+                            | {k for k in weights if k in shapes and shapes[k] != weights[k].shape})
+            if differ:
+                raise ValueError(f"--set model.{', model.'.join(changes)} changes the checkpoint's parameters "
+                                 f"({', '.join(differ[:3])}, ...): only settings without parameters of their own "
+                                 "can change at evaluation")
+            rebuilt.load_state_dict(weights)
+            model = rebuilt
     elif args.train and args.config:
         model = build_model(MMRecConfig.from_recipe(recipe), recipe.get("model_type", "mmrec"))
     else:
@@ -227,9 +240,14 @@ def run_eval_task(args: argparse.Namespace) -> int:
     _check_protocol_options(args)
     recipe = load_mapping(args.config) if args.config else {}
     if getattr(args, "overrides", None):
-        if not args.train:
-            raise ValueError("--set changes the recipe of a model to train: give it with --train")
-        recipe = apply_overrides(recipe, args.overrides)
+        if args.train:
+            recipe = apply_overrides(recipe, args.overrides)
+        else:
+            changes = apply_overrides({}, args.overrides)
+            if set(changes) != {"model"}:
+                raise ValueError("without --train, --set changes only model.* settings of the checkpoint "
+                                 "(e.g. --set model.kept_age_bias=capped)")
+            args.model_changes = changes["model"]
     runner = _run_mqar_zoology if args.protocol == "zoology" else runners[args.task]
     report, model = runner(args, recipe)
     if args.out:

@@ -157,6 +157,28 @@ def test_cli_evaluates_a_checkpoint_and_trains(tmp_path, capsys):
     assert "length" in capsys.readouterr().out
 
 
+def test_cli_changes_a_parameterless_setting_of_a_checkpoint(tmp_path, monkeypatch):
+    # --set model.kept_age_bias=capped scores the same weights with the capped age bias; a setting
+    # that changes the parameters, or a non-model key, is refused with one line.
+    torch.manual_seed(0)
+    tiny_model().save_pretrained(tmp_path / "model")
+    seen = []
+    monkeypatch.setattr("mm_rec.cli.tasks.passkey.passkey_grid", lambda model, *a, **k: seen.append(model) or [])
+    parser = argparse.ArgumentParser()
+    add_eval_task_arguments(parser)
+    base = ["--task", "passkey", "--checkpoint", str(tmp_path / "model"), "--lengths", "180", "--set"]
+    assert run_eval_task(parser.parse_args(base + ["model.kept_age_bias=capped"])) == 0
+    model = seen[-1]
+    assert model.config.kept_age_bias == "capped" and model.config.memory_size_M == tiny_model().config.memory_size_M
+    saved = MMRecModel.from_pretrained(tmp_path / "model")
+    for (name, p), q in zip(model.state_dict().items(), saved.state_dict().values()):
+        assert torch.equal(p, q), name
+    with pytest.raises(ValueError, match="changes the checkpoint's parameters"):
+        run_eval_task(parser.parse_args(base + ["model.num_memories=4"]))
+    with pytest.raises(ValueError, match="only model"):
+        run_eval_task(parser.parse_args(base + ["passkey.samples=3"]))
+
+
 def test_training_lengths_curriculum(tmp_path, monkeypatch):
     """passkey.train_lengths: one length drawn per batch, none beyond train_length."""
     import mm_rec.evaluation.passkey as passkey_module
