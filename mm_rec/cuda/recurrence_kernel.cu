@@ -11,25 +11,36 @@
 //
 //   1. every thread: its partial dot product over its R rows with the state h_{t-1}, read from
 //      the CTA's shared vector buffer s_vec[parity]; partial sums to s_red[rg][c]; __syncthreads;
-//   2. threads rg == 0 (one per owned column): sum the RG partials, the gate, the new state of
-//      column col; store it into s_vec[other parity][col] of every CTA of the cluster (distributed
-//      shared memory: a generic store through __cluster_map_shared_rank), then arrive at the
-//      cluster barrier, store h / gate / state to global memory, wait at the barrier (CS = 1: a
-//      __syncthreads instead of the cluster barrier).
+//   2. compute threads rg == 0 (one per owned column): sum the RG partials, the gate, the new
+//      state of column col; store it into s_vec[other parity][col] of every CTA of the cluster
+//      (distributed shared memory: a generic store through __cluster_map_shared_rank) and into
+//      the CTA's output staging s_out; arrive at the cluster barrier (release);
+//   3. I/O threads rg == 1: arrive (relaxed), stage the next step's inputs into s_in (converted
+//      to fp32, exp(log_gamma) taken) and store the previous step's outputs from s_out to global
+//      memory; every thread waits at the cluster barrier (CS = 1: a __syncthreads instead).
 //
 // The vector buffer alternates by step parity: step t reads s_vec[(t - 1) & 1] and writes
 // s_vec[t & 1] of every peer. A peer writes s_vec[t & 1] of this CTA only after the barrier of
 // step t - 1, which this CTA passes only after its reads of s_vec[t & 1] (step t - 1's input,
 // h_{t-2}) are done; so one barrier per step suffices. s_red is rewritten only after the barrier.
 //
-// The per-step inputs do not depend on the state: threads rg == 0 keep the inputs of the next
+// s_in and s_out alternate by step parity too, ordered by the __syncthreads of each step: an
+// entry is written after the __syncthreads of one step (s_in: the inputs of the next step;
+// s_out: this step's outputs), read after that of the next step, rewritten after that of the step
+// after.
+//
+// The per-step inputs do not depend on the state: the I/O threads keep the inputs of the next
 // kUnroll steps in registers (a ring indexed by the unrolled step, refilled kUnroll steps ahead),
-// so their loads overlap kUnroll steps of compute. Global stores are fire-and-forget.
+// so their loads overlap kUnroll steps of compute. The roles are split so that the threads whose
+// arrive has release semantics (which orders all their earlier memory operations, global loads
+// and stores included) never have a global access outstanding; the compute threads touch shared
+// memory only.
 //
 // Backward (reverse loop, the same split with W^T: thread (rg, c) holds W[col][rg * R + k]):
 //     g_t = dh_t + gamma_{t+1} g_{t+1} + dp_{t+1} W^T,   dp_t = g_t z_t s_t (1 - s_t),
 //     dz_t = g_t s_t,   d log_gamma_t = g_t gamma_t h_{t-1},
-// where the broadcast vector is dp_{t+1} (zero at t = T - 1, with dh_last as the carry in). dp is
+// where the broadcast vector is dp_{t+1} (zero at t = T - 1, with dh_last as the carry in); the
+// I/O threads stage dh, z s (1 - s), s, gamma and gamma h_{t-1} and store dz, d log_gamma, dp. dp is
 // written shifted by one row (row t - 1 holds dp_t; dp_0 to dp0), and summed over t per (b, head)
 // for db; dW = sum_t h_{t-1}^T dp_t is one batched matmul afterwards (mm_rec/ops/recurrence/
 // cuda_ops.py). After step 0 one more product gives dh0 = gamma_0 g_0 + dp_0 W^T.
@@ -139,11 +150,19 @@ struct Broadcast {
     }
 };
 
-// End of a step: arrive (release: our stores into the peers' buffers are ordered before it), do
-// work that no peer waits for, then wait (acquire: the peers' stores into ours are visible).
+// End of a step: arrive, do work that no peer waits for, then wait (acquire: the peers' stores
+// into our buffers are visible). The threads that stored into the peers' buffers arrive with
+// release semantics (their stores are ordered before it), the others relaxed: a release would
+// also wait for their outstanding global loads. (CS = 1: arrive is nothing, wait a __syncthreads.)
 template <int CS>
-__device__ __forceinline__ void step_arrive() {
-    if constexpr (CS > 1) __cluster_barrier_arrive();
+__device__ __forceinline__ void step_arrive(bool release) {
+    if constexpr (CS > 1) {
+        if (release) {
+            __cluster_barrier_arrive();
+        } else {
+            __cluster_barrier_arrive_relaxed();
+        }
+    }
 }
 template <int CS>
 __device__ __forceinline__ void step_wait() {
@@ -155,7 +174,7 @@ __device__ __forceinline__ void step_wait() {
 }
 template <int CS>
 __device__ __forceinline__ void cluster_sync_all() {
-    step_arrive<CS>();
+    step_arrive<CS>(true);
     step_wait<CS>();
 }
 
@@ -181,13 +200,25 @@ struct Place {
 };
 
 // ------------------------------------------------------------------ kernels
+// Roles of the row groups after each step's partial products: rg == kCompute finishes the step
+// for column col; rg == kIO moves data between global and shared memory for it (inputs staged one
+// step ahead from a register ring loaded kUnroll steps ahead, outputs stored one step behind), so
+// that the compute threads, which arrive at the cluster barrier with release semantics, have no
+// global load or store outstanding there; the other threads arrive relaxed.
+constexpr int kCompute = 0, kIO = 1;
+
 template <int D, int CS>
 __global__ void __launch_bounds__(Layout<D, CS>::kThreads, Layout<D, CS>::kMinBlocks)
 recurrence_fwd_kernel(const RecurrenceFwdArgs a) {
     using L = Layout<D, CS>;
+    static_assert(L::RG >= 2, "the compute and I/O roles need two row groups");
     constexpr int U = kFwdUnroll;
-    __shared__ __align__(16) float s_vec[2][D];
+    enum { kZ, kGamma };  // staged inputs
+    enum { kH, kGate };   // staged outputs
+    __shared__ __align__(16) float s_vec[2][D];  // h_{t-1} by step parity
     __shared__ float s_red[L::RG][L::NC];
+    __shared__ float s_in[2][2][L::NC];   // [t & 1][kZ, kGamma][c]: inputs of step t
+    __shared__ float s_out[2][2][L::NC];  // [t & 1][kH, kGate][c]: outputs of step t
     const int64_t T = a.shape.T, H = a.shape.H;
     const Place<D, CS> p(H);
 
@@ -202,22 +233,35 @@ recurrence_fwd_kernel(const RecurrenceFwdArgs a) {
     // Element (b, t, head, col) of a [B, T, H, D] tensor is at base + t * stride.
     const int64_t stride = H * D;
     const int64_t base = (p.b * T * H + p.head) * D + p.col;
-    float hc = 0.f, bias = 0.f;  // threads rg == 0: the state of column col, its bias
-    uint32_t zr[U], lr[U];       // ring: slot u holds the inputs of step t0 + u
+    float hc = 0.f, bias = 0.f;  // compute threads: the state of column col, its bias
+    uint32_t zr[U], lr[U];       // I/O threads' ring: slot u holds the inputs of step t0 + u + 1
 #pragma unroll
     for (int u = 0; u < U; ++u) zr[u] = lr[u] = 0u;
-    if (p.rg == 0) {
+    auto stage = [&](int64_t t, uint32_t z_raw, uint32_t lg_raw) {  // inputs of step t into s_in
+        s_in[t & 1][kZ][p.c] = raw_to_float(z_raw, a.z_dtype);
+        s_in[t & 1][kGamma][p.c] = __expf(raw_to_float(lg_raw, a.lg_dtype));
+    };
+    auto store_outputs = [&](int64_t t) {  // outputs of step t from s_out
+        const int64_t at = base + t * stride;
+        const float h = s_out[t & 1][kH][p.c];
+        store_elem(a.h, a.z_dtype, at, h);
+        __stcs(a.gate + at, s_out[t & 1][kGate][p.c]);
+        if (a.states != nullptr) __stcs(a.states + at, h);
+    };
+    if (p.rg == kCompute) {
         hc = a.h0[p.prog * D + p.col];
         bias = a.bias[p.head * D + p.col];
+    } else if (p.rg == kIO) {
+        stage(0, load_raw(a.z, a.z_dtype, base), load_raw(a.log_gamma, a.lg_dtype, base));
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            if (u < T) {
-                zr[u] = load_raw(a.z, a.z_dtype, base + u * stride);
-                lr[u] = load_raw(a.log_gamma, a.lg_dtype, base + u * stride);
+            if (u + 1 < T) {
+                zr[u] = load_raw(a.z, a.z_dtype, base + (u + 1) * stride);
+                lr[u] = load_raw(a.log_gamma, a.lg_dtype, base + (u + 1) * stride);
             }
         }
     }
-    cluster_sync_all<CS>();  // every CTA of the cluster runs, s_vec[1] = h0 everywhere
+    cluster_sync_all<CS>();  // every CTA of the cluster runs; s_vec[1] = h0 and s_in[0] everywhere
 
     for (int64_t t0 = 0; t0 < T; t0 += U) {
 #pragma unroll
@@ -227,33 +271,33 @@ recurrence_fwd_kernel(const RecurrenceFwdArgs a) {
             const int wr = static_cast<int>(t & 1), rd = wr ^ 1;
             s_red[p.rg][p.c] = partial_dot<L::R>(w, &s_vec[rd][p.row0]);
             __syncthreads();
-            float s = 0.f;
-            if (p.rg == 0) {
+            if (p.rg == kCompute) {
                 float y = bias;
 #pragma unroll
                 for (int j = 0; j < L::RG; ++j) y += s_red[j][p.c];
-                s = sigmoid(y);
-                const float z = raw_to_float(zr[u], a.z_dtype);
-                const float gamma = __expf(raw_to_float(lr[u], a.lg_dtype));
-                const int64_t tn = t + U;  // refill the slot: the load has U steps to arrive
-                if (tn < T) {
-                    zr[u] = load_raw(a.z, a.z_dtype, base + tn * stride);
-                    lr[u] = load_raw(a.log_gamma, a.lg_dtype, base + tn * stride);
-                }
-                hc = z * s + gamma * hc;
+                const float s = sigmoid(y);
+                hc = s_in[wr][kZ][p.c] * s + s_in[wr][kGamma][p.c] * hc;
                 peers.put(wr, p.col, hc);
+                s_out[wr][kH][p.c] = hc;
+                s_out[wr][kGate][p.c] = s;
             }
-            step_arrive<CS>();
-            if (p.rg == 0) {
-                const int64_t at = base + t * stride;
-                store_elem(a.h, a.z_dtype, at, hc);
-                __stcs(a.gate + at, s);
-                if (a.states != nullptr) __stcs(a.states + at, hc);
+            step_arrive<CS>(p.rg == kCompute);
+            if (p.rg == kIO) {
+                if (t + 1 < T) {
+                    stage(t + 1, zr[u], lr[u]);
+                    const int64_t tn = t + 1 + U;  // refill the slot: the load has U steps to arrive
+                    if (tn < T) {
+                        zr[u] = load_raw(a.z, a.z_dtype, base + tn * stride);
+                        lr[u] = load_raw(a.log_gamma, a.lg_dtype, base + tn * stride);
+                    }
+                }
+                if (t > 0) store_outputs(t - 1);
             }
             step_wait<CS>();
         }
     }
-    if (p.rg == 0) a.h_last[p.prog * D + p.col] = hc;
+    if (p.rg == kCompute) a.h_last[p.prog * D + p.col] = hc;
+    if (p.rg == kIO) store_outputs(T - 1);
     cluster_sync_all<CS>();  // (no access to a peer follows; kept so that no CTA exits early)
 }
 
@@ -261,9 +305,14 @@ template <int D, int CS>
 __global__ void __launch_bounds__(Layout<D, CS>::kThreads, Layout<D, CS>::kMinBlocks)
 recurrence_bwd_kernel(const RecurrenceBwdArgs a) {
     using L = Layout<D, CS>;
+    static_assert(L::RG >= 2, "the compute and I/O roles need two row groups");
     constexpr int U = kBwdUnroll;
-    __shared__ __align__(16) float s_vec[2][D];
+    enum { kDh, kCoef, kGate, kGamma, kGammaHp, kInputs };  // staged: dh, z s (1 - s), s, gamma, gamma h_{t-1}
+    enum { kDz, kDlg, kDp, kOutputs };                      // staged outputs
+    __shared__ __align__(16) float s_vec[2][D];  // dp_{t+1} by reverse-step parity
     __shared__ float s_red[L::RG][L::NC];
+    __shared__ float s_in[2][kInputs][L::NC];    // [i & 1][...][c]: inputs of reverse step i
+    __shared__ float s_out[2][kOutputs][L::NC];  // [i & 1][...][c]: outputs of reverse step i
     const int64_t T = a.shape.T, H = a.shape.H;
     const Place<D, CS> p(H);
 
@@ -278,8 +327,8 @@ recurrence_bwd_kernel(const RecurrenceBwdArgs a) {
     const int64_t stride = H * D;
     const int64_t base = (p.b * T * H + p.head) * D + p.col;
     const int64_t state_at = p.prog * D + p.col;  // (b, head, col) of a [B, H, D] tensor
-    float gg = 0.f, db = 0.f;  // threads rg == 0: gamma_{t+1} g_{t+1} (dh_last at first), sum of dp
-    // Ring: slot u holds the inputs of reverse step i0 + u, i.e. time T - 1 - (i0 + u).
+    float gg = 0.f, db = 0.f;  // compute threads: gamma_{t+1} g_{t+1} (dh_last at first), sum of dp
+    // I/O threads' ring: slot u holds the inputs of reverse step i0 + u + 1 (time T - 2 - i0 - u).
     uint32_t dhr[U], zr[U], lr[U];
     float sr[U], hpr[U];  // gate s_t, state h_{t-1}
 #pragma unroll
@@ -296,61 +345,79 @@ recurrence_bwd_kernel(const RecurrenceBwdArgs a) {
         const float* prev = t > 0 ? a.states + (at - stride) : a.h0 + state_at;  // h_{t-1}
         hpr[u] = __ldg(prev);
     };
-    if (p.rg == 0) {
+    auto stage = [&](int64_t i, int u) {  // slot u into s_in as the inputs of reverse step i
+        float* in = &s_in[i & 1][0][0];
+        const float s = sr[u], gamma = __expf(raw_to_float(lr[u], a.lg_dtype));
+        in[kDh * L::NC + p.c] = raw_to_float(dhr[u], a.dh_dtype);
+        in[kCoef * L::NC + p.c] = raw_to_float(zr[u], a.z_dtype) * s * (1.f - s);
+        in[kGate * L::NC + p.c] = s;
+        in[kGamma * L::NC + p.c] = gamma;
+        in[kGammaHp * L::NC + p.c] = gamma * hpr[u];
+    };
+    auto store_outputs = [&](int64_t i) {  // outputs of reverse step i (time T - 1 - i) from s_out
+        const int64_t t = T - 1 - i;
+        const int64_t at = base + t * stride;
+        store_elem(a.dz, a.z_dtype, at, s_out[i & 1][kDz][p.c]);
+        store_elem(a.dlg, a.lg_dtype, at, s_out[i & 1][kDlg][p.c]);
+        const float dp = s_out[i & 1][kDp][p.c];
+        if (t > 0) {
+            __stcs(a.dp + at - stride, dp);  // row t - 1 holds dp_t
+        } else {
+            a.dp0[state_at] = dp;
+        }
+    };
+    if (p.rg == kCompute) {
         gg = a.dh_last[state_at];
+    } else if (p.rg == kIO) {
         __stcs(a.dp + base + (T - 1) * stride, 0.f);  // row T - 1 of the shifted dp
+        load_slot(0, T - 1);
+        stage(0, 0);  // waits for these loads, once
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            if (u < T) load_slot(u, T - 1 - u);
+            if (u + 1 < T) load_slot(u, T - 2 - u);
         }
     }
-    cluster_sync_all<CS>();  // every CTA of the cluster runs, s_vec[1] = 0 everywhere
+    cluster_sync_all<CS>();  // every CTA of the cluster runs; s_vec[1] = 0 and s_in[0] everywhere
 
     for (int64_t i0 = 0; i0 < T; i0 += U) {
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            const int64_t i = i0 + u;
-            if (i >= T) break;  // uniform over the cluster
-            const int64_t t = T - 1 - i;
+            const int64_t i = i0 + u;  // reverse step: time T - 1 - i
+            if (i >= T) break;         // uniform over the cluster
             const int wr = static_cast<int>(i & 1), rd = wr ^ 1;
             s_red[p.rg][p.c] = partial_dot<L::R>(w, &s_vec[rd][p.row0]);  // (dp_{t+1} W^T)[col], split
             __syncthreads();
-            float g = 0.f, s = 0.f, gamma = 0.f, hp = 0.f, dp = 0.f;
-            if (p.rg == 0) {
+            if (p.rg == kCompute) {
                 float y = 0.f;
 #pragma unroll
                 for (int j = 0; j < L::RG; ++j) y += s_red[j][p.c];
-                const float dh = raw_to_float(dhr[u], a.dh_dtype);
-                const float z = raw_to_float(zr[u], a.z_dtype);
-                gamma = __expf(raw_to_float(lr[u], a.lg_dtype));
-                s = sr[u];
-                hp = hpr[u];
-                const int64_t tn = t - U;  // refill the slot with the step U further back
-                if (tn >= 0) load_slot(u, tn);
-                g = dh + (gg + y);
-                dp = g * (z * s * (1.f - s));
-                gg = gamma * g;
+                const float* in = &s_in[wr][0][0];
+                const float g = in[kDh * L::NC + p.c] + (gg + y);
+                const float dp = g * in[kCoef * L::NC + p.c];
+                gg = in[kGamma * L::NC + p.c] * g;
                 db += dp;
                 peers.put(wr, p.col, dp);
+                s_out[wr][kDz][p.c] = g * in[kGate * L::NC + p.c];
+                s_out[wr][kDlg][p.c] = g * in[kGammaHp * L::NC + p.c];
+                s_out[wr][kDp][p.c] = dp;
             }
-            step_arrive<CS>();
-            if (p.rg == 0) {
-                const int64_t at = base + t * stride;
-                store_elem(a.dz, a.z_dtype, at, g * s);
-                store_elem(a.dlg, a.lg_dtype, at, g * gamma * hp);
-                if (t > 0) {
-                    __stcs(a.dp + at - stride, dp);
-                } else {
-                    a.dp0[state_at] = dp;
+            step_arrive<CS>(p.rg == kCompute);
+            if (p.rg == kIO) {
+                if (i + 1 < T) {
+                    stage(i + 1, u);
+                    const int64_t tn = T - 2 - i - U;  // refill the slot with the step U further back
+                    if (tn >= 0) load_slot(u, tn);
                 }
+                if (i > 0) store_outputs(i - 1);
             }
             step_wait<CS>();
         }
     }
+    if (p.rg == kIO) store_outputs(T - 1);
     // dh0 = gamma_0 g_0 + dp_0 W^T; dp_0 was written at reverse step T - 1.
     s_red[p.rg][p.c] = partial_dot<L::R>(w, &s_vec[static_cast<int>((T - 1) & 1)][p.row0]);
     __syncthreads();
-    if (p.rg == 0) {
+    if (p.rg == kCompute) {
         float y = 0.f;
 #pragma unroll
         for (int j = 0; j < L::RG; ++j) y += s_red[j][p.c];
