@@ -6,12 +6,18 @@ Times, in one run and on the same bf16 inputs (z bf16; log_gamma, W_g, b_g, h_0 
   * a plain per-token PyTorch loop differentiated by autograd (the earlier attempt's approach);
   * for scale, the layer's matmuls: [B*T, D] x [D, 4*D + 3*ffn] in bf16 (MM-Rec projections
     plus a SwiGLU FFN), forward and forward+backward;
-and prints a Markdown table with the device and the date. `--variants` also times the raw
-kernels under several launch configurations (unroll depth, L2 prefetch distance, warps, row
-groups of W_g) and checks each against the default configuration's outputs.
+  * with `--backends ...,cuda`: the CUDA C++ kernels (`backend="cuda"`, mm_rec/cuda/recurrence_kernel.cu)
+    at each cluster size of `--cluster-sizes` (CTAs per (batch row, head); 0 = the default rule),
+    after checking that their outputs and gradients agree with Triton's; per-step latency
+    (ns per step, forward and backward) against the cluster size;
+and prints a Markdown table with the device and the date. `--backends` picks the rows (Triton is
+always timed: the others are compared with it). `--variants` also times the raw Triton kernels
+under several launch configurations (unroll depth, L2 prefetch distance, warps, row groups of W_g)
+and checks each against the default configuration's outputs.
 
     python benchmarks/bench_recurrence.py [--shapes 8x2048,1x32768] [--heads 32] [--head-dim 128]
                                           [--ffn 11008] [--variants]
+                                          [--backends triton,torch,naive,matmuls,cuda] [--cluster-sizes 0,1,2,4]
 """
 
 from __future__ import annotations
@@ -132,6 +138,49 @@ def time_variants(inputs, fwd_configs, bwd_configs) -> list[tuple[str, str, floa
     return rows
 
 
+def grads_of(fn, inputs, dh, dh_last) -> list[torch.Tensor]:
+    """[h, h_last, dz, d log_gamma, dW_g, db_g, dh0] of fn(*inputs) for the given output gradients."""
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    h, h_last = fn(*leaves)
+    torch.autograd.backward([h, h_last], [dh, dh_last])
+    return [h.detach(), h_last.detach()] + [leaf.grad for leaf in leaves]
+
+
+def cuda_rows(inputs, cluster_sizes, tri, shape, T) -> tuple[list, list]:
+    """Time the CUDA kernels at each cluster size after checking them against Triton's results:
+    (result rows, notes)."""
+    from mm_rec.cuda import load_extension
+    from mm_rec.ops.recurrence.cuda_ops import recurrence_cuda
+
+    ext = load_extension()
+    if ext is None:
+        return [], [f"{shape}: CUDA kernels unavailable (see the log): not timed"]
+    B, _, H, d = inputs[0].shape
+    dh, dh_last = torch.randn_like(inputs[0]), torch.randn_like(inputs[4])
+    want = grads_of(lambda *x: mmrec_recurrence(*x, backend="triton"), inputs, dh, dh_last)
+    rows, notes = [], []
+    default = ext.recurrence_cluster_size(B * H, d)
+    for cs in cluster_sizes:
+        fn = lambda *x, cs=cs: recurrence_cuda(*x, cluster_size=cs)
+        got = grads_of(fn, inputs, dh, dh_last)
+        err = max(rel_err(g, w) for g, w in zip(got, want))
+        real_cs = cs or default
+        resident = ext.recurrence_max_active_clusters(d, real_cs, True)
+        label = f"CUDA kernels, cluster size {real_cs}" + (" (default rule)" if cs == 0 else "")
+        if not err < 1e-2:  # bf16 h: agreement within bf16 rounding
+            print(f"MISMATCH: {label} at {shape}: largest relative difference from Triton {err:.2e}", flush=True)
+            label += f" (DIFFERS from Triton: {err:.1e})"
+        fwd, both = time_recurrence(fn, inputs, 50, True)
+        rows.append((label, shape, fwd, both))
+        print("measured:", *rows[-1], flush=True)
+        notes.append(f"{shape}: {label}: fwd {fwd:.3f} ms ({tri[0] / fwd:.2f}x Triton), fwd+bwd {both:.3f} ms "
+                     f"({tri[1] / both:.2f}x Triton); per step: forward {fwd / T * 1e6:.0f} ns, backward "
+                     f"{(both - fwd) / T * 1e6:.0f} ns (Triton {tri[0] / T * 1e6:.0f} / "
+                     f"{(tri[1] - tri[0]) / T * 1e6:.0f}); {B * H} clusters of {real_cs} CTAs, at most "
+                     f"{resident} resident; max rel. diff from Triton {err:.1e}")
+    return rows, notes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="8x2048,1x32768", help="comma-separated BxT")
@@ -139,7 +188,16 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--ffn", type=int, default=11008, help="FFN width of the layer whose matmuls are timed")
     parser.add_argument("--variants", action="store_true", help="also time the raw kernels per launch config")
+    parser.add_argument("--backends", default="triton,torch,naive,matmuls",
+                        help="rows to time: triton (always), torch, naive, matmuls, cuda")
+    parser.add_argument("--cluster-sizes", default="0,1,2,4",
+                        help="cluster sizes of the cuda rows (0: the default rule)")
     args = parser.parse_args()
+    methods = set(args.backends.split(","))
+    unknown = methods - {"triton", "torch", "naive", "matmuls", "cuda"}
+    if unknown:
+        raise SystemExit(f"unknown backends {sorted(unknown)}")
+    cluster_sizes = [int(c) for c in args.cluster_sizes.split(",")]
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     H, d = args.heads, args.head_dim
@@ -153,19 +211,30 @@ def main() -> None:
         shape = f"[{B}, {T}, {H}, {d}]"
         tri = time_recurrence(lambda *x: mmrec_recurrence(*x, backend="triton"), inputs, 50, True)
         results.append(("Triton fused kernels", shape, *tri))
-        ref = time_recurrence(lambda *x: mmrec_recurrence(*x, backend="torch"), inputs, 3 if T <= 4096 else 1, True)
-        results.append(("PyTorch backend (loop of bmm, manual backward)", shape, *ref))
-        naive = time_recurrence(naive_loop, inputs, 3 if T <= 4096 else 1, T <= 4096)
-        results.append(("per-token PyTorch loop (autograd)", shape, *naive))
-        mm = time_matmuls(B * T, D, args.ffn)
-        results.append((f"layer matmuls [{B * T}, {D}] x [{D}, {4 * D + 3 * args.ffn}] bf16", shape, *mm))
-        for row in results[-4:]:
-            print("measured:", *row, flush=True)
-        notes.append(f"{shape}: Triton fwd+bwd = {tri[1]:.2f} ms = {tri[1] / mm[1]:.3f} x the layer matmuls' "
-                     f"fwd+bwd; {ref[1] / tri[1]:.0f}x faster than the PyTorch backend; forward "
-                     f"{naive[0] / tri[0]:.0f}x faster than the per-token loop; per step: forward "
-                     f"{tri[0] / T * 1e6:.0f} ns, backward {(tri[1] - tri[0]) / T * 1e6:.0f} ns; "
-                     f"saved for backward {saved_bytes(inputs) / 2**20:.0f} MiB")
+        print("measured:", *results[-1], flush=True)
+        note = (f"{shape}: Triton per step: forward {tri[0] / T * 1e6:.0f} ns, backward "
+                f"{(tri[1] - tri[0]) / T * 1e6:.0f} ns; saved for backward {saved_bytes(inputs) / 2**20:.0f} MiB")
+        cuda_notes = []
+        if "cuda" in methods:
+            rows, cuda_notes = cuda_rows(inputs, cluster_sizes, tri, shape, T)
+            results += rows
+        if "torch" in methods:
+            ref = time_recurrence(lambda *x: mmrec_recurrence(*x, backend="torch"), inputs,
+                                  3 if T <= 4096 else 1, True)
+            results.append(("PyTorch backend (loop of bmm, manual backward)", shape, *ref))
+            print("measured:", *results[-1], flush=True)
+            note += f"; {ref[1] / tri[1]:.0f}x faster than the PyTorch backend"
+        if "naive" in methods:
+            naive = time_recurrence(naive_loop, inputs, 3 if T <= 4096 else 1, T <= 4096)
+            results.append(("per-token PyTorch loop (autograd)", shape, *naive))
+            print("measured:", *results[-1], flush=True)
+            note += f"; forward {naive[0] / tri[0]:.0f}x faster than the per-token loop"
+        if "matmuls" in methods:
+            mm = time_matmuls(B * T, D, args.ffn)
+            results.append((f"layer matmuls [{B * T}, {D}] x [{D}, {4 * D + 3 * args.ffn}] bf16", shape, *mm))
+            print("measured:", *results[-1], flush=True)
+            note += f"; Triton fwd+bwd = {tri[1]:.2f} ms = {tri[1] / mm[1]:.3f} x the layer matmuls' fwd+bwd"
+        notes += [note] + cuda_notes
         if args.variants:
             def cfg(u, pf=0, w=4, g=4):
                 name = f"unroll {u}, L2 prefetch {pf}, {w} warps, {g} row groups"

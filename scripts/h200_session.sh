@@ -9,7 +9,9 @@
 #   OUT=/tmp/h200 LR=0.001 bash scripts/h200_session.sh ablations   # MQAR (Zoology) with memory pieces off
 #   OUT=/tmp/h200 PASSKEY_ABLATIONS="retention=age level2=mean" bash scripts/h200_session.sh passkey
 #   OUT=/tmp/h200 bash scripts/h200_session.sh widths     # MQAR (Zoology) at widths 64 and 256
-#   OUT=/tmp/h200 bash scripts/h200_session.sh cuda       # alone: build + test the CUDA scan, bench_scan
+#   OUT=/tmp/h200 bash scripts/h200_session.sh cuda       # alone: build + test the CUDA scan and recurrence,
+#                                                       # bench_scan, bench_recurrence (CUDA_OPS=recurrence:
+#                                                       # the recurrence's steps only)
 #   OUT=/tmp/h200 bash scripts/h200_session.sh decode     # alone: JAX scan bench, decode GPU tests, MM-Rec's
 #                                                       # bench_generate (bf16/int8/int4; carry torchao's wheel
 #                                                       # in .whl, device README: pip install --target, PYTHONPATH)
@@ -143,17 +145,30 @@ widths)
     finish
     ;;
 cuda)
-    # Alone on the GPU (timings): build the CUDA kernels (mm_rec/cuda; build time stated), their GPU
-    # tests, then bench_scan with Triton and CUDA side by side (bf16 and fp32 b) and the CUDA
-    # launch-shape sweep. Each step stops by second $DEADLINE.
-    python3 -c "import time, logging; logging.basicConfig(level=logging.INFO); t = time.time(); \
+    # Alone on the GPU (timings): build the CUDA kernels (mm_rec/cuda; build time stated), then per op
+    # of $CUDA_OPS (default "scan recurrence"): the scan's GPU tests, bench_scan with Triton and CUDA
+    # side by side (bf16 and fp32 b) and the CUDA launch-shape sweep; the recurrence's GPU tests
+    # (every cluster size against the float64 loop), bench_recurrence with Triton and the CUDA
+    # kernels at cluster sizes 1, 2, 4 and the default rule (per-step latency against the cluster
+    # size). Each step stops by second $DEADLINE.
+    CUDA_OPS=" ${CUDA_OPS:-scan recurrence} "
+    timeout $(left 240) python3 -c "import time, logging; logging.basicConfig(level=logging.INFO); t = time.time(); \
 import mm_rec.cuda as c; assert c.load_extension() is not None; print(f'first build {time.time() - t:.1f} s')" \
         > "$OUT/cuda_build.txt" 2>&1
-    timeout $(left 150) python3 -m pytest -q -m gpu tests/ops/scan/test_scan_cuda.py tests/ops/scan/test_scan_triton.py -x -rf > "$OUT/cuda_tests.txt" 2>&1
-    { timeout $(left 120) python3 benchmarks/bench_scan.py --shapes 8x2048x4096,1x32768x4096 --backends triton,cuda \
-          --cuda-variants ${CUDA_VARIANTS:-8x4x2,4x8x2,16x4x1}
-      timeout $(left 60) python3 benchmarks/bench_scan.py --shapes 8x2048x4096,1x32768x4096 --backends triton,cuda \
-          --b-dtype fp32; } > "$OUT/bench_scan.txt" 2>&1
+    if [[ $CUDA_OPS == *" scan "* ]]; then
+        timeout $(left 150) python3 -m pytest -q -m gpu tests/ops/scan/test_scan_cuda.py tests/ops/scan/test_scan_triton.py \
+            -x -rf > "$OUT/cuda_tests.txt" 2>&1
+        { timeout $(left 120) python3 benchmarks/bench_scan.py --shapes 8x2048x4096,1x32768x4096 --backends triton,cuda \
+              --cuda-variants ${CUDA_VARIANTS:-8x4x2,4x8x2,16x4x1}
+          timeout $(left 60) python3 benchmarks/bench_scan.py --shapes 8x2048x4096,1x32768x4096 --backends triton,cuda \
+              --b-dtype fp32; } > "$OUT/bench_scan.txt" 2>&1
+    fi
+    if [[ $CUDA_OPS == *" recurrence "* ]]; then
+        timeout $(left 200) python3 -m pytest -q -m gpu tests/ops/recurrence/test_recurrence_cuda.py -rf \
+            > "$OUT/cuda_recurrence_tests.txt" 2>&1
+        timeout $(left 180) python3 benchmarks/bench_recurrence.py --shapes 1x32768,8x2048 --backends triton,cuda \
+            --cluster-sizes ${CLUSTER_SIZES:-0,1,2,4} > "$OUT/bench_recurrence.txt" 2>&1
+    fi
     finish
     ;;
 decode)

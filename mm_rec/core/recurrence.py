@@ -8,16 +8,18 @@ heads). The gate depends on h_{t-1}, so the recurrence is nonlinear and runs ste
 This module is the public dispatcher: it checks the arguments, fills in the defaults (zero bias,
 zero initial state) and hands the work to a backend of `mm_rec.ops.recurrence`: "torch" (a loop
 of batched matmuls whose backward is a hand-written reverse loop, so memory is O(B*T*H*d) rather
-than a T-step autograd graph), "triton" (the fused kernels), "sequential" (float64 loop through
-autograd: the oracle), and "auto" (Triton on CUDA, torch elsewhere). "cuda" is accepted for
-symmetry with the scan but has no CUDA C++ kernel yet: it runs what "auto" runs.
+than a T-step autograd graph), "triton" (the fused kernels), "cuda" (the CUDA C++ kernels of
+`mm_rec.cuda`, one head's step spread over a Hopper thread-block cluster; head dims 32, 64, 128,
+fp32 accumulation: everything else, and a machine where they cannot be built, runs what "auto"
+runs), "sequential" (float64 loop through autograd: the oracle), and "auto" (Triton on CUDA, torch
+elsewhere).
 """
 
 from __future__ import annotations
 
 import torch
 
-from mm_rec.ops import BACKENDS, compute_dtype, triton_available
+from mm_rec.ops import BACKENDS, compute_dtype, cuda_kernels_available, triton_available
 from mm_rec.ops.recurrence import MMRecRecurrence, recurrence_sequential, recurrence_step
 
 __all__ = ["MMRecRecurrence", "mmrec_recurrence", "mmrec_recurrence_step"]
@@ -61,7 +63,13 @@ def mmrec_recurrence(
         b_g = torch.zeros(H, d, device=z.device, dtype=acc)
     if initial_state is None:
         initial_state = torch.zeros(B, H, d, device=z.device, dtype=acc)
-    if backend in ("auto", "cuda"):  # "cuda": no CUDA C++ recurrence yet (the scan has one); Triton's kernel
+    if backend == "cuda":
+        from mm_rec.ops.recurrence import cuda_ops  # registers the operators on first use
+
+        if cuda_ops.covers(z, log_gamma, W_g, b_g, initial_state) and cuda_kernels_available():
+            return cuda_ops.recurrence_cuda(z, log_gamma, W_g, b_g, initial_state)
+        backend = "auto"  # not built here (load_extension said why), float64, other head dims or CPU tensors
+    if backend == "auto":
         backend = "triton" if z.is_cuda and triton_available() else "torch"
 
     if backend == "triton":

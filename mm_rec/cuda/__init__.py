@@ -1,13 +1,17 @@
 """CUDA C++ kernels, built just in time with `torch.utils.cpp_extension` (ninja) on first use.
 
-    scan_kernel.cu / scan_kernel.h   single-pass log-space scan with decoupled look-back
-    binding.cpp                      the PyTorch binding (checks, allocation, current stream)
+    scan_kernel.cu / scan_kernel.h             single-pass log-space scan with decoupled look-back
+    recurrence_kernel.cu / recurrence_kernel.h  core recurrence, one head's step spread over a
+                                                thread-block cluster of 1, 2 or 4 CTAs (Hopper)
+    dtype.h                                     the element types both read
+    binding.cpp                                 the PyTorch binding (checks, allocation, current stream)
 
 `load_extension()` builds the module once per source version and machine (cached under
 torch's extension directory, `TORCH_EXTENSIONS_DIR`; the first build takes about a minute) and
 returns it, or returns None when it cannot be built here (no CUDA GPU, a CPU build of PyTorch,
 no CUDA toolkit, or `MMREC_DISABLE_CUDA_KERNELS=1`), after one notice naming the reason. Callers
-then fall back to the Triton or torch backends (`mm_rec.core.associative_scan`).
+then fall back to the Triton or torch backends (`mm_rec.core.associative_scan`,
+`mm_rec.core.recurrence`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ __all__ = ["build", "load_extension", "unavailable_reason"]
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = ("binding.cpp", "scan_kernel.cu")
+_SOURCES = ("binding.cpp", "scan_kernel.cu", "recurrence_kernel.cu")
 _EXTENSION: ModuleType | None = None
 _FAILURE: str | None = None  # why the extension is not available (set once)
 
@@ -53,7 +57,8 @@ def _arch_flags() -> list[str]:
 
 def build(name: str = "mm_rec_cuda", defines: dict[str, int] | None = None) -> ModuleType:
     """Build (or load from the cache) the extension; raises on failure. `defines` set the kernels'
-    launch-shape macros (MMREC_SCAN_WARPS, MMREC_SCAN_STEPS, MMREC_SCAN_MIN_BLOCKS) for sweeps."""
+    launch-shape macros (MMREC_SCAN_WARPS, MMREC_SCAN_STEPS, MMREC_SCAN_MIN_BLOCKS; MMREC_REC_ROW_GROUPS,
+    MMREC_REC_ROW_GROUPS_CS1, MMREC_REC_FWD_UNROLL, MMREC_REC_BWD_UNROLL) for sweeps."""
     from torch.utils.cpp_extension import load
 
     here = Path(__file__).parent

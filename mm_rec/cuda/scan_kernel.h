@@ -13,9 +13,9 @@
 
 #include <cuda_runtime.h>
 
-namespace mmrec_cuda {
+#include "dtype.h"
 
-enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+namespace mmrec_cuda {
 
 struct LogAView {
     const void* data;

@@ -3,6 +3,8 @@
     reference.py        torch backend (`MMRecRecurrence`, hand-written backward) and float64 loop
     triton_kernels.py   fused Triton kernels and the `mm_rec::recurrence_fwd` / `_bwd` operators
                         (imported on demand: needs Triton)
+    cuda_ops.py         the CUDA kernels of mm_rec/cuda (recurrence_kernel.cu) as the
+                        `mm_rec::cuda_recurrence_fwd` / `_bwd` operators (backend "cuda")
 
 Public entry point, with argument checks and backend choice: `mm_rec.core.recurrence`.
 Tests: tests/ops/recurrence/.
