@@ -16,13 +16,15 @@
 #                                                       # bench_generate (bf16/int8/int4; carry torchao's wheel
 #                                                       # in .whl, device README: pip install --target, PYTHONPATH)
 #   OUT=/tmp/h200 bash scripts/h200_session.sh decode_hf  # alone: the Hugging Face Llama beside MM-Rec
+#   OUT=/tmp/h200 bash scripts/h200_session.sh priority   # alone, when one call is all there is: JAX scan bench,
+#                                                       # CUDA build + GPU tests, bench_scan, recurrence sweep
 # DEADLINE (default 580): the second of the phase by which every step has stopped.
 #
 # Runs share the GPU (small models leave it mostly idle), so steps, not wall time, compare them.
 # Each run is stopped by a time budget (it then evaluates and writes its results); the results
 # come back in $OUT: logs and runs.tgz (every run's JSON and log; no weights).
 set -u
-PHASE=${1:?usage: h200_session.sh recall|lm|ablations|passkey|widths|cuda|decode|decode_hf}
+PHASE=${1:?usage: h200_session.sh recall|lm|ablations|passkey|widths|cuda|priority|decode|decode_hf}
 OUT=${OUT:-runs/h200-out}
 RUNS=runs/h200
 mkdir -p "$OUT" "$RUNS"
@@ -169,6 +171,23 @@ import mm_rec.cuda as c; assert c.load_extension() is not None; print(f'first bu
         timeout $(left 180) python3 benchmarks/bench_recurrence.py --shapes 1x32768,8x2048 --backends triton,cuda \
             --cluster-sizes ${CLUSTER_SIZES:-0,1,2,4} > "$OUT/bench_recurrence.txt" 2>&1
     fi
+    finish
+    ;;
+priority)
+    # One call when the device allows only one: the JAX scan beside Triton (issue 17), the CUDA kernels'
+    # build and GPU tests (scan, recurrence), bench_scan without the variant sweep, the recurrence's
+    # cluster-size sweep at the acceptance shape. Each step stops by second $DEADLINE.
+    timeout $(left 240) python3 -c "import time, logging; logging.basicConfig(level=logging.INFO); t = time.time(); \
+import mm_rec.cuda as c; assert c.load_extension() is not None; print(f'first build {time.time() - t:.1f} s')" \
+        > "$OUT/cuda_build.txt" 2>&1
+    timeout $(left 70) python3 benchmarks/bench_jax_scan.py --shapes 8x2048x4096 > "$OUT/jax_scan.txt" 2>&1
+    timeout $(left 100) python3 -m pytest -q -m gpu tests/ops/scan/test_scan_cuda.py -x -rf > "$OUT/cuda_tests.txt" 2>&1
+    timeout $(left 120) python3 -m pytest -q -m gpu tests/ops/recurrence/test_recurrence_cuda.py -x -rf \
+        > "$OUT/cuda_recurrence_tests.txt" 2>&1
+    timeout $(left 90) python3 benchmarks/bench_scan.py --shapes 8x2048x4096,1x32768x4096 --backends triton,cuda \
+        --no-torch > "$OUT/bench_scan.txt" 2>&1
+    timeout $(left 100) python3 benchmarks/bench_recurrence.py --shapes 1x32768 --backends triton,cuda \
+        --cluster-sizes 1,2,4 > "$OUT/bench_recurrence.txt" 2>&1
     finish
     ;;
 decode)
