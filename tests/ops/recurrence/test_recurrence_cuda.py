@@ -10,47 +10,15 @@ The `gpu` tests skip with the reason when the extension cannot be built on the m
 
 import pytest
 import torch
+from recurrence_helpers import GRAD_NAMES, outputs_and_grads, random_inputs, rel_err
 
 import mm_rec.cuda as mm_cuda
 from mm_rec.core.recurrence import mmrec_recurrence
 from mm_rec.ops.recurrence import cuda_ops
 from mm_rec.ops.recurrence.cuda_ops import recurrence_cuda
 
-GRAD_NAMES = ["h", "h_last", "dz", "dlog_gamma", "dW_g", "db_g", "dh0"]
 FP32 = [torch.float32] * 5
 FP64 = [torch.float64] * 5
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
-
-
-def random_inputs(B, T, H, d, extreme=False, device="cpu", seed=0):
-    """Fresh inputs; `extreme` puts decays at both clamps (gamma = e^-50 and gamma = 1)."""
-    gen = torch.Generator().manual_seed(seed)
-    z = torch.randn(B, T, H, d, generator=gen)
-    log_gamma = -torch.rand(B, T, H, d, generator=gen) * 2
-    if extreme:
-        log_gamma[:, ::3] = -50.0
-        log_gamma[:, 1::4] = 0.0
-    W_g = torch.randn(H, d, d, generator=gen) / d**0.5
-    b_g = torch.randn(H, d, generator=gen)
-    h0 = torch.randn(B, H, d, generator=gen)
-    return [t.to(device) for t in (z, log_gamma, W_g, b_g, h0)]
-
-
-def outputs_and_grads(fn, inputs, dtypes, use_h=True):
-    """Run fn(z, log_gamma, W_g, b_g, h0) on copies of `inputs` cast to `dtypes`, backpropagate a
-    random weighting of the outputs (h_last alone unless use_h), return [h, h_last, dz, dlog_gamma,
-    dW_g, db_g, dh0]."""
-    leaves = [t.detach().to(dt).clone().requires_grad_() for t, dt in zip(inputs, dtypes)]
-    h, h_last = fn(*leaves)
-    gen = torch.Generator().manual_seed(1)
-    w_h = torch.randn(h.shape, generator=gen).to(h.device, h.dtype)
-    w_last = torch.randn(h_last.shape, generator=gen).to(h.device, h_last.dtype)
-    loss = (h_last * w_last).sum() + ((h * w_h).sum() if use_h else 0)
-    loss.backward()
-    return [h.detach(), h_last.detach()] + [leaf.grad for leaf in leaves]
 
 
 def sequential(*inputs):
@@ -165,7 +133,7 @@ def test_operators_around_emulated_kernels_match_float64_loop(emulated, B, T, H,
     inputs = random_inputs(B, T, H, d, extreme)
     ref = outputs_and_grads(sequential, inputs, FP64)
     for cs in (0, 2):
-        got = outputs_and_grads(lambda *x: recurrence_cuda(*x, cluster_size=cs), inputs, FP32)
+        got = outputs_and_grads(lambda *x, cs=cs: recurrence_cuda(*x, cluster_size=cs), inputs, FP32)
         check(got, ref, 1e-5, FP32)
     assert emulated.cluster_sizes == [0, 2]
 

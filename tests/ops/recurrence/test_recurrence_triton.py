@@ -6,6 +6,9 @@ TRITON_INTERPRET=1), at small shapes; the `gpu` tests run the compiled kernels a
 
 import pytest
 import torch
+from recurrence_helpers import GRAD_NAMES, rel_err
+from recurrence_helpers import outputs_and_grads as fn_outputs_and_grads
+from recurrence_helpers import random_inputs as cpu_random_inputs
 
 from mm_rec.core.recurrence import mmrec_recurrence
 from mm_rec.ops.recurrence.triton_kernels import recurrence_triton
@@ -15,36 +18,15 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 # Small-shape tests run the compiled kernels where there is a GPU, the interpreter elsewhere.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-GRAD_NAMES = ["h", "h_last", "dz", "dlog_gamma", "dW_g", "db_g", "dh0"]
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
 def random_inputs(B, T, H, d, extreme=False, device=DEVICE):
-    """Fresh inputs; `extreme` puts decays at both clamps (gamma = e^-50 and gamma = 1)."""
-    z = torch.randn(B, T, H, d, device=device)
-    log_gamma = -torch.rand(B, T, H, d, device=device) * 2
-    if extreme:
-        log_gamma[:, ::3] = -50.0
-        log_gamma[:, 1::4] = 0.0
-    W_g = torch.randn(H, d, d, device=device) / d**0.5
-    b_g = torch.randn(H, d, device=device)
-    h0 = torch.randn(B, H, d, device=device)
-    return z, log_gamma, W_g, b_g, h0
+    return cpu_random_inputs(B, T, H, d, extreme, device)
 
 
 def outputs_and_grads(inputs, backend, dtypes):
-    """Run `backend` on copies of `inputs` cast to `dtypes`, backpropagate a random weighting of
-    both outputs, and return [h, h_last, dz, dlog_gamma, dW_g, db_g, dh0]."""
-    leaves = [t.detach().to(dt).clone().requires_grad_() for t, dt in zip(inputs, dtypes)]
-    h, h_last = mmrec_recurrence(*leaves, backend=backend)
-    gen = torch.Generator().manual_seed(1)
-    w_h = torch.randn(h.shape, generator=gen).to(h.device, h.dtype)
-    w_last = torch.randn(h_last.shape, generator=gen).to(h.device, h_last.dtype)
-    ((h * w_h).sum() + (h_last * w_last).sum()).backward()
-    return [h, h_last] + [leaf.grad for leaf in leaves]
+    """[h, h_last, dz, dlog_gamma, dW_g, db_g, dh0] of `mmrec_recurrence(backend=backend)`, inputs cast to `dtypes`."""
+    return fn_outputs_and_grads(lambda *x: mmrec_recurrence(*x, backend=backend), inputs, dtypes)
 
 
 # d = 64 and 128 split W_g's rows over 2 and 4 warps; d = 5 pads to 16.

@@ -2,13 +2,10 @@
 function, and the comparison against the float64 oracle."""
 
 import torch
+from grad_helpers import outputs_and_grads, rel_err  # noqa: F401  (re-exported to the tests)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ["h", "final_state", "dlog_a", "db", "dh0"]
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
 def random_inputs(shape, with_h0=True, clamps=True, scale=2.0, device=DEVICE):
@@ -29,20 +26,6 @@ def past_the_clamps(log_a: torch.Tensor) -> torch.Tensor:
     log_a[:, 2::7] = -80.0
     log_a[:, 5::11] = 0.3
     return log_a
-
-
-def outputs_and_grads(fn, inputs, dtypes, use_h=True):
-    """Run fn(log_a, b, h0) -> (h, final) on leaf copies of `inputs` cast to `dtypes`,
-    backpropagate a random weighting of both outputs (of final alone if not use_h) and return
-    [h, final, dlog_a, db, dh0] (dh0 None without h0)."""
-    leaves = [t.detach().to(dt).clone().requires_grad_() if t is not None else None for t, dt in zip(inputs, dtypes)]
-    h, final = fn(*leaves)
-    gen = torch.Generator().manual_seed(1)
-    w_h = torch.randn(h.shape, generator=gen).to(h.device, h.dtype)
-    w_final = torch.randn(final.shape, generator=gen).to(final.device, final.dtype)
-    loss = (final * w_final).sum() + ((h * w_h).sum() if use_h else 0)
-    loss.backward()
-    return [h, final] + [leaf.grad if leaf is not None else None for leaf in leaves]
 
 
 def check(got, ref, tol):
