@@ -114,6 +114,9 @@ class _ChunkedDeltaRule(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, S0, low):
+        # the backward runs under the forward's autocast state, as autograd's own backward ops would
+        device = q.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
         mk = k.shape[-1]
         L = k.shape[2]
         causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
@@ -154,6 +157,14 @@ class _ChunkedDeltaRule(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_o, d_S):
+        if ctx.autocast is None:
+            return _ChunkedDeltaRule._backward(ctx, d_o, d_S)
+        device, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype):
+            return _ChunkedDeltaRule._backward(ctx, d_o, d_S)
+
+    @staticmethod
+    def _backward(ctx, d_o, d_S):
         (q, k, v, beta, decay, kk, qk, inverse, solved, attend, by_state, exp_g, to_end, chunk_decay, states,
          U) = ctx.saved_tensors
         mk, L, n = k.shape[-1], k.shape[2], k.shape[1]
