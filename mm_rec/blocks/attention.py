@@ -126,35 +126,32 @@ class MultiMemoryAttention(nn.Module):
         if not self.window_size:
             return None, torch.softmax(scores, dim=-1), values, None
 
-        window_scores, window_values = self._window_scores(q, hierarchy, acc)
-        window_scores = window_scores + row_shift[..., None]
+        window_scores, window_values = self._window_scores(q, hierarchy, acc, row_shift)
         probs = torch.softmax(torch.cat([window_scores, scores], dim=-1), dim=-1)
         window_width = window_scores.shape[-1]
         return probs[..., :window_width], probs[..., window_width:], values, window_values
 
-    def _window_scores(self, q: torch.Tensor, hierarchy: Hierarchy, acc: torch.dtype):
+    def _window_scores(self, q: torch.Tensor, hierarchy: Hierarchy, acc: torch.dtype, row_shift: torch.Tensor):
         """Scores [B, K, T, L + W] of every token against the L + W window keys of its query block
-        (masked outside the window and before the stream's start), and the blocked values."""
+        (masked outside the window and before the stream's start), plus row_shift [B, K, T], and the
+        blocked values [B, K, nb, L + W, m]."""
         B, K, T, m = q.shape
         W = self.window_size
         L = min(W, T)
         nb = -(-T // L)
-        total = nb * L + W
-        ext_keys = F.pad(hierarchy.window_keys.to(q.dtype), (0, 0, 0, total - W - T))  # [B, K, total, m]
-        ext_values = F.pad(hierarchy.window_values.to(q.dtype), (0, 0, 0, total - W - T))
-        key_blocks = ext_keys.unfold(2, L + W, L)  # [B, K, nb, m, L + W]: keys i*L .. i*L + L + W - 1
-        value_blocks = ext_values.unfold(2, L + W, L).transpose(-1, -2)  # [B, K, nb, L + W, m]
-        q_blocks = F.pad(q, (0, 0, 0, nb * L - T)).view(B, K, nb, L, m)
-        scores = torch.matmul(q_blocks, key_blocks).to(acc)  # [B, K, nb, L, L + W]
+        key_blocks = _blocks(hierarchy.window_keys.to(q.dtype), nb, L, W)  # [B, K, nb, L + W, m]
+        value_blocks = _blocks(hierarchy.window_values.to(q.dtype), nb, L, W)
+        q_blocks = _pad_tokens(q, nb * L).view(B, K, nb, L, m)
+        scores = torch.matmul(q_blocks, key_blocks.transpose(-1, -2)).to(acc)  # [B, K, nb, L, L + W]
         j = torch.arange(L + W, device=q.device)
         distance = W + torch.arange(L, device=q.device)[:, None] - j  # [L, L + W]: tokens back
         in_window = (distance >= 0) & (distance < W)
         ext_index = torch.arange(nb, device=q.device)[:, None] * L + j  # [nb, L + W]
         in_stream = ext_index[:, None, :] >= hierarchy.window_start.view(B, 1, 1, 1)  # [B, nb, 1, L + W]
-        slope = self._slopes(acc)[1].view(1, K, 1, 1, 1)
-        scores = scores - slope * distance.to(acc)
-        scores = scores.masked_fill(~(in_window & in_stream)[:, None], float("-inf"))
-        return scores.reshape(B, K, nb * L, L + W)[:, :, :T], value_blocks
+        shift = _pad_tokens(row_shift[..., None], nb * L).view(B, K, nb, L, 1)
+        scores = _WindowBias.apply(scores, self._slopes(acc)[1], distance.to(acc), shift,
+                                   ~(in_window & in_stream)[:, None])
+        return scores.view(B, K, nb * L, L + W)[:, :, :T], value_blocks
 
     # ------------------------------------------------------------------ read
     def forward(self, hierarchy: Hierarchy) -> torch.Tensor:
@@ -204,3 +201,42 @@ class MultiMemoryAttention(nn.Module):
 
 
 HDSAttention = MultiMemoryAttention
+
+
+def _pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
+    """x [B, K, n, m] zero-padded along dim 2 to `length` (x itself when it is that long already)."""
+    return x if x.shape[2] == length else F.pad(x, (0, 0, 0, length - x.shape[2]))
+
+
+def _blocks(x: torch.Tensor, nb: int, L: int, W: int) -> torch.Tensor:
+    """Window keys or values x [B, K, W + T, m] -> [B, K, nb, L + W, m]: block i holds entries
+    i L .. i L + L + W - 1 (zeros past the end). With one block that is all of x; with more, L = W,
+    so block i is chunks i and i + 1 of length L: a concatenation of two views, whose backward is
+    two slices (an unfold's backward is a slow scatter-add on CPU)."""
+    B, K, _, m = x.shape
+    x = _pad_tokens(x, nb * L + W)
+    if nb == 1:
+        return x[:, :, None]
+    chunks = x.view(B, K, nb + 1, L, m)
+    return torch.cat([chunks[:, :, :-1], chunks[:, :, 1:]], dim=3)
+
+
+class _WindowBias(torch.autograd.Function):
+    """The window's logits from its scores, in place: scores [B, K, nb, L, L + W] - slope [K] * distance
+    [L, L + W] + shift [B, K, nb, L, 1], then -inf where hidden [B, 1, nb, L, L + W]. Autograd of the same
+    expression would reduce the full-size gradient over the broadcast dimensions for the slope (slow
+    on CPU) and write three full-size tensors; here the slope's gradient is one matrix-vector product."""
+
+    @staticmethod
+    def forward(ctx, scores, slope, distance, shift, hidden):
+        ctx.save_for_backward(distance, hidden)
+        logits = (scores - slope.view(-1, 1, 1, 1) * distance).add_(shift)
+        return logits.masked_fill_(hidden, float("-inf"))
+
+    @staticmethod
+    def backward(ctx, grad):
+        distance, hidden = ctx.saved_tensors
+        grad = grad.masked_fill(hidden, 0.0)
+        B, K = grad.shape[:2]
+        per_block = grad.reshape(B, K, -1, distance.numel()) @ distance.reshape(-1)  # [B, K, nb]
+        return grad, -per_block.sum((0, 2)), None, grad.sum(-1, keepdim=True), None

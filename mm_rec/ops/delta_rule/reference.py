@@ -10,14 +10,14 @@ Two implementations of the same function, and its one-token step:
 
 * `delta_rule_sequential`: the obviously correct float64 loop, the test oracle;
 * `delta_rule_chunked`: the chunkwise-parallel form (the WY / UT representation) in plain PyTorch,
-  differentiated by autograd. Within a chunk of L tokens, with g_t the chunk-local cumulative sum
-  of log_alpha (so every factor exp(g_t - g_i), i <= t, has an exponent <= 0):
+  with a hand-derived backward (`_ChunkedDeltaRule`). Within a chunk of L tokens, with g_t the
+  chunk-local cumulative sum of log_alpha (so every factor exp(g_t - g_i), i <= t, has an exponent <= 0):
 
       (I + A) U = diag(beta) (V - diag(e^g) K S_0^T),   A[t, i] = beta_t e^{g_t - g_i} k_t.k_i  (i < t)
       O = diag(e^g) Q S_0^T + (M o Q K^T) U,            M[t, i] = e^{g_t - g_i}                (i <= t)
       S_L = e^{g_L} S_0 + U^T diag(e^{g_L - g}) K
 
-  so each chunk costs a unit lower-triangular solve and a few [L, m] matmuls, and only the state
+  so each chunk costs a unit lower-triangular inverse and a few [L, m] matmuls, and only the state
   S passes sequentially from chunk to chunk;
 * `delta_rule_step`: one token in the correction form (decoding), O(m_v m_k).
 
@@ -68,11 +68,12 @@ def delta_rule_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha
 def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
                        beta: torch.Tensor, initial_state: torch.Tensor, chunk_len: int | None = None,
                        matmul_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunkwise-parallel form (see the module docstring); autograd gives the backward.
+    """Chunkwise-parallel form (see the module docstring) with a hand-derived backward (`_ChunkedDeltaRule`).
 
     Everything within a chunk (decays, the triangular solve) is computed in the inputs' dtype; the
     sequential pass through the chunks multiplies in `matmul_dtype` (default: the same), while the
-    state S itself stays in the inputs' dtype: with bf16 inputs that is fp32 S, bf16 operands."""
+    state S itself stays in the inputs' dtype: with bf16 inputs that is fp32 S, bf16 operands. The
+    backward runs entirely in the inputs' dtype."""
     N, T, mk = k.shape
     mv = v.shape[-1]
     L = min(chunk_len or chunk_len_for(T), T)
@@ -81,31 +82,10 @@ def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_al
     if pad:  # identity tokens: alpha = 1, beta = 0, k = v = 0 leave S unchanged
         q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
         log_alpha, beta = (F.pad(x, (0, pad)) for x in (log_alpha, beta))
-    q, k, v = q.view(N, n, L, mk), k.view(N, n, L, mk), v.view(N, n, L, mv)
     g = _cumsum_last(log_alpha.view(N, n, L))  # chunk-local: never a difference of long sums
-    beta = beta.view(N, n, L)
-
-    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-    diff = g[..., :, None] - g[..., None, :]  # g_t - g_i
-    decay = torch.exp(diff.masked_fill(~causal, float("-inf")))  # e^{g_t - g_i} for i <= t, else 0
-    A = (beta[..., :, None] * decay * (k @ k.transpose(-1, -2))).tril(-1)
-    eye = torch.eye(L, dtype=q.dtype, device=q.device)
-    # [W | U_v] = (I + A)^{-1} diag(beta) [e^g K | V]: one unit lower-triangular solve per chunk,
-    # straight onto both right-hand sides (no inverse formed); U = U_v - W S_0^T
-    exp_g = torch.exp(g)[..., None]
-    rhs = beta[..., None] * torch.cat([exp_g * k, v], dim=-1)  # [N, n, L, mk + mv]
-    solved = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
-    attend = decay * (q @ k.transpose(-1, -2))  # [N, n, L, L] intra-chunk scores
-    # the rows that multiply S_0^T: W's (the corrections) above q's (the outputs), one matmul per chunk
-    by_state = torch.cat([solved[..., :mk], exp_g * q], dim=2)  # [N, n, 2L, mk]
-    k_to_end = torch.exp(g[..., -1:] - g)[..., None] * k  # e^{g_L - g_i} k_i
-    chunk_decay = torch.exp(g[..., -1])  # [N, n]
-
-    low = matmul_dtype or q.dtype
-    outputs, S = _through_chunks(solved[..., mk:].to(low), by_state.to(low), attend.to(low), k_to_end.to(low),
-                                 chunk_decay, initial_state.to(q.dtype))
-    o = outputs.reshape(N, n * L, mv)[:, :T]
-    return o, S
+    o, S = _apply_chunked(q.view(N, n, L, mk), k.view(N, n, L, mk), v.view(N, n, L, mv), g, beta.view(N, n, L),
+                          initial_state.to(q.dtype), matmul_dtype or q.dtype)
+    return o.reshape(N, n * L, mv)[:, :T], S
 
 
 @torch.compiler.disable  # torch 2.11's inductor fails on some cumsum tilings ("Unexpected tiling") on CUDA
@@ -114,18 +94,113 @@ def _cumsum_last(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.compiler.disable  # a loop of small matmuls: compiling it unrolls n steps (minutes at 32K tokens)
-def _through_chunks(U_v, by_state, attend, k_to_end, chunk_decay, S):
-    """The sequential part: pass the state S [N, mv, mk] through the n chunks; outputs [N, n, L, mv].
-    by_state [N, n, 2L, mk] holds W (rows :L) and the decayed queries (rows L:), which both multiply
-    S^T. The inputs are split into chunks once (unbind): indexing chunk c of each in the loop would
-    make autograd fill a zero tensor of the whole input per chunk in the backward (O(n^2) traffic)."""
-    outputs = []
-    L = U_v.shape[2]
-    chunks = zip(U_v.unbind(1), by_state.unbind(1), attend.unbind(1), k_to_end.unbind(1),
-                 chunk_decay[..., None, None].unbind(1))
-    for U_v_c, by_state_c, attend_c, k_c, decay_c in chunks:
-        W_S, q_S = (by_state_c @ S.transpose(-1, -2).to(U_v.dtype)).split(L, dim=1)  # operands in the matmul dtype
-        U = U_v_c - W_S  # [N, L, mv]: the corrections given S
-        outputs.append(q_S + attend_c @ U)
-        S = decay_c * S + (U.transpose(-1, -2) @ k_c).to(S.dtype)
-    return torch.stack(outputs, dim=1).to(S.dtype), S
+def _apply_chunked(q, k, v, g, beta, S0, low):
+    return _ChunkedDeltaRule.apply(q, k, v, g, beta, S0, low)
+
+
+class _ChunkedDeltaRule(torch.autograd.Function):
+    """The chunked delta rule on chunked inputs: q, k [N, n, L, mk], v [N, n, L, mv], g (chunk-local
+    cumulative log decays) and beta [N, n, L], S_0 [N, mv, mk] -> o [N, n, L, mv], S_n [N, mv, mk].
+
+    Per chunk, with D[t, i] = e^{g_t - g_i} (i <= t, else 0), A = diag(beta) (D o K K^T) strictly lower,
+    [W | U_v] = (I + A)^{-1} diag(beta) [e^g K | V], P = D o Q K^T, Q_g = e^g Q, K_end = e^{g_L - g} K:
+
+        U = U_v - W S^T,   O = Q_g S^T + P U,   S' = e^{g_L} S + U^T K_end
+
+    The backward runs the state's recursion in reverse (dS = e^{g_L} dS' + dO^T Q_g - dU^T W, with
+    dU = P^T dO + K_end dS'^T: two matmuls per chunk), then everything else for all chunks at once.
+    The forward saves the per-chunk [L, L] factors and the states entering each chunk ([N, n, mv, mk]),
+    so that nothing is recomputed; autograd of the same ops would save more and run ~3x the kernels."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, S0, low):
+        # the backward runs under the forward's autocast state, as autograd's own backward ops would
+        device = q.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
+        mk = k.shape[-1]
+        L = k.shape[2]
+        causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+        decay = (g[..., :, None] - g[..., None, :]).masked_fill_(~causal, float("-inf")).exp_()  # D
+        kk = k @ k.transpose(-1, -2)
+        qk = q @ k.transpose(-1, -2)
+        # (I + A)^{-1}, formed once: the forward multiplies by it and the backward by its transpose
+        # (a matmul each, cheaper than two triangular solves). solve_triangular(unitriangular=True)
+        # reads only the strictly lower triangle, so the diagonal of beta D o K K^T can stay as it is.
+        A = kk * decay * beta[..., :, None]
+        eye = torch.eye(L, dtype=q.dtype, device=q.device).expand_as(A)
+        inverse = torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)
+        exp_g = torch.exp(g)[..., None]
+        rhs = beta[..., None] * torch.cat([exp_g * k, v], dim=-1)  # [N, n, L, mk + mv]
+        solved = inverse @ rhs  # [W | U_v]
+        attend = decay * qk  # P
+        # the rows that multiply S^T: W's (the corrections) above Q_g's (the outputs), one matmul per chunk
+        by_state = torch.cat([solved[..., :mk], exp_g * q], dim=2)  # [N, n, 2L, mk]
+        to_end = torch.exp(g[..., -1:] - g)[..., None]
+        k_end = to_end * k
+        chunk_decay = torch.exp(g[..., -1])  # [N, n]
+
+        S = S0
+        states, corrections, outputs = [], [], []
+        chunks = zip(solved[..., mk:].to(low).unbind(1), by_state.to(low).unbind(1), attend.to(low).unbind(1),
+                     k_end.to(low).unbind(1), chunk_decay[..., None, None].unbind(1))
+        for U_v_c, by_state_c, attend_c, k_c, decay_c in chunks:
+            states.append(S)
+            W_S, q_S = (by_state_c @ S.transpose(-1, -2).to(low)).split(L, dim=1)  # operands in the matmul dtype
+            U = U_v_c - W_S  # [N, L, mv]: the corrections given S
+            corrections.append(U)
+            outputs.append(q_S + attend_c @ U)
+            S = decay_c * S + (U.transpose(-1, -2) @ k_c).to(S.dtype)
+        ctx.save_for_backward(q, k, v, beta, decay, kk, qk, inverse, solved, attend, by_state, exp_g, to_end,
+                              chunk_decay, torch.stack(states, dim=1), torch.stack(corrections, dim=1).to(S.dtype))
+        return torch.stack(outputs, dim=1).to(S.dtype), S
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_o, d_S):
+        if ctx.autocast is None:
+            return _ChunkedDeltaRule._backward(ctx, d_o, d_S)
+        device, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype):
+            return _ChunkedDeltaRule._backward(ctx, d_o, d_S)
+
+    @staticmethod
+    def _backward(ctx, d_o, d_S):
+        (q, k, v, beta, decay, kk, qk, inverse, solved, attend, by_state, exp_g, to_end, chunk_decay, states,
+         U) = ctx.saved_tensors
+        mk, L, n = k.shape[-1], k.shape[2], k.shape[1]
+        W, q_g = by_state.split(L, dim=2)
+        k_end = to_end * k
+        # the state's recursion, backwards through the chunks; dS_out[:, c] = gradient of the state after chunk c
+        dU_from_o = attend.transpose(-1, -2) @ d_o  # [N, n, L, mv]
+        dS_from_o = d_o.transpose(-1, -2) @ q_g  # [N, n, mv, mk]
+        dU_chunks, dS_out = [None] * n, [None] * n
+        for c in range(n - 1, -1, -1):
+            dS_out[c] = d_S
+            dU_c = torch.baddbmm(dU_from_o[:, c], k_end[:, c], d_S.transpose(-1, -2))
+            dU_chunks[c] = dU_c
+            d_S = chunk_decay[:, c, None, None] * d_S + dS_from_o[:, c] - dU_c.transpose(-1, -2) @ W[:, c]
+        dU, dS_out = torch.stack(dU_chunks, dim=1), torch.stack(dS_out, dim=1)
+        d_q_g = d_o @ states
+        d_W = -(dU @ states)
+        d_k_end = U @ dS_out
+        d_chunk_decay = (states * dS_out).sum((-1, -2))  # [N, n]
+        dP = d_o @ U.transpose(-1, -2)  # [N, n, L, L]
+
+        # through the triangular solve: [W | U_v] = (I + A)^{-1} R
+        dR = inverse.transpose(-1, -2) @ torch.cat([d_W, dU], dim=-1)
+        G = (dR @ solved.transpose(-1, -2)).mul_(decay).tril_(-1)  # = -dA o D on the strictly lower part
+        Gk = G * kk
+        d_kk = G.mul_(-beta[..., :, None])
+        d_qk = dP.mul_(decay)
+        E = (d_qk * qk).sub_(beta[..., :, None] * Gk)  # dD o D: the gradient of D's exponents
+        dR_k, dR_v = dR.split([mk, dR.shape[-1] - mk], dim=-1)
+        s_k = (dR_k * k).sum(-1) * exp_g[..., 0]  # [N, n, L]
+        d_beta = s_k + (dR_v * v).sum(-1) - Gk.sum(-1)
+        t_end = (d_k_end * k_end).sum(-1)
+        d_g = beta * s_k + (d_q_g * q_g).sum(-1) - t_end + E.sum(-1) - E.sum(-2)
+        d_g[..., -1] += t_end.sum(-1) + chunk_decay * d_chunk_decay
+        d_k = ((d_kk + d_kk.transpose(-1, -2)) @ k + d_qk.transpose(-1, -2) @ q
+               + (beta[..., None] * exp_g) * dR_k + to_end * d_k_end)
+        d_q = d_qk @ k + exp_g * d_q_g
+        d_v = beta[..., None] * dR_v
+        return d_q, d_k, d_v, d_g, d_beta, d_S, None
