@@ -257,5 +257,6 @@ def test_cli_set_overrides_the_model_to_train(tmp_path):
     assert config["window_size"] == 0 and config["level2"] == "mean"
     report = json.loads((out / "mqar_results.json").read_text())
     assert report["overrides"] == ["model.window_size=0", "model.level2=mean"]
-    with pytest.raises(ValueError, match="--train"):
+    # without --train only settings without parameters of their own may change (the window has a slope)
+    with pytest.raises(ValueError, match="changes the checkpoint's parameters"):
         run_eval_task(parse(["--task", "mqar", "--checkpoint", str(out), "--set", "model.window_size=4"]))
