@@ -168,6 +168,9 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         (q, k, v, beta, decay, kk, qk, inverse, solved, attend, by_state, exp_g, to_end, chunk_decay, states,
          U) = ctx.saved_tensors
         mk, L, n = k.shape[-1], k.shape[2], k.shape[1]
+        # The incoming gradient is often a strided view (the caller's transposes, an expanded sum):
+        # batched matmuls with it would fall back to a copy and a GEMM per matrix on the CPU.
+        d_o = d_o.contiguous()
         W, q_g = by_state.split(L, dim=2)
         k_end = to_end * k
         # the state's recursion, backwards through the chunks; dS_out[:, c] = gradient of the state after chunk c
