@@ -298,6 +298,21 @@ struct Backward {
     __device__ int operator()(int i) const { return kWarps - 1 - i; }
 };
 
+struct TileCoord {
+    int64_t k, tile, batch, d0;  // chunk in scan order, tile, batch row, this lane's first channel
+};
+
+// The kernels' common prologue: the block's work item, taken from the workspace counter in launch
+// order (so a block only ever waits on blocks that are already running).
+__device__ __forceinline__ TileCoord claim_tile(const Workspace& ws, const Plan& plan, int lane) {
+    __shared__ int s_block;
+    int* counter = ws.ints + plan.n_tiles * plan.n_chunks;
+    if (threadIdx.x == 0) s_block = atomicAdd(counter, 1);
+    __syncthreads();
+    const int64_t k = s_block / plan.n_tiles, tile = s_block % plan.n_tiles;
+    return {k, tile, tile / plan.tiles_per_row, (tile % plan.tiles_per_row) * kTileC + lane * kVec};
+}
+
 __device__ __forceinline__ void load_state(const float* p, int64_t valid, float v[kVec]) {
 #pragma unroll
     for (int j = 0; j < kVec; ++j) v[j] = (p != nullptr && j < valid) ? p[j] : 0.f;
@@ -306,15 +321,10 @@ __device__ __forceinline__ void load_state(const float* p, int64_t valid, float 
 // ------------------------------------------------------------------ kernels
 template <typename TA, typename TB, bool VEC>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_fwd_kernel(ScanFwdArgs args, Workspace ws, Plan plan, bool la_vec) {
-    __shared__ int s_block;
     __shared__ float4 sP[kWarps][kLanes], sS[kWarps][kLanes], s_in[kWarps][kLanes];
     const int warp = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
-    int* counter = ws.ints + plan.n_tiles * plan.n_chunks;
-    if (threadIdx.x == 0) s_block = atomicAdd(counter, 1);
-    __syncthreads();
-    const int64_t k = s_block / plan.n_tiles, tile = s_block % plan.n_tiles;  // k = chunk
-    const int64_t batch = tile / plan.tiles_per_row;
-    const int64_t d0 = (tile % plan.tiles_per_row) * kTileC + lane * kVec;
+    const TileCoord c = claim_tile(ws, plan, lane);
+    const int64_t k = c.k, tile = c.tile, batch = c.batch, d0 = c.d0;  // k = chunk
     const ScanShape& sh = args.shape;
     const int64_t valid = sh.D - d0;
     const int64_t t0 = k * kChunk + warp * kSteps;
@@ -371,16 +381,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_fwd_kernel(ScanFwdA
 
 template <typename TA, typename TB, bool VEC>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_bwd_kernel(ScanBwdArgs args, Workspace ws, Plan plan, bool la_vec) {
-    __shared__ int s_block;
     __shared__ float4 sP[kWarps][kLanes], sS[kWarps][kLanes], s_in[kWarps][kLanes];
     const int warp = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
-    int* counter = ws.ints + plan.n_tiles * plan.n_chunks;
-    if (threadIdx.x == 0) s_block = atomicAdd(counter, 1);
-    __syncthreads();
-    const int64_t k = s_block / plan.n_tiles, tile = s_block % plan.n_tiles;  // k: chunks from the end
+    const TileCoord c = claim_tile(ws, plan, lane);
+    const int64_t k = c.k, tile = c.tile, batch = c.batch, d0 = c.d0;  // k: chunks from the end
     const int64_t chunk = plan.n_chunks - 1 - k;
-    const int64_t batch = tile / plan.tiles_per_row;
-    const int64_t d0 = (tile % plan.tiles_per_row) * kTileC + lane * kVec;
     const ScanShape& sh = args.shape;
     const int64_t valid = sh.D - d0;
     const int64_t t0 = chunk * kChunk + warp * kSteps;
