@@ -16,7 +16,7 @@
 #                                                       # bench_generate (bf16/int8/int4; carry torchao's wheel
 #                                                       # in .whl, device README: pip install --target, PYTHONPATH)
 #   OUT=/tmp/h200 bash scripts/h200_session.sh decode_hf  # alone: the Hugging Face Llama beside MM-Rec
-#   OUT=/tmp/h200 bash scripts/h200_session.sh priority   # alone, when one call is all there is: JAX scan bench,
+#   OUT=/tmp/h200 bash scripts/h200_session.sh priority   # alone, when one call is all there is:
 #                                                       # CUDA build + GPU tests, bench_scan, recurrence sweep
 # DEADLINE (default 580): the second of the phase by which every step has stopped.
 #
@@ -180,13 +180,12 @@ import mm_rec.cuda as c; assert c.load_extension() is not None; print(f'first bu
     finish
     ;;
 priority)
-    # One call when the device allows only one: the JAX scan beside Triton (issue 17), the CUDA kernels'
+    # One call when the device allows only one: the CUDA kernels'
     # build and GPU tests (scan, recurrence), bench_scan without the variant sweep, the recurrence's
     # cluster-size sweep at the acceptance shape. Each step stops by second $DEADLINE.
     timeout $(left 240) python3 -c "import time, logging; logging.basicConfig(level=logging.INFO); t = time.time(); \
 import mm_rec.cuda as c; assert c.load_extension() is not None; print(f'first build {time.time() - t:.1f} s')" \
         > "$OUT/cuda_build.txt" 2>&1
-    timeout $(left 70) python3 benchmarks/bench_jax_scan.py --shapes 8x2048x4096 > "$OUT/jax_scan.txt" 2>&1
     timeout $(left 100) python3 -m pytest -q -m gpu tests/ops/scan/test_scan_cuda.py -x -rf > "$OUT/cuda_tests.txt" 2>&1
     timeout $(left 120) python3 -m pytest -q -m gpu tests/ops/recurrence/test_recurrence_cuda.py -x -rf \
         > "$OUT/cuda_recurrence_tests.txt" 2>&1
