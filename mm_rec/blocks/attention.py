@@ -128,8 +128,10 @@ class MultiMemoryAttention(nn.Module):
 
         window_scores, window_values = self._window_scores(q, hierarchy, acc, row_shift)
         probs = torch.softmax(torch.cat([window_scores, scores], dim=-1), dim=-1)
-        window_width = window_scores.shape[-1]
-        return probs[..., :window_width], probs[..., window_width:], values, window_values
+        # one split, not two slices: its backward is one concatenation (a slice's is a zero-filled
+        # full-size tensor each)
+        window_probs, slot_probs = probs.split([window_scores.shape[-1], Wp], dim=-1)
+        return window_probs, slot_probs, values, window_values
 
     def _window_scores(self, q: torch.Tensor, hierarchy: Hierarchy, acc: torch.dtype, row_shift: torch.Tensor):
         """Scores [B, K, T, L + W] of every token against the L + W window keys of its query block
@@ -145,12 +147,11 @@ class MultiMemoryAttention(nn.Module):
         scores = torch.matmul(q_blocks, key_blocks.transpose(-1, -2)).to(acc)  # [B, K, nb, L, L + W]
         j = torch.arange(L + W, device=q.device)
         distance = W + torch.arange(L, device=q.device)[:, None] - j  # [L, L + W]: tokens back
-        in_window = (distance >= 0) & (distance < W)
-        ext_index = torch.arange(nb, device=q.device)[:, None] * L + j  # [nb, L + W]
-        in_stream = ext_index[:, None, :] >= hierarchy.window_start.view(B, 1, 1, 1)  # [B, nb, 1, L + W]
+        outside = (distance < 0) | (distance >= W)
+        # Only block 0 reaches before the stream's start: block i >= 1 starts at key i L >= W >= window_start
+        before_start = j < hierarchy.window_start.view(B, 1, 1, 1)  # [B, 1, 1, L + W]
         shift = _pad_tokens(row_shift[..., None], nb * L).view(B, K, nb, L, 1)
-        scores = _WindowBias.apply(scores, self._slopes(acc)[1], distance.to(acc), shift,
-                                   ~(in_window & in_stream)[:, None])
+        scores = _WindowBias.apply(scores, self._slopes(acc)[1], distance.to(acc), shift, outside, before_start)
         return scores.view(B, K, nb * L, L + W)[:, :, :T], value_blocks
 
     # ------------------------------------------------------------------ read
@@ -162,7 +163,8 @@ class MultiMemoryAttention(nn.Module):
             B, K, T, width = window_probs.shape
             nb = window_values.shape[2]
             L = width - self.window_size
-            blocked = F.pad(window_probs.to(values.dtype), (0, 0, 0, nb * L - T)).view(B, K, nb, L, width)
+            # a view of the probabilities when T fills the blocks (T = nb L): no copy for the matmul
+            blocked = _pad_tokens(window_probs.to(values.dtype), nb * L).view(B, K, nb, L, width)
             read = read + torch.matmul(blocked, window_values).view(B, K, nb * L, -1)[:, :, :T]
         return read.transpose(1, 2)  # [B, T, K, m]
 
@@ -223,20 +225,25 @@ def _blocks(x: torch.Tensor, nb: int, L: int, W: int) -> torch.Tensor:
 
 class _WindowBias(torch.autograd.Function):
     """The window's logits from its scores, in place: scores [B, K, nb, L, L + W] - slope [K] * distance
-    [L, L + W] + shift [B, K, nb, L, 1], then -inf where hidden [B, 1, nb, L, L + W]. Autograd of the same
-    expression would reduce the full-size gradient over the broadcast dimensions for the slope (slow
-    on CPU) and write three full-size tensors; here the slope's gradient is one matrix-vector product."""
+    [L, L + W] + shift [B, K, nb, L, 1], then -inf where `outside` [L, L + W] (beyond the window) and,
+    in block 0, where `before_start` [B, 1, 1, L + W] (keys before the stream's start).
+
+    The logits feed a softmax in which the hidden entries have probability 0, so their incoming
+    gradient is exactly 0 and the backward needs no mask. Autograd of the same expression would
+    reduce the full-size gradient over the broadcast dimensions for the slope (slow on CPU) and
+    write three full-size tensors; here the slope's gradient is one matrix-vector product."""
 
     @staticmethod
-    def forward(ctx, scores, slope, distance, shift, hidden):
-        ctx.save_for_backward(distance, hidden)
-        logits = (scores - slope.view(-1, 1, 1, 1) * distance).add_(shift)
-        return logits.masked_fill_(hidden, float("-inf"))
+    def forward(ctx, scores, slope, distance, shift, outside, before_start):
+        ctx.save_for_backward(distance)
+        bias = (slope.view(-1, 1, 1) * -distance).masked_fill_(outside, float("-inf"))  # [K, L, L + W]
+        logits = (scores + bias[:, None]).add_(shift)
+        logits[:, :, 0].masked_fill_(before_start, float("-inf"))
+        return logits
 
     @staticmethod
     def backward(ctx, grad):
-        distance, hidden = ctx.saved_tensors
-        grad = grad.masked_fill(hidden, 0.0)
+        (distance,) = ctx.saved_tensors
         B, K = grad.shape[:2]
         per_block = grad.reshape(B, K, -1, distance.numel()) @ distance.reshape(-1)  # [B, K, nb]
-        return grad, -per_block.sum((0, 2)), None, grad.sum(-1, keepdim=True), None
+        return grad, -per_block.sum((0, 2)), None, grad.sum(-1, keepdim=True), None, None

@@ -227,3 +227,21 @@ def test_gradcheck_of_the_memory_read():
         return attn(hier), hier.level2, hier.carried["delta_memory"], hier.carried["slot_keys"]
 
     assert torch.autograd.gradcheck(f, tuple(inputs))
+
+
+@pytest.mark.parametrize("T, position", [(11, 0), (11, 2), (8, 9), (3, 1)])
+def test_gradcheck_of_the_read_through_the_attention_parameters(T, position):
+    """The window's slope, the age slope and the null logit, whose gradients the window-bias node
+    computes by hand: T off and on the window's blocks (W = 4), the stream's start inside the
+    first block (position < W) or not."""
+    cfg, hds, attn = make(memory_size_M=2, recent_slots=1, chunk_size=3, window_size=4)
+    q, k, v, gates = memory_inputs(cfg, 2, T)
+    state = LayerState.zeros(cfg, 2, dtype=torch.float64)
+    hier = hds.build_hierarchy(q, k, v, state, torch.tensor([position, position + 1]), gates)
+    names = ["log_window_slope", "log_age_slope", "null_logit"]
+    params = tuple(getattr(attn, n).detach().clone().requires_grad_() for n in names)
+
+    def f(*values):
+        return torch.func.functional_call(attn, dict(zip(names, values)), (hier,))
+
+    assert torch.autograd.gradcheck(f, params)

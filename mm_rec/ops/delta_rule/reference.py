@@ -33,10 +33,15 @@ import torch.nn.functional as F
 CHUNK_LEN = 64  # tokens per chunk of delta_rule_chunked for sequences up to 4K
 
 
-def chunk_len_for(seq_len: int) -> int:
-    """Chunk length: 64 up to 4K tokens, then longer chunks, so that long sequences pass the state
-    through fewer sequential steps (each a few small matmuls: launch-bound on a GPU)."""
-    return CHUNK_LEN if seq_len <= 4096 else 128 if seq_len <= 16384 else 256
+CPU_CHUNK_LEN = 32  # on CPUs, up to 4K tokens: the [L, L] work per token halves, the loop is not launch-bound
+
+
+def chunk_len_for(seq_len: int, device_type: str = "cuda") -> int:
+    """Chunk length: 64 up to 4K tokens (32 on CPUs), then longer chunks, so that long sequences pass
+    the state through fewer sequential steps (each a few small matmuls: launch-bound on a GPU)."""
+    if seq_len <= 4096:
+        return CPU_CHUNK_LEN if device_type == "cpu" else CHUNK_LEN
+    return 128 if seq_len <= 16384 else 256
 
 
 def delta_rule_sequential(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
@@ -76,7 +81,7 @@ def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_al
     backward runs entirely in the inputs' dtype."""
     N, T, mk = k.shape
     mv = v.shape[-1]
-    L = min(chunk_len or chunk_len_for(T), T)
+    L = min(chunk_len or chunk_len_for(T, k.device.type), T)
     n = -(-T // L)
     pad = n * L - T
     if pad:  # identity tokens: alpha = 1, beta = 0, k = v = 0 leave S unchanged
