@@ -77,7 +77,7 @@ class ShortConvolution(nn.Module):
         if k == 1:
             return x * weight[:, 0], None
         full = torch.cat([tail.to(x.dtype), x], dim=1)  # [B, k - 1 + T, channels]
-        y = _depthwise_conv1d(full, weight) if x.device.type == "cpu" else _shifted_sums(full, weight)
+        y = _ShiftedSums.apply(full, weight) if x.device.type == "cpu" else _shifted_sums(full, weight)
         return y, full[:, -(k - 1):].to(tail.dtype)
 
 
@@ -93,8 +93,31 @@ def _shifted_sums(full: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def _depthwise_conv1d(full: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The same as `_shifted_sums` (up to rounding) as one depthwise conv1d on channel-major copies: on
-    CPU its forward and backward cost about half the k multiply-adds on strided slices."""
-    y = F.conv1d(full.transpose(1, 2).contiguous(), weight[:, None], groups=weight.shape[0])
-    return y.transpose(1, 2).contiguous()
+class _ShiftedSums(torch.autograd.Function):
+    """`_shifted_sums` with a hand-written backward (the CPU path): k in-place multiply-adds each way,
+    and the weight's gradient as k reductions; autograd of the slices would zero-fill a full-size
+    gradient per slice, and a depthwise conv1d needs channel-major copies both ways."""
+
+    @staticmethod
+    def forward(ctx, full, weight):
+        k = weight.shape[1]
+        T = full.shape[1] - k + 1
+        ctx.save_for_backward(full, weight)
+        y = full[:, :T] * weight[:, 0]
+        for i in range(1, k):
+            y.addcmul_(full[:, i:i + T], weight[:, i])
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        full, weight = ctx.saved_tensors
+        k = weight.shape[1]
+        T = full.shape[1] - k + 1
+        grad = grad.contiguous()
+        d_full = torch.zeros_like(full)
+        d_weight = torch.empty_like(weight)
+        for i in range(k):
+            d_full[:, i:i + T].addcmul_(grad, weight[:, i])
+            d_weight[:, i] = (grad * full[:, i:i + T]).sum((0, 1))
+        return d_full, d_weight

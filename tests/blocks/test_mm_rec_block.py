@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mm_rec.blocks.layers import ShortConvolution, _depthwise_conv1d, _shifted_sums
+from mm_rec.blocks.layers import ShortConvolution, _shifted_sums, _ShiftedSums
 from mm_rec.blocks.mm_rec_block import MMRecBlock
 from mm_rec.config import MMRecConfig
 from mm_rec.core.memory_state import LayerState
@@ -74,19 +74,20 @@ def test_short_convolution_is_causal_and_carries_its_tail(kernel_size, T, cut):
     torch.testing.assert_close(torch.cat([first, second], 1), y)
 
 
-@pytest.mark.parametrize("kernel_size,T", [(4, 9), (2, 1), (3, 40)])
+@pytest.mark.parametrize("kernel_size,T", [(4, 9), (2, 1), (3, 40), (1, 5)])
 def test_short_convolution_paths_agree(kernel_size, T):
-    """The CPU path (one depthwise conv1d) and the other devices' (k shifted multiply-adds) compute the
-    same outputs and gradients."""
+    """The CPU path (hand-written backward) and the other devices' (autograd of k shifted
+    multiply-adds) compute the same outputs and gradients; gradcheck of the CPU path."""
     full = torch.randn(3, kernel_size - 1 + T, 6, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(6, kernel_size, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(3, T, 6, dtype=torch.float64)
     results = []
-    for path in (_depthwise_conv1d, _shifted_sums):
+    for path in (_ShiftedSums.apply, _shifted_sums):
         y = path(full, weight)
         results.append((y, *torch.autograd.grad(y, (full, weight), grad)))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(_ShiftedSums.apply, (full, weight))
 
 
 def test_shift_init_starts_keys_on_the_previous_token():

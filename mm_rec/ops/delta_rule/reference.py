@@ -17,8 +17,9 @@ Two implementations of the same function, and its one-token step:
       O = diag(e^g) Q S_0^T + (M o Q K^T) U,            M[t, i] = e^{g_t - g_i}                (i <= t)
       S_L = e^{g_L} S_0 + U^T diag(e^{g_L - g}) K
 
-  so each chunk costs a unit lower-triangular inverse and a few [L, m] matmuls, and only the state
-  S passes sequentially from chunk to chunk;
+  so each chunk costs a unit lower-triangular inverse and a few [L, m] matmuls, all chunks at once;
+  only the state passes sequentially from chunk to chunk, by one affine map S_L = S_0 M + R
+  (`_ChunkedDeltaRule`);
 * `delta_rule_step`: one token in the correction form (decoding), O(m_v m_k).
 
 Shapes: q, k [N, T, m_k]; v [N, T, m_v]; log_alpha, beta [N, T]; S_0 [N, m_v, m_k] (N = batch rows
@@ -33,15 +34,15 @@ import torch.nn.functional as F
 CHUNK_LEN = 64  # tokens per chunk of delta_rule_chunked for sequences up to 4K
 
 
-CPU_CHUNK_LEN = 32  # on CPUs, up to 4K tokens: the [L, L] work per token halves, the loop is not launch-bound
+CPU_CHUNK_LEN = 32  # on CPUs: the [L, L] work per token halves, and the loop is not launch-bound
 
 
 def chunk_len_for(seq_len: int, device_type: str = "cuda") -> int:
-    """Chunk length: 64 up to 4K tokens (32 on CPUs), then longer chunks, so that long sequences pass
-    the state through fewer sequential steps (each a few small matmuls: launch-bound on a GPU)."""
-    if seq_len <= 4096:
-        return CPU_CHUNK_LEN if device_type == "cpu" else CHUNK_LEN
-    return 128 if seq_len <= 16384 else 256
+    """Chunk length: on GPUs 64 up to 4K tokens, then longer chunks, so that long sequences pass the
+    state through fewer sequential steps (launch-bound there); on CPUs 32 at every length."""
+    if device_type == "cpu":
+        return CPU_CHUNK_LEN
+    return CHUNK_LEN if seq_len <= 4096 else 128 if seq_len <= 16384 else 256
 
 
 def delta_rule_sequential(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
@@ -76,9 +77,10 @@ def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_al
     """Chunkwise-parallel form (see the module docstring) with a hand-derived backward (`_ChunkedDeltaRule`).
 
     Everything within a chunk (decays, the triangular solve) is computed in the inputs' dtype; the
-    sequential pass through the chunks multiplies in `matmul_dtype` (default: the same), while the
-    state S itself stays in the inputs' dtype: with bf16 inputs that is fp32 S, bf16 operands. The
-    backward runs entirely in the inputs' dtype."""
+    products that carry the most work (P [W | U_v], [W | U_v]^T K_end and the outputs' Q_s S^T)
+    multiply in `matmul_dtype` (default: the same), while the state S and its recursion stay in the
+    inputs' dtype: with bf16 inputs that is fp32 S, bf16 operands. The backward runs entirely in the
+    inputs' dtype."""
     N, T, mk = k.shape
     mv = v.shape[-1]
     L = min(chunk_len or chunk_len_for(T, k.device.type), T)
@@ -108,14 +110,19 @@ class _ChunkedDeltaRule(torch.autograd.Function):
     cumulative log decays) and beta [N, n, L], S_0 [N, mv, mk] -> o [N, n, L, mv], S_n [N, mv, mk].
 
     Per chunk, with D[t, i] = e^{g_t - g_i} (i <= t, else 0), A = diag(beta) (D o K K^T) strictly lower,
-    [W | U_v] = (I + A)^{-1} diag(beta) [e^g K | V], P = D o Q K^T, Q_g = e^g Q, K_end = e^{g_L - g} K:
+    [W | U_v] = (I + A)^{-1} diag(beta) [e^g K | V], P = D o Q K^T, Q_g = e^g Q, K_end = e^{g_L - g} K,
+    the chunk's corrections U = U_v - W S^T give O = Q_g S^T + P U and S' = e^{g_L} S + U^T K_end.
+    Substituting U, both are affine in the state entering the chunk:
 
-        U = U_v - W S^T,   O = Q_g S^T + P U,   S' = e^{g_L} S + U^T K_end
+        O = Q_s S^T + P U_v,   S' = S M + R,   with  Q_s = Q_g - P W,  M = e^{g_L} I - W^T K_end,
+                                                      R = U_v^T K_end
 
-    The backward runs the state's recursion in reverse (dS = e^{g_L} dS' + dO^T Q_g - dU^T W, with
-    dU = P^T dO + K_end dS'^T: two matmuls per chunk), then everything else for all chunks at once.
-    The forward saves the per-chunk [L, L] factors and the states entering each chunk ([N, n, mv, mk]),
-    so that nothing is recomputed; autograd of the same ops would save more and run ~3x the kernels."""
+    and Q_s, P U_v, M, R depend on the chunk alone: they are computed for all chunks at once, and the
+    sequential pass is one multiply-add of [mv, mk] by [mk, mk] per chunk (in the state's dtype, so
+    the decay on M's diagonal is never rounded to a half type). The backward runs the same recursion
+    in reverse (dS = dS' M^T + dO^T Q_s, one multiply-add per chunk), then everything else for all
+    chunks at once. The forward saves the per-chunk factors and the states entering each chunk
+    ([N, n, mv, mk]), so that nothing is recomputed."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, S0, low):
@@ -138,26 +145,25 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         rhs = beta[..., None] * torch.cat([exp_g * k, v], dim=-1)  # [N, n, L, mk + mv]
         solved = inverse @ rhs  # [W | U_v]
         attend = decay * qk  # P
-        # the rows that multiply S^T: W's (the corrections) above Q_g's (the outputs), one matmul per chunk
-        by_state = torch.cat([solved[..., :mk], exp_g * q], dim=2)  # [N, n, 2L, mk]
         to_end = torch.exp(g[..., -1:] - g)[..., None]
-        k_end = to_end * k
         chunk_decay = torch.exp(g[..., -1])  # [N, n]
-
+        # the chunk-local parts of the recursion, all chunks at once (operands in the matmul dtype)
+        through = (attend.to(low) @ solved.to(low)).to(q.dtype)  # [P W | P U_v]
+        by_state = exp_g * q - through[..., :mk]  # Q_s [N, n, L, mk]
+        transition = (solved.transpose(-1, -2).to(low) @ (to_end * k).to(low)).to(q.dtype)  # [W^T K_end; R]
+        M = -transition[..., :mk, :]
+        M.diagonal(dim1=-2, dim2=-1).add_(chunk_decay[..., None])  # e^{g_L} I - W^T K_end [N, n, mk, mk]
         S = S0
-        states, corrections, outputs = [], [], []
-        chunks = zip(solved[..., mk:].to(low).unbind(1), by_state.to(low).unbind(1), attend.to(low).unbind(1),
-                     k_end.to(low).unbind(1), chunk_decay[..., None, None].unbind(1))
-        for U_v_c, by_state_c, attend_c, k_c, decay_c in chunks:
-            states.append(S)
-            W_S, q_S = (by_state_c @ S.transpose(-1, -2).to(low)).split(L, dim=1)  # operands in the matmul dtype
-            U = U_v_c - W_S  # [N, L, mv]: the corrections given S
-            corrections.append(U)
-            outputs.append(q_S + attend_c @ U)
-            S = decay_c * S + (U.transpose(-1, -2) @ k_c).to(S.dtype)
+        states = []
+        with torch.autocast(device, enabled=False):  # the recursion in the state's dtype, autocast or not
+            for M_c, R_c in zip(M.unbind(1), transition[..., mk:, :].unbind(1)):
+                states.append(S)
+                S = torch.baddbmm(R_c, S, M_c)  # S M + R
+        states = torch.stack(states, dim=1)  # [N, n, mv, mk]: the state entering each chunk
+        o = (by_state.to(low) @ states.transpose(-1, -2).to(low)).to(q.dtype) + through[..., mk:]
         ctx.save_for_backward(q, k, v, beta, decay, kk, qk, inverse, solved, attend, by_state, exp_g, to_end,
-                              chunk_decay, torch.stack(states, dim=1), torch.stack(corrections, dim=1).to(S.dtype))
-        return torch.stack(outputs, dim=1).to(S.dtype), S
+                              chunk_decay, states, M)
+        return o, S
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -171,31 +177,34 @@ class _ChunkedDeltaRule(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, d_o, d_S):
         (q, k, v, beta, decay, kk, qk, inverse, solved, attend, by_state, exp_g, to_end, chunk_decay, states,
-         U) = ctx.saved_tensors
-        mk, L, n = k.shape[-1], k.shape[2], k.shape[1]
+         M) = ctx.saved_tensors
+        mk, n = k.shape[-1], k.shape[1]
         # The incoming gradient is often a strided view (the caller's transposes, an expanded sum):
         # batched matmuls with it would fall back to a copy and a GEMM per matrix on the CPU.
         d_o = d_o.contiguous()
-        W, q_g = by_state.split(L, dim=2)
+        # the state's recursion, backwards through the chunks: dS_c = dS_{c+1} M_c^T + dO_c^T Q_s,c
+        from_o = (d_o.transpose(-1, -2) @ by_state).unbind(1)  # [N, mv, mk] per chunk
+        M_t = M.transpose(-1, -2).unbind(1)
+        d_next = [None] * n  # the gradient of the state after chunk c
+        d_S = d_S.to(M.dtype)
+        with torch.autocast(d_S.device.type, enabled=False):
+            for c in range(n - 1, -1, -1):
+                d_next[c] = d_S
+                d_S = torch.baddbmm(from_o[c].to(M.dtype), d_S, M_t[c])
+        d_next = torch.stack(d_next, dim=1)  # [N, n, mv, mk]
+        d_M = states.transpose(-1, -2) @ d_next  # [N, n, mk, mk]
+        d_chunk_decay = d_M.diagonal(dim1=-2, dim2=-1).sum(-1)  # [N, n]
+        d_transition = torch.cat([d_M.neg_(), d_next], dim=-2)  # [N, n, mk + mv, mk]
+        d_by_state = d_o @ states  # [N, n, L, mk]
+        d_through = torch.cat([-d_by_state, d_o], dim=-1)  # [N, n, L, mk + mv]
         k_end = to_end * k
-        # the state's recursion, backwards through the chunks; dS_out[:, c] = gradient of the state after chunk c
-        dU_from_o = attend.transpose(-1, -2) @ d_o  # [N, n, L, mv]
-        dS_from_o = d_o.transpose(-1, -2) @ q_g  # [N, n, mv, mk]
-        dU_chunks, dS_out = [None] * n, [None] * n
-        for c in range(n - 1, -1, -1):
-            dS_out[c] = d_S
-            dU_c = torch.baddbmm(dU_from_o[:, c], k_end[:, c], d_S.transpose(-1, -2))
-            dU_chunks[c] = dU_c
-            d_S = chunk_decay[:, c, None, None] * d_S + dS_from_o[:, c] - dU_c.transpose(-1, -2) @ W[:, c]
-        dU, dS_out = torch.stack(dU_chunks, dim=1), torch.stack(dS_out, dim=1)
-        d_q_g = d_o @ states
-        d_W = -(dU @ states)
-        d_k_end = U @ dS_out
-        d_chunk_decay = (states * dS_out).sum((-1, -2))  # [N, n]
-        dP = d_o @ U.transpose(-1, -2)  # [N, n, L, L]
+        q_g = exp_g * q
+        d_solved = k_end @ d_transition.transpose(-1, -2) + attend.transpose(-1, -2) @ d_through
+        d_k_end = solved @ d_transition  # [N, n, L, mk]
+        dP = d_through @ solved.transpose(-1, -2)  # [N, n, L, L]
 
         # through the triangular solve: [W | U_v] = (I + A)^{-1} R
-        dR = inverse.transpose(-1, -2) @ torch.cat([d_W, dU], dim=-1)
+        dR = inverse.transpose(-1, -2) @ d_solved
         G = (dR @ solved.transpose(-1, -2)).mul_(decay).tril_(-1)  # = -dA o D on the strictly lower part
         Gk = G * kk
         d_kk = G.mul_(-beta[..., :, None])
@@ -205,10 +214,10 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         s_k = (dR_k * k).sum(-1) * exp_g[..., 0]  # [N, n, L]
         d_beta = s_k + (dR_v * v).sum(-1) - Gk.sum(-1)
         t_end = (d_k_end * k_end).sum(-1)
-        d_g = beta * s_k + (d_q_g * q_g).sum(-1) - t_end + E.sum(-1) - E.sum(-2)
+        d_g = beta * s_k + (d_by_state * q_g).sum(-1) - t_end + E.sum(-1) - E.sum(-2)
         d_g[..., -1] += t_end.sum(-1) + chunk_decay * d_chunk_decay
         d_k = ((d_kk + d_kk.transpose(-1, -2)) @ k + d_qk.transpose(-1, -2) @ q
                + (beta[..., None] * exp_g) * dR_k + to_end * d_k_end)
-        d_q = d_qk @ k + exp_g * d_q_g
+        d_q = d_qk @ k + exp_g * d_by_state
         d_v = beta[..., None] * dR_v
         return d_q, d_k, d_v, d_g, d_beta, d_S, None
