@@ -189,6 +189,7 @@ import mm_rec.cuda as c; assert c.load_extension() is not None; print(f'first bu
     timeout $(left 100) python3 -m pytest -q -m gpu tests/ops/scan/test_scan_cuda.py -x -rf > "$OUT/cuda_tests.txt" 2>&1
     timeout $(left 120) python3 -m pytest -q -m gpu tests/ops/recurrence/test_recurrence_cuda.py -x -rf \
         > "$OUT/cuda_recurrence_tests.txt" 2>&1
+    timeout $(left 90) python3 -m pytest -q -m gpu tests/core/test_memory_gpu.py -x -rf > "$OUT/memory_tests.txt" 2>&1
     timeout $(left 90) python3 benchmarks/bench_scan.py --shapes 8x2048x4096,1x32768x4096 --backends triton,cuda \
         --no-torch > "$OUT/bench_scan.txt" 2>&1
     timeout $(left 100) python3 benchmarks/bench_recurrence.py --shapes 1x32768 --backends triton,cuda \
