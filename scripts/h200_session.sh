@@ -18,13 +18,16 @@
 #   OUT=/tmp/h200 bash scripts/h200_session.sh decode_hf  # alone: the Hugging Face Llama beside MM-Rec
 #   OUT=/tmp/h200 bash scripts/h200_session.sh priority   # alone, when one call is all there is:
 #                                                       # CUDA build + GPU tests, bench_scan, recurrence sweep
+#   OUT=/tmp/h200 BUDGET=240 bash scripts/h200_session.sh combo   # alone: passkey training beside the CUDA build and
+#                                                       # GPU tests, capped-age rescoring, then bench_scan and
+#                                                       # the recurrence sweep alone
 # DEADLINE (default 580): the second of the phase by which every step has stopped.
 #
 # Runs share the GPU (small models leave it mostly idle), so steps, not wall time, compare them.
 # Each run is stopped by a time budget (it then evaluates and writes its results); the results
 # come back in $OUT: logs and runs.tgz (every run's JSON and log; no weights).
 set -u
-PHASE=${1:?usage: h200_session.sh recall|lm|ablations|passkey|widths|cuda|priority|decode|decode_hf}
+PHASE=${1:?usage: h200_session.sh recall|lm|ablations|passkey|widths|cuda|priority|combo|decode|decode_hf}
 OUT=${OUT:-runs/h200-out}
 RUNS=runs/h200
 mkdir -p "$OUT" "$RUNS"
@@ -193,6 +196,28 @@ import mm_rec.cuda as c; assert c.load_extension() is not None; print(f'first bu
     timeout $(left 90) python3 benchmarks/bench_scan.py --shapes 8x2048x4096,1x32768x4096 --backends triton,cuda \
         --no-torch > "$OUT/bench_scan.txt" 2>&1
     timeout $(left 100) python3 benchmarks/bench_recurrence.py --shapes 1x32768 --backends triton,cuda \
+        --cluster-sizes 1,2,4 > "$OUT/bench_recurrence.txt" 2>&1
+    finish
+    ;;
+combo)
+    # One call for issues 14 and 16 together: MM-Rec's passkey training on the GPU while the CUDA kernels
+    # build on the CPUs and their GPU tests run beside it (correctness only), then the same weights
+    # rescored with the kept slots' age bias capped, then the scan and recurrence benchmarks alone.
+    passkey mmrec configs/passkey_mmrec.yaml ${BUDGET:-240} --lengths 2k,8k,32k,128k
+    timeout $(left 200) python3 -c "import time, logging; logging.basicConfig(level=logging.INFO); t = time.time(); \
+import mm_rec.cuda as c; assert c.load_extension() is not None; print(f'first build {time.time() - t:.1f} s')" \
+        > "$OUT/cuda_build.txt" 2>&1
+    { timeout $(left 100) python3 -m pytest -q -m gpu tests/ops/scan/test_scan_cuda.py -x -rf
+      timeout $(left 120) python3 -m pytest -q -m gpu tests/ops/recurrence/test_recurrence_cuda.py -x -rf
+      timeout $(left 90) python3 -m pytest -q -m gpu tests/core/test_memory_gpu.py -x -rf; } > "$OUT/gpu_tests.txt" 2>&1
+    wait
+    timeout $(left 120) $MMREC eval --task passkey --checkpoint "$RUNS/passkey/mmrec" --seed 0 \
+        --lengths 8k,32k,128k --samples 5 --set model.kept_age_bias=capped \
+        --out "$RUNS/passkey/mmrec_capped" > "$RUNS/passkey/mmrec_capped.log" 2>&1
+    cp "$RUNS/passkey/mmrec/log.txt" "$OUT/passkey.txt"; tail -9 "$RUNS/passkey/mmrec_capped.log" >> "$OUT/passkey.txt"
+    timeout $(left 80) python3 benchmarks/bench_scan.py --shapes 8x2048x4096,1x32768x4096 --backends triton,cuda \
+        --no-torch > "$OUT/bench_scan.txt" 2>&1
+    timeout $(left 70) python3 benchmarks/bench_recurrence.py --shapes 1x32768 --backends triton,cuda \
         --cluster-sizes 1,2,4 > "$OUT/bench_recurrence.txt" 2>&1
     finish
     ;;
