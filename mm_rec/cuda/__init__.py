@@ -64,8 +64,9 @@ def build(name: str = "mm_rec_cuda", defines: dict[str, int] | None = None) -> M
     here = Path(__file__).parent
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "{}.{}".format(*torch.cuda.get_device_capability()))
     macros = [f"-D{key}={value}" for key, value in (defines or {}).items()]
-    return load(name=name, sources=[str(here / s) for s in _SOURCES], extra_cflags=["-O3", "-std=c++17"],
-                extra_cuda_cflags=["-O3", "-std=c++17", *_arch_flags(), *macros], verbose=False)
+    # no -std flag: torch's own (C++17 or newer, as its headers need) applies; the kernels need C++17
+    return load(name=name, sources=[str(here / s) for s in _SOURCES], extra_cflags=["-O3"],
+                extra_cuda_cflags=["-O3", *_arch_flags(), *macros], verbose=False)
 
 
 def load_extension() -> ModuleType | None:

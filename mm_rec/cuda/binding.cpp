@@ -138,12 +138,27 @@ int sm_count() {
     return count;
 }
 
+// Whether the current device has thread-block clusters (compute capability 9.0 or newer).
+bool has_clusters() {
+    int device = 0, major = 0;
+    TORCH_CHECK(cudaGetDevice(&device) == cudaSuccess, "cudaGetDevice failed");
+    TORCH_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess,
+                "cudaDeviceGetAttribute(ComputeCapabilityMajor) failed");
+    return major >= 9;
+}
+
+// The cluster size that 0 picks for B * H programs of head dim D here (1 on GPUs without clusters).
+int default_cluster_size(int64_t programs, int64_t D) {
+    return has_clusters() ? mmrec_cuda::recurrence_default_cluster_size(programs, D, sm_count()) : 1;
+}
+
 // The cluster size to launch: `requested` (1, 2, 4) or, for 0, the default rule.
 int resolve_cluster_size(int64_t requested, int64_t programs, int64_t D) {
     TORCH_CHECK(requested == 0 || requested == 1 || requested == 2 || requested == 4,
                 "cluster_size must be 0 (default), 1, 2 or 4, got ", requested);
-    const int cs = requested == 0 ? mmrec_cuda::recurrence_default_cluster_size(programs, D, sm_count())
-                                  : static_cast<int>(requested);
+    const int cs = requested == 0 ? default_cluster_size(programs, D) : static_cast<int>(requested);
+    TORCH_CHECK(cs == 1 || has_clusters(), "mm_rec CUDA recurrence: cluster size ", cs,
+                " needs thread-block clusters (a GPU of compute capability 9.0 or newer)");
     TORCH_CHECK(mmrec_cuda::recurrence_supported(D, cs), "mm_rec CUDA recurrence: head dim ", D,
                 " with cluster size ", cs, " is not built (head dims 32, 64, 128; cluster sizes 1, 2, 4)");
     return cs;
@@ -256,13 +271,14 @@ std::vector<at::Tensor> recurrence_bwd(const at::Tensor& dh, const at::Tensor& d
 
 // The cluster size that cluster_size = 0 picks for B * H programs of head dim d on this device.
 int64_t recurrence_cluster_size(int64_t programs, int64_t d) {
-    return mmrec_cuda::recurrence_default_cluster_size(programs, d, sm_count());
+    return default_cluster_size(programs, d);
 }
 
 // Clusters of (head dim d, cluster size) resident at once on this device (diagnostic; < 0 on error).
 int64_t recurrence_max_active_clusters(int64_t d, int64_t cluster_size, bool forward) {
     TORCH_CHECK(mmrec_cuda::recurrence_supported(d, static_cast<int>(cluster_size)), "unsupported d ", d,
                 " / cluster size ", cluster_size);
+    TORCH_CHECK(cluster_size == 1 || has_clusters(), "cluster size ", cluster_size, " needs compute capability 9.0");
     return mmrec_cuda::recurrence_max_active_clusters(d, static_cast<int>(cluster_size), forward, sm_count());
 }
 

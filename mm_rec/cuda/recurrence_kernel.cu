@@ -55,6 +55,15 @@
 #include <initializer_list>
 #include <type_traits>
 
+// Thread-block clusters (CS > 1) exist from compute capability 9.0 on; a build for an older GPU keeps
+// their code out of its device pass (the intrinsics are not declared there), and the host refuses
+// cluster sizes above 1 on such a GPU (binding.cpp), so the trap below is never reached.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+#define MMREC_CLUSTERS 1
+#else
+#define MMREC_CLUSTERS 0
+#endif
+
 namespace mmrec_cuda {
 namespace {
 
@@ -139,7 +148,14 @@ struct Broadcast {
             dst[0] = local;
         } else {
 #pragma unroll
-            for (int q = 0; q < CS; ++q) dst[q] = static_cast<float*>(__cluster_map_shared_rank(local, q));
+            for (int q = 0; q < CS; ++q) {
+#if MMREC_CLUSTERS
+                dst[q] = static_cast<float*>(__cluster_map_shared_rank(local, q));
+#else
+                dst[q] = local;
+                __trap();
+#endif
+            }
         }
     }
 
@@ -157,17 +173,25 @@ struct Broadcast {
 template <int CS>
 __device__ __forceinline__ void step_arrive(bool release) {
     if constexpr (CS > 1) {
+#if MMREC_CLUSTERS
         if (release) {
             __cluster_barrier_arrive();
         } else {
             __cluster_barrier_arrive_relaxed();
         }
+#else
+        __trap();
+#endif
     }
 }
 template <int CS>
 __device__ __forceinline__ void step_wait() {
     if constexpr (CS > 1) {
+#if MMREC_CLUSTERS
         __cluster_barrier_wait();
+#else
+        __trap();
+#endif
     } else {
         __syncthreads();
     }
@@ -190,7 +214,9 @@ struct Place {
         c = tid % L::NC;
         rg = tid / L::NC;
         int rank = 0;
+#if MMREC_CLUSTERS
         if constexpr (CS > 1) rank = static_cast<int>(__clusterRelativeBlockRank());
+#endif
         prog = static_cast<int64_t>(blockIdx.x) / CS;  // clusters are CS consecutive blocks along x
         b = prog / H;
         head = prog % H;
@@ -463,6 +489,7 @@ cudaError_t launch(const Args& args, cudaStream_t stream) {
     if (programs * CS > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
     cudaLaunchAttribute attr[1];
     const cudaLaunchConfig_t cfg = launch_config<D, CS>(programs, stream, attr);
+    (void)cudaGetLastError();  // an earlier, unrelated non-sticky error is not this launch's
     const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel_for<D, CS, Args>(), args);
     return err != cudaSuccess ? err : cudaGetLastError();
 }

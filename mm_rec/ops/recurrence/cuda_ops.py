@@ -95,7 +95,8 @@ def _bwd_fake(dh, dh_last, z, log_gamma, W_g, h0, gate, states, cluster_size):
 def _save(ctx, inputs, h, gate, states) -> None:
     z, log_gamma, W_g, _, h0, cluster_size = inputs
     ctx.cluster_size = cluster_size
-    ctx.save_for_backward(z, log_gamma, W_g, h0, gate, states if states.numel() else h)
+    # the fp32 states the backward reads: h itself when z is fp32 (the kernel then returns no copy)
+    ctx.save_for_backward(z, log_gamma, W_g, h0, gate, h if z.dtype == torch.float32 else states)
 
 
 def _setup_context(ctx, inputs, output) -> None:
