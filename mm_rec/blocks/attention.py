@@ -71,103 +71,98 @@ class MultiMemoryAttention(nn.Module):
         window_distance [T, L + W]: each such key's distance in tokens (>= W where unused);
         slot_age [B, 1 or K, T, N]: slot ages in blocks (token block minus slot block).
         """
-        window_probs, probs, _, _ = self._probabilities(hierarchy)
-        N = hierarchy.slot_block.shape[-1]
+        probs, _, window_width = self._probabilities(hierarchy)
+        B, K, nb, L, E = probs.shape
         T = hierarchy.queries.shape[1]
+        N = hierarchy.slot_block.shape[-1]
+        probs = probs.reshape(B, K, nb * L, E)[:, :, :T]
         age = hierarchy.token_block[:, None, :, None] - hierarchy.slot_block[:, :, None, :]
-        out = dict(slots=probs[..., :N], null=probs[..., N], slot_age=age, window=window_probs)
-        if window_probs is not None:
-            L = window_probs.shape[-1] - self.window_size
+        slots = probs[..., window_width:]
+        out = dict(slots=slots[..., :N], null=slots[..., N], slot_age=age, window=None)
+        if window_width:
+            out["window"] = probs[..., :window_width]
             t = torch.arange(T, device=probs.device)[:, None] % L
-            out["window_distance"] = self.window_size + t - torch.arange(L + self.window_size, device=probs.device)
+            out["window_distance"] = self.window_size + t - torch.arange(window_width, device=probs.device)
         return out
 
     def _probabilities(self, hierarchy: Hierarchy):
-        """(window probs [B, K, T, L + W] or None, slot probs [B, K, T, Wp], slot values [B, K, Wp, m],
-        blocked window values [B, K, nb, L + W, m] or None), one softmax over both, fp32 at least.
+        """(probs [B, K, nb, L, E], values [B, K, nb, E, m], E_w): one softmax per token and bank over
+        E = E_w + Wp entries, fp32 at least, with the tokens in nb blocks of L (the last one padded).
 
-        Slot column n < N is timeline slot n, column N the null slot (key and value 0), and the
-        columns after it are hidden padding that makes Wp a multiple of 8: the bf16 matmuls then
-        get 16-byte aligned rows (cuBLAS falls back to much slower kernels otherwise), and no
-        slicing or concatenation of the [B, K, T, Wp] tensors is needed.
+        The first E_w = L + W entries are the window (none without one): block i's queries against
+        its L + W window keys, i L .. i L + L + W - 1 of [carried W | segment T] (masked outside the
+        window and before the stream's start). Then the Wp slot entries, the same for every block:
+        slot n < N is timeline slot n, entry N the null slot (key and value 0), and the entries after
+        it are hidden padding that makes Wp a multiple of 8 (16-byte aligned bf16 rows for cuBLAS).
+        Window and slot keys are concatenated per block, so the logits are one matmul, the softmax
+        one tensor and the read one matmul: no concatenation or split of score-sized tensors.
 
         The age bias -slope * (age - 1), age = token_block[t] - slot_block[n], splits into a slot
         term slope * (slot_block[n] - ref) and a row term -slope * (token_block[t] - ref - 1); a
         softmax row is unchanged when the row term moves, with the opposite sign, onto the null
-        slot's logit and the window's. So the scores take one broadcast add instead of an age
+        slot's logit and the window's. So the slots take one broadcast bias instead of an age
         tensor (ref = each row's first token block keeps both terms as small as the ages).
         """
         q = hierarchy.queries.transpose(1, 2) * self.scale  # [B, K, T, m]
-        B, K, T, _ = q.shape
+        B, K, T, m = q.shape
+        W = self.window_size
+        L = min(W, T) if W else T
+        nb = -(-T // L)
         N = hierarchy.slot_block.shape[-1]
         Wp = N + 1 + (-(N + 1)) % 8
-        keys = F.pad(hierarchy.slot_keys.to(q.dtype), (0, 0, 0, Wp - N))  # [B, K, Wp, m]
-        values = F.pad(hierarchy.slot_values.to(q.dtype), (0, 0, 0, Wp - N))
         acc = torch.promote_types(q.dtype, torch.float32)  # softmax in fp32 (float64 stays)
+        pad_slots = lambda x: F.pad(x.to(q.dtype), (0, 0, 0, Wp - N))[:, :, None].expand(B, K, nb, Wp, m)
+        keys, values = pad_slots(hierarchy.slot_keys), pad_slots(hierarchy.slot_values)  # [B, K, nb, Wp, m]
+        if W:
+            keys = _blocks(hierarchy.window_keys.to(q.dtype), nb, L, W, keys)  # [B, K, nb, L + W + Wp, m]
+            values = _blocks(hierarchy.window_values.to(q.dtype), nb, L, W, values)
+        q_blocks = _pad_tokens(q, nb * L).view(B, K, nb, L, m)
+        scores = torch.matmul(q_blocks, keys.transpose(-1, -2)).to(acc)  # [B, K, nb, L, E]
+
         token_block, slot_block = hierarchy.token_block, hierarchy.slot_block  # [B, T], [B, k1, N]
         ref = token_block[:, :1]
-        slope = self._slopes(acc)[0].view(1, -1, 1, 1)  # [1, K, 1, 1]
+        age_slope, window_slope = self._slopes(acc)
+        slope = age_slope.view(1, -1, 1, 1)  # [1, K, 1, 1]
         slot_bias = slope * (slot_block - ref[:, :, None]).to(acc)[:, :, None, :]  # [B, K, 1, N]
         if self.age_cap is not None:  # + slope * (age - cap) where the age passes the cap: [B, K, T, N]
             age = token_block[:, None, :, None] - slot_block[:, :, None, :]
             slot_bias = slot_bias + slope * (age - self.age_cap).clamp_min(0).to(acc)
         if hierarchy.slot_importance is not None:
             slot_bias = slot_bias + hierarchy.slot_importance.to(acc)[:, :, None, :]
-        scores = torch.matmul(q, keys.transpose(-1, -2)) + F.pad(slot_bias, (0, Wp - N))  # [B, K, T, Wp] in acc
         group = hierarchy.token_group[:, None, :, None]  # [B, 1, T, 1]
         visible = hierarchy.slot_visible
         visible = visible.gather(2, group.expand(B, visible.shape[1], T, N))  # [B, k1, T, N]
-        hidden = ~F.pad(visible, (0, Wp - N), value=False)  # column N is set below
-        # In place (the sum is saved by no one): eager mode then makes no more full-size copies
-        # than a concatenation with the null column would.
-        scores.masked_fill_(hidden, float("-inf"))
         row_shift = slope[..., 0] * (token_block - ref - 1).to(acc)[:, None, :]  # [B, K, T]
-        scores[..., N] = self.null_logit.to(acc).view(1, -1, 1) + row_shift  # the null slot, always visible
-        if not self.window_size:
-            return None, torch.softmax(scores, dim=-1), values, None
 
-        window_scores, window_values = self._window_scores(q, hierarchy, acc, row_shift)
-        probs = torch.softmax(torch.cat([window_scores, scores], dim=-1), dim=-1)
-        # one split, not two slices: its backward is one concatenation (a slice's is a zero-filled
-        # full-size tensor each)
-        window_probs, slot_probs = probs.split([window_scores.shape[-1], Wp], dim=-1)
-        return window_probs, slot_probs, values, window_values
+        def blocked(x: torch.Tensor, value: float | bool = 0) -> torch.Tensor:
+            """[B, k, T or 1, n] -> [B, k, nb or 1, L or 1, n], padded rows filled with `value`."""
+            if x.shape[2] == 1:
+                return x[:, :, None]
+            return F.pad(x, (0, 0, 0, nb * L - T), value=value).unflatten(2, (nb, L))
 
-    def _window_scores(self, q: torch.Tensor, hierarchy: Hierarchy, acc: torch.dtype, row_shift: torch.Tensor):
-        """Scores [B, K, T, L + W] of every token against the L + W window keys of its query block
-        (masked outside the window and before the stream's start), plus row_shift [B, K, T], and the
-        blocked values [B, K, nb, L + W, m]."""
-        B, K, T, m = q.shape
-        W = self.window_size
-        L = min(W, T)
-        nb = -(-T // L)
-        key_blocks = _blocks(hierarchy.window_keys.to(q.dtype), nb, L, W)  # [B, K, nb, L + W, m]
-        value_blocks = _blocks(hierarchy.window_values.to(q.dtype), nb, L, W)
-        q_blocks = _pad_tokens(q, nb * L).view(B, K, nb, L, m)
-        scores = torch.matmul(q_blocks, key_blocks.transpose(-1, -2)).to(acc)  # [B, K, nb, L, L + W]
-        j = torch.arange(L + W, device=q.device)
-        distance = W + torch.arange(L, device=q.device)[:, None] - j  # [L, L + W]: tokens back
-        outside = (distance < 0) | (distance >= W)
-        # Only block 0 reaches before the stream's start: block i >= 1 starts at key i L >= W >= window_start
-        before_start = j < hierarchy.window_start.view(B, 1, 1, 1)  # [B, 1, 1, L + W]
-        shift = _pad_tokens(row_shift[..., None], nb * L).view(B, K, nb, L, 1)
-        scores = _WindowBias.apply(scores, self._slopes(acc)[1], distance.to(acc), shift, outside, before_start)
-        return scores.view(B, K, nb * L, L + W)[:, :, :T], value_blocks
+        slot_bias = blocked(F.pad(slot_bias, (0, Wp - N)))
+        hidden = ~blocked(F.pad(visible, (0, Wp - N), value=False), False)  # padded rows see only the null slot
+        null_logit = blocked((self.null_logit.to(acc).view(1, -1, 1) + row_shift)[..., None])[..., 0]  # [B, K, nb, L]
+        if W:
+            j = torch.arange(L + W, device=q.device)
+            distance = W + torch.arange(L, device=q.device)[:, None] - j  # [L, L + W]: tokens back
+            outside = (distance < 0) | (distance >= W)
+            # Only block 0 reaches before the stream's start: block i >= 1 starts at key i L >= W >= window_start
+            before_start = j < hierarchy.window_start.view(B, 1, 1, 1)  # [B, 1, 1, L + W]
+            window = (window_slope, distance.to(acc), outside, before_start, blocked(row_shift[..., None]))
+        else:
+            window = (None,) * 5
+        scores = _ReadLogits.apply(scores, slot_bias, hidden, null_logit, N, *window)
+        return torch.softmax(scores, dim=-1), values, (L + W if W else 0)
 
     # ------------------------------------------------------------------ read
     def forward(self, hierarchy: Hierarchy) -> torch.Tensor:
         """Returns the read [B, T, K, m] of every token and bank."""
-        window_probs, probs, values, window_values = self._probabilities(hierarchy)
-        read = torch.matmul(probs.to(values.dtype), values)  # the null slot's and the padding's values are 0
-        if window_probs is not None:
-            B, K, T, width = window_probs.shape
-            nb = window_values.shape[2]
-            L = width - self.window_size
-            # a view of the probabilities when T fills the blocks (T = nb L): no copy for the matmul
-            blocked = _pad_tokens(window_probs.to(values.dtype), nb * L).view(B, K, nb, L, width)
-            read = read + torch.matmul(blocked, window_values).view(B, K, nb * L, -1)[:, :, :T]
-        return read.transpose(1, 2)  # [B, T, K, m]
-
+        probs, values, _ = self._probabilities(hierarchy)
+        B, K, nb, L, _ = probs.shape
+        T = hierarchy.queries.shape[1]
+        read = torch.matmul(probs.to(values.dtype), values)  # [B, K, nb, L, m]; null and padding values are 0
+        return read.view(B, K, nb * L, -1)[:, :, :T].transpose(1, 2)  # [B, T, K, m]
 
     def step(self, view: StepView) -> torch.Tensor:
         """The read [B, K, m] of one token per row (`HDSHierarchy.step_token`): one softmax over the
@@ -210,40 +205,62 @@ def _pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
     return x if x.shape[2] == length else F.pad(x, (0, 0, 0, length - x.shape[2]))
 
 
-def _blocks(x: torch.Tensor, nb: int, L: int, W: int) -> torch.Tensor:
-    """Window keys or values x [B, K, W + T, m] -> [B, K, nb, L + W, m]: block i holds entries
-    i L .. i L + L + W - 1 (zeros past the end). With one block that is all of x; with more, L = W,
-    so block i is chunks i and i + 1 of length L: a concatenation of two views, whose backward is
-    two slices (an unfold's backward is a slow scatter-add on CPU)."""
+def _blocks(x: torch.Tensor, nb: int, L: int, W: int, after: torch.Tensor) -> torch.Tensor:
+    """Window keys or values x [B, K, W + T, m] -> [B, K, nb, L + W + n, m]: block i holds entries
+    i L .. i L + L + W - 1 (zeros past the end), then after[:, :, i] ([B, K, nb, n, m]). With one block
+    that is all of x; with more, L = W, so block i is chunks i and i + 1 of length L: one concatenation
+    of views, whose backward is slices (an unfold's backward is a slow scatter-add on CPU)."""
     B, K, _, m = x.shape
     x = _pad_tokens(x, nb * L + W)
     if nb == 1:
-        return x[:, :, None]
+        return torch.cat([x[:, :, None], after], dim=3)
     chunks = x.view(B, K, nb + 1, L, m)
-    return torch.cat([chunks[:, :, :-1], chunks[:, :, 1:]], dim=3)
+    return torch.cat([chunks[:, :, :-1], chunks[:, :, 1:], after], dim=3)
 
 
-class _WindowBias(torch.autograd.Function):
-    """The window's logits from its scores, in place: scores [B, K, nb, L, L + W] - slope [K] * distance
-    [L, L + W] + shift [B, K, nb, L, 1], then -inf where `outside` [L, L + W] (beyond the window) and,
-    in block 0, where `before_start` [B, 1, 1, L + W] (keys before the stream's start).
+class _ReadLogits(torch.autograd.Function):
+    """The logits of the read, in place on the scores [B, K, nb, L, E] (E = E_w window entries, then
+    Wp slot entries; E_w = 0 without a window):
+
+    * slot entries: + slot_bias [B, K, nb or 1, L or 1, Wp], -inf where hidden [B, 1 or K, nb, L, Wp],
+      then entry `null` replaced by null_logit [B, K, nb, L] (the null slot, always visible);
+    * window entries: - slope [K] * distance [L, E_w] + shift [B, K, nb, L, 1], then -inf where
+      `outside` [L, E_w] (beyond the window) and, in block 0, where `before_start` [B, 1, 1, E_w].
 
     The logits feed a softmax in which the hidden entries have probability 0, so their incoming
-    gradient is exactly 0 and the backward needs no mask. Autograd of the same expression would
-    reduce the full-size gradient over the broadcast dimensions for the slope (slow on CPU) and
-    write three full-size tensors; here the slope's gradient is one matrix-vector product."""
+    gradient is exactly 0 and the backward needs no mask; the null entry's score is replaced, and
+    its key is 0, so the gradient passed to the scores there reaches nothing. Autograd of the same
+    expressions would write several score-sized tensors and reduce full-size gradients over the
+    broadcast dimensions; here the slope's gradient is one reduction and a [K, L, E_w] product."""
 
     @staticmethod
-    def forward(ctx, scores, slope, distance, shift, outside, before_start):
+    def forward(ctx, scores, slot_bias, hidden, null_logit, null, slope, distance, outside, before_start, shift):
+        window_width = 0 if distance is None else distance.shape[-1]
+        ctx.window_width, ctx.null, ctx.slot_bias_shape = window_width, null, slot_bias.shape
         ctx.save_for_backward(distance)
-        bias = (slope.view(-1, 1, 1) * -distance).masked_fill_(outside, float("-inf"))  # [K, L, L + W]
-        logits = (scores + bias[:, None]).add_(shift)
-        logits[:, :, 0].masked_fill_(before_start, float("-inf"))
-        return logits
+        ctx.mark_dirty(scores)
+        slots = scores[..., window_width:]
+        slots.add_(slot_bias).masked_fill_(hidden, float("-inf"))
+        slots[..., null] = null_logit
+        if window_width:
+            window = scores[..., :window_width]
+            bias = (slope.view(-1, 1, 1) * -distance).masked_fill_(outside, float("-inf"))  # [K, L, E_w]
+            window.add_(bias[:, None]).add_(shift)
+            window[:, :, 0].masked_fill_(before_start, float("-inf"))
+        return scores
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         (distance,) = ctx.saved_tensors
-        B, K = grad.shape[:2]
-        per_block = grad.reshape(B, K, -1, distance.numel()) @ distance.reshape(-1)  # [B, K, nb]
-        return grad, -per_block.sum((0, 2)), None, grad.sum(-1, keepdim=True), None, None
+        window_width = ctx.window_width
+        slots = grad[..., window_width:]
+        d_null_logit = slots[..., ctx.null]
+        reduce = [d for d, (g, b) in enumerate(zip(slots.shape, ctx.slot_bias_shape)) if b == 1 and g != 1]
+        d_slot_bias = slots.sum(reduce, keepdim=True) if reduce else slots
+        d_slope = d_shift = None
+        if window_width:
+            window = grad[..., :window_width]
+            d_slope = -(window.sum((0, 2)) * distance).sum((-1, -2))  # [K]
+            d_shift = window.sum(-1, keepdim=True)
+        return grad, d_slot_bias, None, d_null_logit, None, d_slope, None, None, None, d_shift

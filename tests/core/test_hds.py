@@ -162,13 +162,15 @@ def test_probabilities_are_aligned_and_padding_reads_nothing(T):
     state = LayerState.zeros(cfg, 2, dtype=torch.float64)
     q, k, v, gates = memory_inputs(cfg, 2, T)
     hier = hds.build_hierarchy(q, k, v, state, torch.tensor([0, 9]), gates)
-    window, probs, values, _ = attn._probabilities(hier)
+    probs, values, window_width = attn._probabilities(hier)  # [B, K, nb, L, E], [B, K, nb, E, m]
     N = hier.slot_block.shape[-1]
-    assert probs.shape[-1] % 8 == 0 and probs.shape[-1] > N and values.shape[2] == probs.shape[-1]
-    assert (probs[..., N + 1:] == 0).all() and (values[:, :, N:] == 0).all()
-    torch.testing.assert_close(probs.sum(-1) + window.sum(-1), torch.ones_like(probs[..., 0]))
+    slots, slot_values = probs[..., window_width:], values[..., window_width:, :]
+    assert slots.shape[-1] % 8 == 0 and slots.shape[-1] > N and values.shape[3] == probs.shape[-1]
+    assert (slots[..., N + 1:] == 0).all() and (slot_values[..., N:, :] == 0).all()
+    torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs[..., 0]))  # padded rows too
     public = attn.read_probabilities(hier)
-    torch.testing.assert_close(public["slots"], probs[..., :N])
+    B, K, nb, L, _ = probs.shape
+    torch.testing.assert_close(public["slots"], slots.reshape(B, K, nb * L, -1)[:, :, :T, :N])
     distance = public["window_distance"]
     assert (public["window"][..., (distance < 0) | (distance >= cfg.window_size)] == 0).all()
 
@@ -229,16 +231,20 @@ def test_gradcheck_of_the_memory_read():
     assert torch.autograd.gradcheck(f, tuple(inputs))
 
 
-@pytest.mark.parametrize("T, position", [(11, 0), (11, 2), (8, 9), (3, 1)])
-def test_gradcheck_of_the_read_through_the_attention_parameters(T, position):
-    """The window's slope, the age slope and the null logit, whose gradients the window-bias node
+@pytest.mark.parametrize("T, position, overrides", [
+    (11, 0, {}), (11, 2, {}), (8, 9, {}), (3, 1, {}),
+    (13, 4, dict(memory_size_M=3, kept_age_bias="capped")),  # a per-token slot bias
+    (9, 3, dict(window_size=0)),
+])
+def test_gradcheck_of_the_read_through_the_attention_parameters(T, position, overrides):
+    """The window's slope, the age slope and the null logit, whose gradients the logits node
     computes by hand: T off and on the window's blocks (W = 4), the stream's start inside the
-    first block (position < W) or not."""
-    cfg, hds, attn = make(memory_size_M=2, recent_slots=1, chunk_size=3, window_size=4)
+    first block (position < W) or not, the capped age bias, no window."""
+    cfg, hds, attn = make(**{**dict(memory_size_M=2, recent_slots=1, chunk_size=3, window_size=4), **overrides})
     q, k, v, gates = memory_inputs(cfg, 2, T)
     state = LayerState.zeros(cfg, 2, dtype=torch.float64)
     hier = hds.build_hierarchy(q, k, v, state, torch.tensor([position, position + 1]), gates)
-    names = ["log_window_slope", "log_age_slope", "null_logit"]
+    names = ["log_window_slope", "log_age_slope", "null_logit"][0 if cfg.window_size else 1:]
     params = tuple(getattr(attn, n).detach().clone().requires_grad_() for n in names)
 
     def f(*values):
