@@ -68,6 +68,22 @@ lm_pairs() {  # end: MM-Rec and the Transformer on Tiny Shakespeare and TinyStor
     lm tinystories_mmrec configs/tinystories_bpe.yaml $data/tinystories_subset.txt $1
     lm tinystories_transformer configs/tinystories_bpe_transformer.yaml $data/tinystories_subset.txt $1
 }
+cuda_build() {  # limit: build the CUDA extension (mm_rec/cuda), its first build's time in cuda_build.txt
+    timeout $(left $1) python3 -c "import time, logging; logging.basicConfig(level=logging.INFO); t = time.time(); \
+import mm_rec.cuda as c; assert c.load_extension() is not None; print(f'first build {time.time() - t:.1f} s')" \
+        > "$OUT/cuda_build.txt" 2>&1
+}
+kernel_gpu_tests() {  # the CUDA scan's, the CUDA recurrence's and the memory's GPU tests
+    timeout $(left 100) python3 -m pytest -q -m gpu tests/ops/scan/test_scan_cuda.py -x -rf
+    timeout $(left 120) python3 -m pytest -q -m gpu tests/ops/recurrence/test_recurrence_cuda.py -x -rf
+    timeout $(left 90) python3 -m pytest -q -m gpu tests/core/test_memory_gpu.py -x -rf
+}
+kernel_benches() {  # scan_limit recurrence_limit: bench_scan (Triton and CUDA) and the recurrence's cluster sweep
+    timeout $(left $1) python3 benchmarks/bench_scan.py --shapes 8x2048x4096,1x32768x4096 --backends triton,cuda \
+        --no-torch > "$OUT/bench_scan.txt" 2>&1
+    timeout $(left $2) python3 benchmarks/bench_recurrence.py --shapes 1x32768 --backends triton,cuda \
+        --cluster-sizes 1,2,4 > "$OUT/bench_recurrence.txt" 2>&1
+}
 finish() {
     wait
     tar czf "$OUT/runs.tgz" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.distcp' --exclude=tensorboard \
@@ -163,9 +179,7 @@ cuda)
     # kernels at cluster sizes 1, 2, 4 and the default rule (per-step latency against the cluster
     # size). Each step stops by second $DEADLINE.
     CUDA_OPS=" ${CUDA_OPS:-scan recurrence} "
-    timeout $(left 240) python3 -c "import time, logging; logging.basicConfig(level=logging.INFO); t = time.time(); \
-import mm_rec.cuda as c; assert c.load_extension() is not None; print(f'first build {time.time() - t:.1f} s')" \
-        > "$OUT/cuda_build.txt" 2>&1
+    cuda_build 240
     if [[ $CUDA_OPS == *" scan "* ]]; then
         timeout $(left 150) python3 -m pytest -q -m gpu tests/ops/scan/test_scan_cuda.py tests/ops/scan/test_scan_triton.py \
             -x -rf > "$OUT/cuda_tests.txt" 2>&1
@@ -186,17 +200,9 @@ priority)
     # One call when the device allows only one: the CUDA kernels'
     # build and GPU tests (scan, recurrence), bench_scan without the variant sweep, the recurrence's
     # cluster-size sweep at the acceptance shape. Each step stops by second $DEADLINE.
-    timeout $(left 240) python3 -c "import time, logging; logging.basicConfig(level=logging.INFO); t = time.time(); \
-import mm_rec.cuda as c; assert c.load_extension() is not None; print(f'first build {time.time() - t:.1f} s')" \
-        > "$OUT/cuda_build.txt" 2>&1
-    timeout $(left 100) python3 -m pytest -q -m gpu tests/ops/scan/test_scan_cuda.py -x -rf > "$OUT/cuda_tests.txt" 2>&1
-    timeout $(left 120) python3 -m pytest -q -m gpu tests/ops/recurrence/test_recurrence_cuda.py -x -rf \
-        > "$OUT/cuda_recurrence_tests.txt" 2>&1
-    timeout $(left 90) python3 -m pytest -q -m gpu tests/core/test_memory_gpu.py -x -rf > "$OUT/memory_tests.txt" 2>&1
-    timeout $(left 90) python3 benchmarks/bench_scan.py --shapes 8x2048x4096,1x32768x4096 --backends triton,cuda \
-        --no-torch > "$OUT/bench_scan.txt" 2>&1
-    timeout $(left 100) python3 benchmarks/bench_recurrence.py --shapes 1x32768 --backends triton,cuda \
-        --cluster-sizes 1,2,4 > "$OUT/bench_recurrence.txt" 2>&1
+    cuda_build 240
+    kernel_gpu_tests > "$OUT/gpu_tests.txt" 2>&1
+    kernel_benches 90 100
     finish
     ;;
 combo)
@@ -204,21 +210,14 @@ combo)
     # build on the CPUs and their GPU tests run beside it (correctness only), then the same weights
     # rescored with the kept slots' age bias capped, then the scan and recurrence benchmarks alone.
     passkey mmrec configs/passkey_mmrec.yaml ${BUDGET:-240} --lengths 2k,8k,32k,128k
-    timeout $(left 200) python3 -c "import time, logging; logging.basicConfig(level=logging.INFO); t = time.time(); \
-import mm_rec.cuda as c; assert c.load_extension() is not None; print(f'first build {time.time() - t:.1f} s')" \
-        > "$OUT/cuda_build.txt" 2>&1
-    { timeout $(left 100) python3 -m pytest -q -m gpu tests/ops/scan/test_scan_cuda.py -x -rf
-      timeout $(left 120) python3 -m pytest -q -m gpu tests/ops/recurrence/test_recurrence_cuda.py -x -rf
-      timeout $(left 90) python3 -m pytest -q -m gpu tests/core/test_memory_gpu.py -x -rf; } > "$OUT/gpu_tests.txt" 2>&1
+    cuda_build 200
+    kernel_gpu_tests > "$OUT/gpu_tests.txt" 2>&1
     wait
     timeout $(left 120) $MMREC eval --task passkey --checkpoint "$RUNS/passkey/mmrec" --seed 0 \
         --lengths 8k,32k,128k --samples 5 --set model.kept_age_bias=capped \
         --out "$RUNS/passkey/mmrec_capped" > "$RUNS/passkey/mmrec_capped.log" 2>&1
     cp "$RUNS/passkey/mmrec/log.txt" "$OUT/passkey.txt"; tail -9 "$RUNS/passkey/mmrec_capped.log" >> "$OUT/passkey.txt"
-    timeout $(left 80) python3 benchmarks/bench_scan.py --shapes 8x2048x4096,1x32768x4096 --backends triton,cuda \
-        --no-torch > "$OUT/bench_scan.txt" 2>&1
-    timeout $(left 70) python3 benchmarks/bench_recurrence.py --shapes 1x32768 --backends triton,cuda \
-        --cluster-sizes 1,2,4 > "$OUT/bench_recurrence.txt" 2>&1
+    kernel_benches 80 70
     finish
     ;;
 decode)
