@@ -89,24 +89,19 @@ def _shifted_sums(full: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     T = full.shape[1] - k + 1
     y = full[:, :T] * weight[:, 0]
     for i in range(1, k):
-        y = y + full[:, i:i + T] * weight[:, i]
+        y = torch.addcmul(y, full[:, i:i + T], weight[:, i])
     return y
 
 
 class _ShiftedSums(torch.autograd.Function):
-    """`_shifted_sums` with a hand-written backward (the CPU path): k in-place multiply-adds each way,
-    and the weight's gradient as k reductions; autograd of the slices would zero-fill a full-size
+    """`_shifted_sums` with a hand-written backward (the CPU path): k in-place multiply-adds into the
+    input's gradient and the weight's gradient as k reductions; autograd of the slices would zero-fill a full-size
     gradient per slice, and a depthwise conv1d needs channel-major copies both ways."""
 
     @staticmethod
     def forward(ctx, full, weight):
-        k = weight.shape[1]
-        T = full.shape[1] - k + 1
         ctx.save_for_backward(full, weight)
-        y = full[:, :T] * weight[:, 0]
-        for i in range(1, k):
-            y.addcmul_(full[:, i:i + T], weight[:, i])
-        return y
+        return _shifted_sums(full, weight)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
