@@ -51,7 +51,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed._functional_collectives import all_gather_single
+try:  # the differentiable all-gather (its backward is a reduce-scatter)
+    from torch.distributed._functional_collectives import all_gather_single_autograd as all_gather_autograd
+except ImportError:  # torch <= 2.11 names it all_gather_tensor_autograd
+    from torch.distributed._functional_collectives import all_gather_tensor_autograd as all_gather_autograd
 
 from mm_rec.constants import IGNORE_INDEX
 from mm_rec.core.associative_scan import LOG_CLAMP_MAX, LOG_CLAMP_MIN, associative_scan_exponential
@@ -342,7 +345,7 @@ def sequence_parallel_scan(log_a: torch.Tensor, b: torch.Tensor, group: dist.Pro
     total = log_a.sum(1)
     summaries = torch.stack([total, final])  # [2, B, ...]
     if dist.is_initialized() and dist.get_world_size(group) > 1:
-        summaries = all_gather_single(summaries, 0, group or dist.group.WORLD)
+        summaries = all_gather_autograd(summaries, 0, group or dist.group.WORLD)
     totals, finals = summaries.unflatten(0, (-1, 2)).unbind(1)  # [N, B, ...] each
     part = torch.arange(totals.shape[0], device=totals.device)
     between = ((part[:, None] < part[None, :]) & (part[None, :] < rank)).to(acc)  # [s, q]: s < q < rank
