@@ -160,7 +160,8 @@ int resolve_cluster_size(int64_t requested, int64_t programs, int64_t D) {
     TORCH_CHECK(cs == 1 || has_clusters(), "mm_rec CUDA recurrence: cluster size ", cs,
                 " needs thread-block clusters (a GPU of compute capability 9.0 or newer)");
     TORCH_CHECK(mmrec_cuda::recurrence_supported(D, cs), "mm_rec CUDA recurrence: head dim ", D,
-                " with cluster size ", cs, " is not built (head dims 32, 64, 128; cluster sizes 1, 2, 4)");
+                " with cluster size ", cs, " is not built (head dims 32, 64, 128 at cluster size 1; 2 and 4 where ",
+                "d / cluster size >= 32)");
     return cs;
 }
 

@@ -51,9 +51,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
+
 try:  # the differentiable all-gather (its backward is a reduce-scatter)
     from torch.distributed._functional_collectives import all_gather_single_autograd as all_gather_autograd
-except ImportError:  # torch <= 2.11 names it all_gather_tensor_autograd
+except ImportError:  # older torch (the GPU machine's 2.11): the same under its earlier name
     from torch.distributed._functional_collectives import all_gather_tensor_autograd as all_gather_autograd
 
 from mm_rec.constants import IGNORE_INDEX

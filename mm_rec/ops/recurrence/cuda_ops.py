@@ -4,8 +4,8 @@ Reference: `mm_rec.ops.recurrence.reference`; public entry point (backend "cuda"
 `mm_rec.core.recurrence.mmrec_recurrence`.
 
 One (batch row, head) runs on a thread-block cluster of `cluster_size` CTAs (1, 2 or 4; Hopper),
-each owning d / cluster_size columns of the state and of W_g; 0 picks the default (4 when
-B*H*4 CTAs fit on the multiprocessors, else 2, else 1). Head dims 32, 64 and 128; z and
+each owning d / cluster_size columns of the state and of W_g (2 and 4 only where d / cluster_size
+>= 32); 0 picks the default, 1 (the fastest measured: docs/benchmarks.md). Head dims 32, 64 and 128; z and
 log_gamma in fp32, bf16 or fp16, read in place; W_g, b_g and h_0 in fp32; accumulation fp32.
 The dispatcher sends everything else (float64, other head dims, CPU tensors) to Triton or torch.
 
@@ -143,7 +143,8 @@ def recurrence_cuda(z: torch.Tensor, log_gamma: torch.Tensor, W_g: torch.Tensor,
         z, log_gamma: [B, T, H, d] (fp32, bf16 or fp16 each; log_gamma already clamped to <= 0).
         W_g: [H, d, d]; b_g: [H, d]; initial_state: [B, H, d] (any float dtype but float64: cast
             to fp32, gradients cast back by autograd).
-        cluster_size: CTAs per (batch row, head), 1, 2 or 4; 0 for the default rule.
+        cluster_size: CTAs per (batch row, head), 1, 2 or 4 (2 and 4 where d / cluster_size >= 32,
+            else the binding refuses it); 0 for the default rule (1).
 
     Returns:
         h: [B, T, H, d] all states in z's dtype; h_last: [B, H, d] the final state in fp32.
