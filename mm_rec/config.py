@@ -71,6 +71,9 @@ class MMRecConfig:
     # age bias of the slots kept by importance: "linear" in their age, or "capped" at the newest-by-age
     # part's span (a kept slot then competes on content and importance, however old)
     kept_age_bias: str = "linear"
+    # level2=delta: the last `undecayed_banks` banks keep alpha = 1 (a pure delta rule, which forgets
+    # only by overwriting what a new key overlaps), so recall does not fade with distance by decay
+    undecayed_banks: int = 0
     dropout: float = 0.0  # residual dropout on each branch's output (training only; small-data recipes)
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
@@ -129,6 +132,9 @@ class MMRecConfig:
         need(self.slot_write in SLOT_WRITES, "slot_write", f"must be one of {SLOT_WRITES}")
         need(self.retention in RETENTIONS, "retention", f"must be one of {RETENTIONS}")
         need(self.kept_age_bias in KEPT_AGE_BIASES, "kept_age_bias", f"must be one of {KEPT_AGE_BIASES}")
+        need(isinstance(self.undecayed_banks, int) and 0 <= self.undecayed_banks <= self.num_memories, "undecayed_banks",
+             f"must be an integer in [0, num_memories={self.num_memories}]")
+        need(self.undecayed_banks == 0 or self.level2 == "delta", "undecayed_banks", "needs level2=delta")
         need(self.chunk_size % self.slots_per_block == 0, "slots_per_block",
              f"must divide chunk_size={self.chunk_size} (each sub-slot covers chunk_size / r tokens)")
         need(self.memory_size_M % self.slots_per_block == 0, "memory_size_M",

@@ -36,6 +36,8 @@ def test_presets_validate(name):
     ("recent_slots", 33, "<= memory_size_M"),
     ("config_version", 3, "newer one needs a newer mm_rec"),
     ("kept_age_bias", "log", "one of"),
+    ("undecayed_banks", 3, "num_memories"),
+    ("undecayed_banks", -1, "num_memories"),
 ])
 def test_invalid_values_name_field_and_rule(field, value, rule):
     with pytest.raises(ValueError, match=rule) as err:

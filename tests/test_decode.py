@@ -28,6 +28,7 @@ VARIANTS = {  # every switch flipped at least once
     "everything off": dict(memory_size_M=0, window_size=0, level2="mean", conv_size=0, gate_input="input"),
     "equal importances": dict(memory_size_M=5, recent_slots=2, keep_init=True),  # as at init: ties decide
     "kept ages capped": dict(memory_size_M=5, recent_slots=2, kept_age_bias="capped"),
+    "an undecayed delta bank": dict(undecayed_banks=1),
 }
 
 

@@ -144,6 +144,7 @@ class HDSHierarchy(nn.Module):
         else:  # delta rule: alpha_t, beta_t from the mixer's gate logits plus these biases
             self.delta_decay_bias = nn.Parameter(torch.empty(K))
             self.delta_write_bias = nn.Parameter(torch.empty(K))
+            self.undecayed_banks = config.undecayed_banks  # the last ones keep alpha = 1 exactly
         if config.slot_write == "attention":
             self.write_query = nn.Parameter(torch.empty(K, m))
         if self.kept_slots:
@@ -209,6 +210,9 @@ class HDSHierarchy(nn.Module):
         """The delta rule's (log alpha, beta) [..., K] from the mixer's logits [..., 2K] and the per-bank biases."""
         decay_logits, write_logits = delta_gates.to(acc).unflatten(-1, (2, self.num_memories)).unbind(-2)
         log_alpha = F.logsigmoid(decay_logits + self.delta_decay_bias.to(acc)).clamp(min=self.log_clamp_min)
+        if self.undecayed_banks:
+            decayed = self.num_memories - self.undecayed_banks
+            log_alpha = torch.cat([log_alpha[..., :decayed], torch.zeros_like(log_alpha[..., decayed:])], dim=-1)
         return log_alpha, torch.sigmoid(write_logits + self.delta_write_bias.to(acc))
 
     def _window(self, k, v, state: LayerState, position, carried):

@@ -29,6 +29,7 @@ VARIANTS = {
     "no long-term memory": dict(memory_size_M=0),
     "equal importances": dict(memory_size_M=5, recent_slots=2, init=True),  # as at init: ties decide
     "kept age capped": dict(memory_size_M=5, recent_slots=2, kept_age_bias="capped"),
+    "undecayed delta banks": dict(undecayed_banks=2),
 }
 
 
@@ -65,6 +66,8 @@ def reference(cfg, hds, attn, q, k, v, gates):
             # level 2
             if cfg.level2 == "delta":
                 alpha = torch.sigmoid(gates[t, bank] + hds.delta_decay_bias[bank]).clamp(min=math.exp(-50))
+                if bank >= K - cfg.undecayed_banks:  # the undecayed banks: a pure delta rule
+                    alpha = 1.0
                 beta = torch.sigmoid(gates[t, K + bank] + hds.delta_write_bias[bank])
                 kn, qn = kt / kt.norm().clamp_min(1e-12), qt / qt.norm().clamp_min(1e-12)
                 memory = alpha * memory @ (torch.eye(m, dtype=torch.float64) - beta * torch.outer(kn, kn)) \
@@ -251,3 +254,17 @@ def test_gradcheck_of_the_read_through_the_attention_parameters(T, position, ove
         return torch.func.functional_call(attn, dict(zip(names, values)), (hier,))
 
     assert torch.autograd.gradcheck(f, params)
+
+
+def test_undecayed_banks_keep_alpha_one_and_leave_the_others_alone():
+    K = 3
+    gates = torch.randn(2, 7, 2 * K, dtype=torch.float64)
+    cfg = dict(num_memories=K, hidden_dim=12, num_heads=2)
+    plain = HDSHierarchy(MMRecConfig(**{**BASE, **cfg})).double()
+    undecayed = HDSHierarchy(MMRecConfig(**{**BASE, **cfg, "undecayed_banks": 2})).double()
+    undecayed.load_state_dict(plain.state_dict())
+    (log_alpha, beta), (log_alpha_u, beta_u) = plain._delta_gates(gates, torch.float64), \
+        undecayed._delta_gates(gates, torch.float64)
+    assert (log_alpha < 0).all()
+    assert (log_alpha_u[..., 1:] == 0).all() and torch.equal(log_alpha_u[..., :1], log_alpha[..., :1])
+    assert torch.equal(beta_u, beta)
