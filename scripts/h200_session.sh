@@ -18,7 +18,8 @@
 #   OUT=/tmp/h200 bash scripts/h200_session.sh decode_hf  # alone: the Hugging Face Llama beside MM-Rec
 #   OUT=/tmp/h200 bash scripts/h200_session.sh priority   # alone, when one call is all there is:
 #                                                       # CUDA build + GPU tests, bench_scan, recurrence sweep
-#   OUT=/tmp/h200 BUDGET=240 bash scripts/h200_session.sh combo   # alone: passkey training beside the CUDA build and
+#   OUT=/tmp/h200 BUDGET=240 bash scripts/h200_session.sh combo   # alone: passkey training (as recorded, and with
+#                                                       # two undecayed delta banks) beside the CUDA build and
 #                                                       # GPU tests, capped-age rescoring, then bench_scan and
 #                                                       # the recurrence sweep alone
 # DEADLINE (default 580): the second of the phase by which every step has stopped.
@@ -210,6 +211,9 @@ combo)
     # build on the CPUs and their GPU tests run beside it (correctness only), then the same weights
     # rescored with the kept slots' age bias capped, then the scan and recurrence benchmarks alone.
     passkey mmrec configs/passkey_mmrec.yaml ${BUDGET:-240} --lengths 2k,8k,32k,128k
+    # beside it (steps compare): two of the four delta banks undecayed, the lever of the CPU study
+    passkey mmrec_undecayed configs/passkey_mmrec.yaml ${BUDGET:-240} --lengths 2k,8k,32k,128k \
+        --set model.undecayed_banks=2
     cuda_build 200
     kernel_gpu_tests > "$OUT/gpu_tests.txt" 2>&1
     wait
@@ -217,6 +221,7 @@ combo)
         --lengths 8k,32k,128k --samples 5 --set model.kept_age_bias=capped \
         --out "$RUNS/passkey/mmrec_capped" > "$RUNS/passkey/mmrec_capped.log" 2>&1
     cp "$RUNS/passkey/mmrec/log.txt" "$OUT/passkey.txt"; tail -9 "$RUNS/passkey/mmrec_capped.log" >> "$OUT/passkey.txt"
+    cat "$RUNS/passkey/mmrec_undecayed/log.txt" >> "$OUT/passkey.txt"
     kernel_benches 80 70
     finish
     ;;
