@@ -132,8 +132,8 @@ class MMRecConfig:
         need(self.slot_write in SLOT_WRITES, "slot_write", f"must be one of {SLOT_WRITES}")
         need(self.retention in RETENTIONS, "retention", f"must be one of {RETENTIONS}")
         need(self.kept_age_bias in KEPT_AGE_BIASES, "kept_age_bias", f"must be one of {KEPT_AGE_BIASES}")
-        need(isinstance(self.undecayed_banks, int) and 0 <= self.undecayed_banks <= self.num_memories, "undecayed_banks",
-             f"must be an integer in [0, num_memories={self.num_memories}]")
+        need(isinstance(self.undecayed_banks, int) and 0 <= self.undecayed_banks <= self.num_memories,
+             "undecayed_banks", f"must be an integer in [0, num_memories={self.num_memories}]")
         need(self.undecayed_banks == 0 or self.level2 == "delta", "undecayed_banks", "needs level2=delta")
         need(self.chunk_size % self.slots_per_block == 0, "slots_per_block",
              f"must divide chunk_size={self.chunk_size} (each sub-slot covers chunk_size / r tokens)")

@@ -10,6 +10,7 @@ memory in about tau steps); slot ages are in blocks of `chunk_size` tokens.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,10 +93,13 @@ def decay_spectra(model: MMRecModel) -> list[LayerDecay]:
     for block in _require_mmrec(model).blocks:
         mixer, hds, attention = block.mixer, block.mixer.hds, block.mixer.attention
         rest = hds.aggregate_logit if hds.level2_kind == "mean" else hds.delta_decay_bias
+        level2 = torch.sigmoid(rest.double()).cpu()
+        if hds.level2_kind == "delta" and hds.undecayed_banks:  # alpha = 1 there, whatever the bias
+            level2[len(level2) - hds.undecayed_banks:] = 1.0
         window = getattr(attention, "log_window_slope", None)
         spectra.append(LayerDecay(
             gamma=torch.sigmoid(mixer.decay.beta.double()).cpu(),
-            level2_lambda=torch.sigmoid(rest.double()).cpu(),
+            level2_lambda=level2,
             age_slope=attention.log_age_slope.double().exp().cpu(),
             window_slope=window.double().exp().cpu() if window is not None else None,
             level_weights=torch.softmax(mixer.integration.level_logits.double(), dim=-1).cpu(),
@@ -214,7 +218,8 @@ def plot_memory(spectra: list[LayerDecay], usage: list[LayerUsage], path: str | 
         tau = decay.time_constants.numpy()
         left.hist(tau, bins=np.geomspace(1.0, max(2.0, float(tau.max()) * 1.1), 40), color="0.6")
         for k, tau_k in enumerate(decay.level2_time_constants.tolist()):
-            left.axvline(tau_k, color=colors[k], linestyle="--", label=f"bank {k} level-2 tau {tau_k:.3g}")
+            if math.isfinite(tau_k):  # an undecayed bank has no time constant to draw
+                left.axvline(tau_k, color=colors[k], linestyle="--", label=f"bank {k} level-2 tau {tau_k:.3g}")
         left.set_xscale("log")
         left.set_ylabel(f"layer {layer}\nchannels")
         left.set_title("core decay time constants 1/(1-sigmoid(beta)) [tokens]", fontsize=9)

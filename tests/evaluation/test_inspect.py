@@ -47,6 +47,13 @@ def test_decay_spectra_are_the_parameters(legacy):
     assert (layer.window_slope is None) == legacy
 
 
+def test_undecayed_banks_show_no_level2_decay():
+    model = tiny_model(undecayed_banks=1)
+    layer = decay_spectra(model)[0]
+    assert (layer.level2_lambda[:2] < 1).all() and layer.level2_lambda[2] == 1.0
+    assert torch.isinf(layer.level2_time_constants[2])
+
+
 def expected_mass(T: int, C: int, S: int, W: int, slope: float, window_slope: float, null_logit: float):
     """With zero queries and keys the scores are the biases alone: token t in block j = t // C sees
     its window (d = 0 .. min(t, W - 1) tokens back, weights exp(-window_slope * d)), slot ages
