@@ -55,27 +55,31 @@ class StepRunner:
         self.calls += 1
         if not self.cuda_graph:
             return self.step_fn(tokens, self.state)
+        if self._tokens is None:
+            # one static input for the warm-up steps and the capture alike: a compiled step is guarded on
+            # its input's strides (a column of a [B, T] prompt is strided), and a recompilation inside
+            # the capture would fail
+            self._tokens = torch.empty(tokens.shape, dtype=tokens.dtype, device=tokens.device)
+        self._tokens.copy_(tokens)
         if self.graph is None:
             if self.calls <= self.warmup:
-                return self._side_stream_step(tokens)
-            self._capture(tokens)
-        self._tokens.copy_(tokens)
+                return self._side_stream_step()
+            self._capture()
         self.graph.replay()
         return self._logits
 
-    def _side_stream_step(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _side_stream_step(self) -> torch.Tensor:
         """An eager step on a side stream (as before a capture: lazy initialisations, compilation)."""
         main = torch.cuda.current_stream()
         side = torch.cuda.Stream(device=main.device)
         side.wait_stream(main)
         with torch.cuda.stream(side):
-            logits = self.step_fn(tokens, self.state)
+            logits = self.step_fn(self._tokens, self.state)
         main.wait_stream(side)
         return logits
 
-    def _capture(self, tokens: torch.Tensor) -> None:
-        """Record one step on static input and output buffers; capturing runs nothing."""
-        self._tokens = tokens.clone()
+    def _capture(self) -> None:
+        """Record one step on the static input and output buffers; capturing runs nothing."""
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self._logits = self.step_fn(self._tokens, self.state)

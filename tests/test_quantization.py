@@ -207,7 +207,9 @@ def test_eval_and_generate_quantize(saved, tmp_path, capsys):
         assert code == 0, err
         assert f"weights: {flags[1]} weights" in out and "tokens/s" in out
         assert abs(float(out.split("loss ")[1].split()[0]) - float_loss) < 0.05 * float_loss
-    args = ["generate", "--checkpoint", model_dir, "--prompt", "the ", "--max-new-tokens", 12, "--temperature", 0]
+    # the folder below is quantized on the CPU (int4 packs its weights for one device type): CPU runs
+    args = ["generate", "--checkpoint", model_dir, "--prompt", "the ", "--max-new-tokens", 12, "--temperature", 0,
+            "--device", "cpu"]
     code, out, err = run(capsys, *args, "--quantize", "int4", "--group-size", 32)
     assert code == 0 and out.startswith("the ") and "int4 weights (groups of 32)" in err, err
     model = load_model(model_dir)
@@ -218,8 +220,12 @@ def test_eval_and_generate_quantize(saved, tmp_path, capsys):
     assert code == 0, err  # the same quantization as saved (group size as saved)
     code, _, err = run(capsys, "generate", *args[1:2], tmp_path / "q", *args[3:], "--quantize", "int8")
     assert_one_line_error(code, err, "quantized already (int4 weights (groups of 32)")
-    code, _, err = run(capsys, "eval", "--checkpoint", tmp_path / "q", "--data", text, *EVAL, "--precision", "bf16")
+    code, _, err = run(capsys, "eval", "--checkpoint", tmp_path / "q", "--data", text, *EVAL, "--precision", "bf16",
+                       "--device", "cpu")
     assert_one_line_error(code, err, "--precision bf16: the checkpoint's quantized weights are float32")
+    if torch.cuda.is_available():  # weights packed for the CPU's int4 kernel are refused on CUDA, in one line
+        code, _, err = run(capsys, "generate", *args[1:2], tmp_path / "q", *args[3:-1], "cuda")
+        assert_one_line_error(code, err, "int4 weights packed for the cpu kernel")
 
 
 @needs_torchao

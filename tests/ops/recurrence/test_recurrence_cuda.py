@@ -8,6 +8,10 @@ shifted dp and per-(b, head) sums), so everything but the CUDA code itself is ex
 The `gpu` tests skip with the reason when the extension cannot be built on the machine.
 """
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from recurrence_helpers import GRAD_NAMES, outputs_and_grads, random_inputs, rel_err
@@ -312,27 +316,45 @@ def test_gpu_dispatcher_uses_the_kernels_and_falls_back_where_they_do_not_cover(
     check(got, ref, 1e-9)
 
 
+BINDING_REJECTIONS = """
+import sys
+sys.path[:0] = {paths!r}
+import pytest, torch
+from recurrence_helpers import random_inputs
+import mm_rec.cuda as mm_cuda
+ext = mm_cuda.load_extension()
+z, lg, W, b, h0 = random_inputs(1, 4, 2, 64, device="cuda")
+with pytest.raises(RuntimeError, match="cluster_size"):
+    ext.recurrence_fwd(z, lg, W, b, h0, 3)
+with pytest.raises(RuntimeError, match="not built"):
+    ext.recurrence_fwd(*random_inputs(1, 4, 2, 48, device="cuda"), 1)
+with pytest.raises(RuntimeError, match="W_g"):
+    ext.recurrence_fwd(z, lg, W.transpose(1, 2), b, h0, 1)  # not contiguous
+with pytest.raises(RuntimeError, match="h0"):
+    ext.recurrence_fwd(z, lg, W, b, h0.bfloat16(), 1)
+for d, cs in [(32, 2), (32, 4), (64, 4)]:  # roles of less than a warp are not built
+    with pytest.raises(RuntimeError, match="not built"):
+        ext.recurrence_fwd(*random_inputs(1, 4, 2, d, device="cuda"), cs)
+print("rejected")
+"""
+
+
 @pytest.mark.gpu
 def test_gpu_binding_rejects_bad_arguments():
     needs_kernels()
-    ext = mm_cuda.load_extension()
-    z, lg, W, b, h0 = random_inputs(1, 4, 2, 64, device="cuda")
-    with pytest.raises(RuntimeError, match="cluster_size"):
-        ext.recurrence_fwd(z, lg, W, b, h0, 3)
-    with pytest.raises(RuntimeError, match="not built"):
-        z48, lg48, W48, b48, h48 = random_inputs(1, 4, 2, 48, device="cuda")
-        ext.recurrence_fwd(z48, lg48, W48, b48, h48, 1)
-    with pytest.raises(RuntimeError, match="W_g"):
-        ext.recurrence_fwd(z, lg, W.transpose(1, 2), b, h0, 1)  # not contiguous
-    with pytest.raises(RuntimeError, match="h0"):
-        ext.recurrence_fwd(z, lg, W, b, h0.bfloat16(), 1)
-    for d, cs in [(32, 2), (32, 4), (64, 4)]:  # roles of less than a warp are not built
+    for d, cs in [(32, 2), (32, 4), (64, 4)]:
         assert not built(cs, d)
-        with pytest.raises(RuntimeError, match="not built"):
-            ext.recurrence_fwd(*random_inputs(1, 4, 2, d, device="cuda"), cs)
+    ext = mm_cuda.load_extension()
     assert ext.recurrence_cluster_size(1, 128) == 1 and ext.recurrence_cluster_size(10**6, 128) == 1
     for cs in CLUSTERS:
         assert ext.recurrence_max_active_clusters(128, cs, True) > 0
+    # the binding's argument checks throw from C++; in a child process, so that a crash (one H100 run
+    # ended this file with a segmentation fault here) fails this test instead of the whole session
+    here = Path(__file__).resolve().parent
+    paths = [str(here), str(here.parents[1])]  # recurrence_helpers and the helpers it imports
+    done = subprocess.run([sys.executable, "-c", BINDING_REJECTIONS.format(paths=paths)], capture_output=True,
+                          text=True, timeout=300, cwd=Path(__file__).resolve().parents[3])
+    assert done.returncode == 0 and "rejected" in done.stdout, (done.returncode, done.stderr[-2000:])
 
 
 @pytest.mark.gpu
