@@ -117,12 +117,16 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         O = Q_s S^T + P U_v,   S' = S M + R,   with  Q_s = Q_g - P W,  M = e^{g_L} I - W^T K_end,
                                                       R = U_v^T K_end
 
-    and Q_s, P U_v, M, R depend on the chunk alone: they are computed for all chunks at once, and the
-    sequential pass is one multiply-add of [mv, mk] by [mk, mk] per chunk (in the state's dtype, so
-    the decay on M's diagonal is never rounded to a half type). The backward runs the same recursion
-    in reverse (dS = dS' M^T + dO^T Q_s, one multiply-add per chunk), then everything else for all
-    chunks at once. The forward saves the per-chunk factors and the states entering each chunk
-    ([N, n, mv, mk]), so that nothing is recomputed."""
+    and Q_s, P U_v, R (and M) depend on the chunk alone: they are computed for all chunks at once, and
+    the sequential pass is one multiply-add per chunk, in the state's dtype (the decay on M's diagonal
+    is never rounded to a half type). M is a scaled identity minus a rank-L product, so where the key
+    dimension is more than twice the chunk (the 7b preset: m = 512, L = 64) it is never formed: the
+    pass applies S M = e^{g_L} S - (S W^T) K_end, 2 L mv mk multiply-adds per chunk instead of
+    mv mk^2 (and as many for forming M, and again in the backward). Elsewhere the [mk, mk] matrix
+    is cheaper: one product per chunk. The backward runs the same recursion in reverse
+    (dS = dS' M^T + dO^T Q_s), then everything else for all chunks at once. The forward saves the
+    per-chunk factors and the states entering each chunk ([N, n, mv, mk]), so that nothing is
+    recomputed."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, S0, low):
@@ -150,19 +154,29 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         # the chunk-local parts of the recursion, all chunks at once (operands in the matmul dtype)
         through = (attend.to(low) @ solved.to(low)).to(q.dtype)  # [P W | P U_v]
         by_state = exp_g * q - through[..., :mk]  # Q_s [N, n, L, mk]
-        transition = (solved.transpose(-1, -2).to(low) @ (to_end * k).to(low)).to(q.dtype)  # [W^T K_end; R]
-        M = -transition[..., :mk, :]
-        M.diagonal(dim1=-2, dim2=-1).add_(chunk_decay[..., None])  # e^{g_L} I - W^T K_end [N, n, mk, mk]
+        k_end = to_end * k  # K_end
+        ctx.factored = 2 * L < mk  # S M as e^{g_L} S - (S W^T) K_end (see the class docstring)
+        rows = slice(mk, None) if ctx.factored else slice(None)  # R = U_v^T K_end, or [W^T K_end; R]
+        transition = (solved[..., rows].transpose(-1, -2).to(low) @ k_end.to(low)).to(q.dtype)
+        if ctx.factored:
+            R, M = transition, None
+        else:
+            R, M = transition[..., mk:, :], transition[..., :mk, :].neg()
+            M.diagonal(dim1=-2, dim2=-1).add_(chunk_decay[..., None])  # e^{g_L} I - W^T K_end [N, n, mk, mk]
         S = S0
         states = []
         with torch.autocast(device, enabled=False):  # the recursion in the state's dtype, autocast or not
-            for M_c, R_c in zip(M.unbind(1), transition[..., mk:, :].unbind(1)):
+            for c in range(k.shape[1]):
                 states.append(S)
-                S = torch.baddbmm(R_c, S, M_c)  # S M + R
+                if M is None:  # S M + R = e^{g_L} S - (S W^T) K_end + R
+                    S = torch.baddbmm(torch.addcmul(R[:, c], S, chunk_decay[:, c, None, None]),
+                                      S @ solved[:, c, :, :mk].transpose(-1, -2), k_end[:, c], alpha=-1)
+                else:
+                    S = torch.baddbmm(R[:, c], S, M[:, c])
         states = torch.stack(states, dim=1)  # [N, n, mv, mk]: the state entering each chunk
         o = (by_state.to(low) @ states.transpose(-1, -2).to(low)).to(q.dtype) + through[..., mk:]
         ctx.save_for_backward(q, k, v, beta, decay, kk, qk, inverse, solved, attend, by_state, exp_g, to_end,
-                              chunk_decay, states, M)
+                              chunk_decay, states, *([] if M is None else [M]))
         return o, S
 
     @staticmethod
@@ -177,30 +191,43 @@ class _ChunkedDeltaRule(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, d_o, d_S):
         (q, k, v, beta, decay, kk, qk, inverse, solved, attend, by_state, exp_g, to_end, chunk_decay, states,
-         M) = ctx.saved_tensors
+         *M) = ctx.saved_tensors
         mk, n = k.shape[-1], k.shape[1]
         # The incoming gradient is often a strided view (the caller's transposes, an expanded sum):
         # batched matmuls with it would fall back to a copy and a GEMM per matrix on the CPU.
         d_o = d_o.contiguous()
         # the state's recursion, backwards through the chunks: dS_c = dS_{c+1} M_c^T + dO_c^T Q_s,c
         from_o = (d_o.transpose(-1, -2) @ by_state).unbind(1)  # [N, mv, mk] per chunk
-        M_t = M.transpose(-1, -2).unbind(1)
+        k_end = to_end * k
+        W = solved[..., :mk]
+        M_t = M[0].transpose(-1, -2) if M else None
         d_next = [None] * n  # the gradient of the state after chunk c
-        d_S = d_S.to(M.dtype)
+        d_S = d_S.to(states.dtype)
         with torch.autocast(d_S.device.type, enabled=False):
             for c in range(n - 1, -1, -1):
                 d_next[c] = d_S
-                d_S = torch.baddbmm(from_o[c].to(M.dtype), d_S, M_t[c])
+                if M_t is None:  # dS' M^T + dO^T Q_s = e^{g_L} dS' - (dS' K_end^T) W + dO^T Q_s
+                    d_S = torch.baddbmm(torch.addcmul(from_o[c].to(d_S.dtype), d_S, chunk_decay[:, c, None, None]),
+                                        d_S @ k_end[:, c].transpose(-1, -2), W[:, c], alpha=-1)
+                else:
+                    d_S = torch.baddbmm(from_o[c].to(d_S.dtype), d_S, M_t[:, c])
         d_next = torch.stack(d_next, dim=1)  # [N, n, mv, mk]
-        d_M = states.transpose(-1, -2) @ d_next  # [N, n, mk, mk]
-        d_chunk_decay = d_M.diagonal(dim1=-2, dim2=-1).sum(-1)  # [N, n]
-        d_transition = torch.cat([d_M.neg_(), d_next], dim=-2)  # [N, n, mk + mv, mk]
         d_by_state = d_o @ states  # [N, n, L, mk]
         d_through = torch.cat([-d_by_state, d_o], dim=-1)  # [N, n, L, mk + mv]
-        k_end = to_end * k
         q_g = exp_g * q
-        d_solved = k_end @ d_transition.transpose(-1, -2) + attend.transpose(-1, -2) @ d_through
-        d_k_end = solved @ d_transition  # [N, n, L, mk]
+        if M_t is None:  # with dM = S^T dS' (not formed): tr dM, -K_end dM^T = -(K_end dS'^T) S, and
+            # -W dM + U_v dS' = (U_v - W S^T) dS' (the chunk's corrections U times dS')
+            d_chunk_decay = (states * d_next).sum((-2, -1))  # [N, n]
+            k_d_next = k_end @ d_next.transpose(-1, -2)  # [N, n, L, mv]
+            d_solved = torch.cat([-(k_d_next @ states), k_d_next], dim=-1)
+            d_k_end = (solved[..., mk:] - W @ states.transpose(-1, -2)) @ d_next  # [N, n, L, mk]
+        else:
+            d_M = states.transpose(-1, -2) @ d_next  # [N, n, mk, mk]
+            d_chunk_decay = d_M.diagonal(dim1=-2, dim2=-1).sum(-1)  # [N, n]
+            d_transition = torch.cat([d_M.neg_(), d_next], dim=-2)  # [N, n, mk + mv, mk]
+            d_solved = k_end @ d_transition.transpose(-1, -2)
+            d_k_end = solved @ d_transition  # [N, n, L, mk]
+        d_solved = d_solved + attend.transpose(-1, -2) @ d_through
         dP = d_through @ solved.transpose(-1, -2)  # [N, n, L, L]
 
         # through the triangular solve: [W | U_v] = (I + A)^{-1} R

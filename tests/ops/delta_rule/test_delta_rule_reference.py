@@ -28,7 +28,7 @@ def inputs(B=2, T=67, K=3, mk=5, mv=4, dtype=torch.float64, extreme=True):
 
 
 @pytest.mark.parametrize("T", [1, 2, 63, 64, 65, 67, 300])
-@pytest.mark.parametrize("mk,mv", [(1, 1), (5, 4), (33, 17)])
+@pytest.mark.parametrize("mk,mv", [(1, 1), (5, 4), (33, 17), (67, 9)])
 def test_chunked_equals_the_float64_loop(T, mk, mv):
     args = inputs(T=T, mk=mk, mv=mv)
     o_ref, s_ref = gated_delta_rule(*args, backend="sequential")
@@ -93,10 +93,11 @@ def _grads(fn, rows, weights):
 
 
 @pytest.mark.parametrize("T,chunk_len", [(1, None), (2, 1), (9, 4), (33, 8), (64, 16), (67, 64), (131, 64)])
-@pytest.mark.parametrize("mk,mv", [(1, 1), (6, 3)])
+@pytest.mark.parametrize("mk,mv", [(1, 1), (6, 3), (37, 5)])
 def test_hand_written_backward_matches_autograd_of_the_loop(T, chunk_len, mk, mv):
     """The chunked form's hand-derived backward against autograd of the float64 loop: odd lengths, lengths
-    that are not a multiple of the chunk, both decay clamps (alpha = 1 and e^-50), beta = 0 and 1."""
+    that are not a multiple of the chunk, both decay clamps (alpha = 1 and e^-50), beta = 0 and 1; key
+    dimensions below and above twice the chunk (the state map formed, and applied in factors)."""
     rows = _rows(inputs(B=3, T=T, K=1, mk=mk, mv=mv))
     weights = (torch.randn(3, T, mv, dtype=torch.float64), torch.randn(3, mv, mk, dtype=torch.float64))
     want = _grads(delta_rule_sequential, rows, weights)
