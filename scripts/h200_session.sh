@@ -22,13 +22,15 @@
 #                                                       # two undecayed delta banks) beside the CUDA build and
 #                                                       # GPU tests, capped-age rescoring, then bench_scan and
 #                                                       # the recurrence sweep alone
+#   OUT=/tmp/h200 bash scripts/h200_session.sh followup   # alone: decode + kernel GPU tests, the compiled
+#                                                       # step path (bench_generate --compile), bench_layer 7b
 # DEADLINE (default 580): the second of the phase by which every step has stopped.
 #
 # Runs share the GPU (small models leave it mostly idle), so steps, not wall time, compare them.
 # Each run is stopped by a time budget (it then evaluates and writes its results); the results
 # come back in $OUT: logs and runs.tgz (every run's JSON and log; no weights).
 set -u
-PHASE=${1:?usage: h200_session.sh recall|lm|ablations|passkey|widths|cuda|priority|combo|decode|decode_hf}
+PHASE=${1:?usage: h200_session.sh recall|lm|ablations|passkey|widths|cuda|priority|combo|decode|decode_hf|followup}
 OUT=${OUT:-runs/h200-out}
 RUNS=runs/h200
 mkdir -p "$OUT" "$RUNS"
@@ -63,7 +65,9 @@ lm() {  # name recipe data end [overrides]: train until the run ends or SIGINT a
         --out "$RUNS/lm/$name" "$@" > "$RUNS/lm/$name.log" 2>&1 &
 }
 lm_pairs() {  # end: MM-Rec and the Transformer on Tiny Shakespeare and TinyStories
-    local data=${DATA:-runs/data}
+    local data=${DATA:-runs/data}  # the device has no ../shared: copy the two texts there and carry runs/data
+    [ -f "$data/tinyshakespeare.txt" ] && [ -f "$data/tinystories_subset.txt" ] ||
+        { echo "lm_pairs: $data lacks tinyshakespeare.txt / tinystories_subset.txt (carry them)" >&2; return 1; }
     lm shakespeare_mmrec configs/shakespeare_char.yaml $data/tinyshakespeare.txt $1
     lm shakespeare_transformer configs/shakespeare_char_transformer.yaml $data/tinyshakespeare.txt $1
     lm tinystories_mmrec configs/tinystories_bpe.yaml $data/tinystories_subset.txt $1
@@ -242,6 +246,25 @@ decode)
       timeout $(left 120) $G --presets 7b --batches 1,8 --prompts 2K,32K --prefill synthetic \
           --methods mmrec-step --quantize none,int8,int4 --json "$RUNS/gen_7b_mmrec.json"
     } > "$OUT/generate.txt" 2>&1
+    finish
+    ;;
+followup)
+    # After the 2026-12-07 H100 calls: the decode and quantization GPU tests again (the capture fix), the
+    # CUDA kernels' GPU tests (the binding's rejections now in a child process), MM-Rec's compiled step
+    # path (the graph captures a torch.compile'd step) beside the eager one, and the 7b layer benchmark
+    # with the delta rule's factored state map.
+    G="python3 benchmarks/bench_generate.py --new-tokens 64 --prefill synthetic --methods mmrec-step"
+    { timeout $(left 120) python3 -m pytest -q -m gpu tests/test_decode_gpu.py -x -rf
+      timeout $(left 60) python3 -m pytest -q tests/test_quantization.py -rf; } > "$OUT/decode_tests.txt" 2>&1
+    cuda_build 150
+    kernel_gpu_tests > "$OUT/gpu_tests.txt" 2>&1
+    { timeout $(left 150) $G --presets 1b --batches 1,8 --prompts 2K,32K --quantize none,int8,int4 --compile \
+          --json "$RUNS/gen_1b_compiled.json"
+      timeout $(left 150) $G --presets 7b --batches 1,8 --prompts 2K --quantize none,int4 --compile \
+          --json "$RUNS/gen_7b_compiled.json"
+    } > "$OUT/generate_compiled.txt" 2>&1
+    timeout $(left 120) python3 benchmarks/bench_layer.py --preset 7b --shapes 4x2048 --iters 5 --warmup 2 \
+        --compile --profile 20 > "$OUT/bench_layer.log" 2>&1
     finish
     ;;
 decode_hf)
