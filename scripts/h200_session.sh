@@ -8,6 +8,7 @@
 #                                                       # (and the language-model pairs with WITH_LM=1)
 #   OUT=/tmp/h200 LR=0.001 bash scripts/h200_session.sh ablations   # MQAR (Zoology) with memory pieces off
 #   OUT=/tmp/h200 PASSKEY_ABLATIONS="retention=age level2=mean" bash scripts/h200_session.sh passkey
+#                                                       # (PASSKEY_PATHS=1: then scripts/passkey_paths.py at 32K/128K)
 #   OUT=/tmp/h200 bash scripts/h200_session.sh widths     # MQAR (Zoology) at widths 64 and 256
 #   OUT=/tmp/h200 bash scripts/h200_session.sh cuda       # alone: build + test the CUDA scan and recurrence,
 #                                                       # bench_scan, bench_recurrence (CUDA_OPS=recurrence:
@@ -164,6 +165,10 @@ passkey)
     timeout $(left 300) $MMREC eval --task passkey --checkpoint "$RUNS/passkey/mmrec" --seed 0 \
         --lengths 2k,8k,32k,64k,128k --samples 5 --set model.kept_age_bias=capped \
         --out "$RUNS/passkey/mmrec_capped" > "$RUNS/passkey/mmrec_capped.log" 2>&1
+    # PASSKEY_PATHS=1: which read path holds the key at 32K and 128K (the delta rule's read zeroed, or
+    # every ring slot masked, at inference; docs/quality.md)
+    [ -n "${PASSKEY_PATHS:-}" ] && timeout $(left 300) python3 scripts/passkey_paths.py "$RUNS/passkey/mmrec" \
+        --lengths 32768,131072 --rows 4 --device cuda > "$OUT/passkey_paths.txt" 2>&1
     finish
     ;;
 widths)

@@ -3,6 +3,9 @@ at inference (docs/quality.md, passkey on the CPU).
 
     python scripts/passkey_paths.py CHECKPOINT [--lengths 384,1024,2048] [--rows 8] [--device cpu]
 
+On CUDA it scores under bf16 autocast, as `mmrec eval` does; long prompts are read in pieces of the
+model's max_segment_len with the state carried.
+
 Paths: "none" (the model as trained), "no_level2" (the delta-rule read replaced by zeros; the
 memory is still written, so the state is unchanged), "no_slots" (no ring slot visible to any
 query; the window and the null slot remain). Prints whole-key accuracy and per-digit accuracy per
@@ -20,6 +23,7 @@ from mm_rec.core.hds import HDSHierarchy
 from mm_rec.evaluation import passkey
 from mm_rec.evaluation.scoring import predict_tokens
 from mm_rec.loading import load_model
+from mm_rec.utils.device import autocast_for
 
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -60,7 +64,7 @@ def main() -> None:
     print(f"| masked | length | key accuracy by depth {DEPTHS} | digit accuracy by depth |")
     print("| --- | ---: | --- | --- |")
     for path in args.paths.split(","):
-        with masked(path), torch.no_grad():
+        with masked(path), torch.no_grad(), autocast_for("auto", torch.device(args.device)):  # bf16 on CUDA
             for length in (int(x) for x in args.lengths.split(",")):
                 keys, digits = [], []
                 for depth in DEPTHS:
