@@ -73,6 +73,10 @@ lm_pairs() {  # end: MM-Rec and the Transformer on Tiny Shakespeare and TinyStor
     lm shakespeare_transformer configs/shakespeare_char_transformer.yaml $data/tinyshakespeare.txt $1
     lm tinystories_mmrec configs/tinystories_bpe.yaml $data/tinystories_subset.txt $1
     lm tinystories_transformer configs/tinystories_bpe_transformer.yaml $data/tinystories_subset.txt $1
+    if [ -n "${LM_VARIANT:-}" ]; then  # e.g. LM_VARIANT=model.decay_init=0.5: MM-Rec again with that override
+        lm shakespeare_mmrec_variant configs/shakespeare_char.yaml $data/tinyshakespeare.txt $1 --set $LM_VARIANT
+        lm tinystories_mmrec_variant configs/tinystories_bpe.yaml $data/tinystories_subset.txt $1 --set $LM_VARIANT
+    fi
 }
 cuda_build() {  # limit: build the CUDA extension (mm_rec/cuda), its first build's time in cuda_build.txt
     timeout $(left $1) python3 -c "import time, logging; logging.basicConfig(level=logging.INFO); t = time.time(); \
