@@ -5,7 +5,9 @@
 #   OUT=/tmp/h200 bash scripts/h200_session.sh recall   # sharing the GPU: GPU tests, MQAR (Zoology),
 #                                                       # passkey, the language-model pairs (WITH_LM=1)
 #   OUT=/tmp/h200 bash scripts/h200_session.sh lm       # layer benchmark alone, then long documents
-#                                                       # (and the language-model pairs with WITH_LM=1)
+#                                                       # (and the language-model pairs with WITH_LM=1: copy
+#                                                       # the two texts to runs/data and carry it; LM_VARIANT=
+#                                                       # model.decay_init=0.5 adds MM-Rec with that override)
 #   OUT=/tmp/h200 LR=0.001 bash scripts/h200_session.sh ablations   # MQAR (Zoology) with memory pieces off
 #   OUT=/tmp/h200 PASSKEY_ABLATIONS="retention=age level2=mean" bash scripts/h200_session.sh passkey
 #                                                       # (PASSKEY_PATHS=1: then scripts/passkey_paths.py at 32K/128K)
