@@ -7,7 +7,7 @@
 #   OUT=/tmp/h200 bash scripts/h200_session.sh lm       # layer benchmark alone, then long documents
 #                                                       # (and the language-model pairs with WITH_LM=1: copy
 #                                                       # the two texts to runs/data and carry it; LM_VARIANT=
-#                                                       # model.decay_init=0.5 adds MM-Rec with that override)
+#                                                       # model.decay_init=0.9 adds MM-Rec with that override)
 #   OUT=/tmp/h200 LR=0.001 bash scripts/h200_session.sh ablations   # MQAR (Zoology) with memory pieces off
 #   OUT=/tmp/h200 PASSKEY_ABLATIONS="retention=age level2=mean" bash scripts/h200_session.sh passkey
 #                                                       # (PASSKEY_PATHS=1: then scripts/passkey_paths.py at 32K/128K)
@@ -75,7 +75,7 @@ lm_pairs() {  # end: MM-Rec and the Transformer on Tiny Shakespeare and TinyStor
     lm shakespeare_transformer configs/shakespeare_char_transformer.yaml $data/tinyshakespeare.txt $1
     lm tinystories_mmrec configs/tinystories_bpe.yaml $data/tinystories_subset.txt $1
     lm tinystories_transformer configs/tinystories_bpe_transformer.yaml $data/tinystories_subset.txt $1
-    if [ -n "${LM_VARIANT:-}" ]; then  # e.g. LM_VARIANT=model.decay_init=0.5: MM-Rec again with that override
+    if [ -n "${LM_VARIANT:-}" ]; then  # e.g. LM_VARIANT=model.decay_init=0.9: MM-Rec again with that override
         lm shakespeare_mmrec_variant configs/shakespeare_char.yaml $data/tinyshakespeare.txt $1 --set $LM_VARIANT
         lm tinystories_mmrec_variant configs/tinystories_bpe.yaml $data/tinystories_subset.txt $1 --set $LM_VARIANT
     fi

@@ -43,7 +43,7 @@ def test_decay_spectra_are_the_parameters(legacy):
     torch.testing.assert_close(layer.time_constants, 1 + beta.exp())  # 1 / (1 - sigmoid(beta))
     torch.testing.assert_close(layer.level2_time_constants, 1 + logits.exp())
     torch.testing.assert_close(layer.level_weights[1], torch.softmax(torch.tensor([1.0, 0.0], dtype=torch.float64), 0))
-    torch.testing.assert_close(spectra[0].gamma, torch.full((16,), 0.9, dtype=torch.float64))  # decay_init
+    torch.testing.assert_close(spectra[0].gamma, torch.full((16,), model.config.decay_init, dtype=torch.float64))
     assert (layer.window_slope is None) == legacy
 
 
