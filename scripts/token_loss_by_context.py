@@ -25,10 +25,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from mm_rec.data.cache import prepare_tokens
 from mm_rec.data.corpus import resolve_source
+from mm_rec.evaluation.long_documents import token_nll
 from mm_rec.loading import load_model_and_tokenizer
 
 STREAMS = 16
@@ -37,26 +37,21 @@ POSITION_EDGES = (0, 8, 32, 64, 128, 256, 1024, 4096)
 DISTANCE_EDGES = (1, 4, 16, 64, 256, 1024, 4096)
 
 
-def streams_of(ids: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and targets [STREAMS, n * window] cut from consecutive tokens."""
+def streams_of(ids: torch.Tensor, window: int) -> torch.Tensor:
+    """[STREAMS, n * window + 1] rows of consecutive tokens (each row's last token is the next row's
+    first): row[:, :-1] are the inputs, row[:, 1:] their targets."""
     n = (len(ids) - 1) // (STREAMS * window)
     if n == 0:
         raise ValueError(f"the validation split has {len(ids)} tokens, fewer than {STREAMS} windows of {window}")
-    length = STREAMS * n * window
-    return ids[:length].view(STREAMS, -1), ids[1:length + 1].view(STREAMS, -1)
+    length = n * window
+    return torch.stack([ids[r * length:(r + 1) * length + 1] for r in range(STREAMS)])
 
 
-@torch.no_grad()
-def token_losses(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, window: int) -> torch.Tensor:
-    """Per-token loss [STREAMS, n * window] in fp32; the state (if the model has one) carried across windows."""
-    state = model.init_state(inputs.shape[0]) if hasattr(model, "init_state") else None
-    losses = []
-    for start in range(0, inputs.shape[1], window):
-        cut = slice(start, start + window)
-        out = model(inputs[:, cut], state=state) if state is not None else model(inputs[:, cut])
-        state = getattr(out, "state", None)
-        losses.append(F.cross_entropy(out.logits.float().transpose(1, 2), targets[:, cut], reduction="none"))
-    return torch.cat(losses, dim=1)
+def token_losses(model: torch.nn.Module, rows: torch.Tensor, window: int) -> torch.Tensor:
+    """Per-token loss [STREAMS, n * window] (float64): a model with a state (MM-Rec) carries it across the
+    windows of a row, a model without one reads each window alone."""
+    stateful = hasattr(model, "init_state")
+    return token_nll(model, rows, segment_len=window, reset_every=None if stateful else window)
 
 
 def previous_occurrence(inputs: torch.Tensor, targets: torch.Tensor, window: int) -> torch.Tensor:
@@ -108,12 +103,13 @@ def main(argv: list[str] | None = None) -> int:
         if ids_seen is not None and not torch.equal(ids, ids_seen):
             raise ValueError(f"{args.run_a} and {args.run_b} tokenize the data differently")
         ids_seen = ids
-        inputs, targets = streams_of(ids, args.window)
-        losses.append(token_losses(model, inputs, targets, args.window))
-        print(f"{run}: {type(model).__name__}, mean loss {losses[-1].mean():.4f} over {targets.numel():,} tokens")
+        rows = streams_of(ids, args.window)
+        losses.append(token_losses(model, rows, args.window))
+        print(f"{run}: {type(model).__name__}, mean loss {losses[-1].mean():.4f} over {losses[-1].numel():,} tokens")
     loss_a, loss_b = losses
     print(f"gap (B − A): {(loss_b - loss_a).mean():+.4f} nats per token")
 
+    inputs, targets = rows[:, :-1], rows[:, 1:]
     position = torch.arange(inputs.shape[1]).expand_as(inputs) % args.window
     edges = [e for e in POSITION_EDGES if e < args.window] + [args.window]
     report("position in window", [(f"{a}-{b}", (position >= a) & (position < b)) for a, b in zip(edges, edges[1:])],

@@ -23,7 +23,8 @@ spec.loader.exec_module(script)
 def test_previous_occurrence_matches_brute_force(window):
     rng = random.Random(window)
     ids = torch.tensor([rng.randrange(5) for _ in range(script.STREAMS * 3 * window + 1)])
-    inputs, targets = script.streams_of(ids, window)
+    rows = script.streams_of(ids, window)
+    inputs, targets = rows[:, :-1], rows[:, 1:]
     distance = script.previous_occurrence(inputs, targets, window)
     for row in range(inputs.shape[0]):
         for t in range(inputs.shape[1]):
@@ -37,12 +38,13 @@ def test_carried_windows_equal_one_forward():
     model = gpu_small_model().double().eval()
     window = 11  # off the model's 8-token blocks
     ids = torch.randint(0, model.config.vocab_size, (script.STREAMS * 3 * window + 1,))
-    inputs, targets = script.streams_of(ids, window)
-    losses = script.token_losses(model, inputs, targets, window)
+    rows = script.streams_of(ids, window)
+    inputs, targets = rows[:, :-1], rows[:, 1:]
+    losses = script.token_losses(model, rows, window)
     with torch.no_grad():
         whole = model(inputs).logits
     expected = F.cross_entropy(whole.transpose(1, 2), targets, reduction="none")
-    torch.testing.assert_close(losses.double(), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(losses, expected, rtol=0, atol=1e-9)
 
 
 def test_too_little_data_is_refused():
