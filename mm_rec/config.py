@@ -76,12 +76,6 @@ class MMRecConfig:
     # level2=delta: the last `undecayed_banks` banks keep alpha = 1 (a pure delta rule, which forgets
     # only by overwriting what a new key overlaps), so recall does not fade with distance by decay
     undecayed_banks: int = 0
-    # level2=delta: every bank's write strength beta at initialisation (its bias is logit(beta)); a small
-    # one makes filler tokens overwrite less of what the memory holds until training raises it
-    delta_write_init: float = 0.5
-    # training only: with this probability per row and forward, the level-2 read is zeroed, so the
-    # attention paths (window, slots) must learn to recall as well (a passkey lever; 0: off)
-    level2_dropout: float = 0.0
     dropout: float = 0.0  # residual dropout on each branch's output (training only; small-data recipes)
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
@@ -133,8 +127,6 @@ class MMRecConfig:
         need(math.log(self.decay_init) >= self.log_clamp_min, "decay_init",
              f"log(decay_init) must be >= log_clamp_min={self.log_clamp_min}")
         need(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
-        need(0.0 <= self.level2_dropout < 1.0, "level2_dropout", "must be in [0, 1)")
-        need(0.0 < self.delta_write_init < 1.0, "delta_write_init", "must be in (0, 1)")
         need(self.gate_input in GATE_INPUTS, "gate_input", f"must be one of {GATE_INPUTS}")
         need(self.memory_input in MEMORY_INPUTS, "memory_input", f"must be one of {MEMORY_INPUTS}")
         need(self.conv_init in CONV_INITS, "conv_init", f"must be one of {CONV_INITS}")

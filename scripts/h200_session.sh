@@ -285,8 +285,10 @@ recall2)
     { timeout 150 python3 -m pytest -q -m gpu tests/test_decode_gpu.py -rf -p no:cacheprovider
       timeout 90 python3 -m pytest -q tests/test_quantization.py -rf -p no:cacheprovider; } > "$OUT/decode_tests.txt" 2>&1 &
     # MM-Rec only: the Transformers' and MM-Rec's decay_init 0.9 runs are recorded (docs/quality.md, study 3)
-    lm shakespeare_mmrec configs/shakespeare_char.yaml runs/data/tinyshakespeare.txt $((DEADLINE - 150))
-    lm tinystories_mmrec configs/tinystories_bpe.yaml runs/data/tinystories_subset.txt $((DEADLINE - 150))
+    if [ -n "${WITH_LM:-1}" ]; then  # WITH_LM= (empty): the passkey training alone
+        lm shakespeare_mmrec configs/shakespeare_char.yaml runs/data/tinyshakespeare.txt $((DEADLINE - 150))
+        lm tinystories_mmrec configs/tinystories_bpe.yaml runs/data/tinystories_subset.txt $((DEADLINE - 150))
+    fi
     passkey mmrec configs/passkey_mmrec.yaml $BUDGET --lengths 2k,8k,32k,128k
     wait
     cp "$RUNS/passkey/mmrec/log.txt" "$OUT/passkey.txt"

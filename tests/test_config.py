@@ -38,8 +38,6 @@ def test_presets_validate(name):
     ("kept_age_bias", "log", "one of"),
     ("undecayed_banks", 3, "num_memories"),
     ("undecayed_banks", -1, "num_memories"),
-    ("level2_dropout", 1.0, r"\[0, 1\)"),
-    ("delta_write_init", 0.0, r"\(0, 1\)"),
 ])
 def test_invalid_values_name_field_and_rule(field, value, rule):
     with pytest.raises(ValueError, match=rule) as err:

@@ -64,7 +64,6 @@ class MMRecMixer(nn.Module):
         self.attention = MultiMemoryAttention(config)
         self.integration = MemoryIntegration(config)
         self.out_proj = nn.Linear(D, D, bias=False)
-        self.level2_dropout = config.level2_dropout
         self.recurrence_backend = "auto"
         self.reset_parameters()
 
@@ -90,10 +89,7 @@ class MMRecMixer(nn.Module):
         q, k, v, conv_tail = self._memory_qkv(parts, h_hat, state.conv_tail)  # each [B, T, K, m]
         hierarchy = self.hds.build_hierarchy(q, k, v, state, position, parts.get("delta_gates"))
         read = self.attention(hierarchy)
-        level2 = hierarchy.level2
-        if self.training and self.level2_dropout > 0:  # whole rows: their reads must recall without it
-            level2 = level2 * (torch.rand(B, 1, 1, 1, device=x.device) >= self.level2_dropout).to(level2.dtype)
-        mixed = self.integration(read, level2, h_hat, parts["gate"])
+        mixed = self.integration(read, hierarchy.level2, h_hat, parts["gate"])
         new_state = LayerState(h=h_last, conv_tail=conv_tail, **hierarchy.carried)
         return self.out_proj(mixed), new_state
 

@@ -39,8 +39,6 @@ CUDA graph; its cost does not depend on the position.
 
 from __future__ import annotations
 
-import math
-
 from dataclasses import dataclass
 
 import torch
@@ -147,7 +145,6 @@ class HDSHierarchy(nn.Module):
             self.delta_decay_bias = nn.Parameter(torch.empty(K))
             self.delta_write_bias = nn.Parameter(torch.empty(K))
             self.undecayed_banks = config.undecayed_banks  # the last ones keep alpha = 1 exactly
-            self.delta_write_init = config.delta_write_init
         if config.slot_write == "attention":
             self.write_query = nn.Parameter(torch.empty(K, m))
         if self.kept_slots:
@@ -164,11 +161,10 @@ class HDSHierarchy(nn.Module):
                 tau = C * 2.0 ** torch.arange(K, dtype=torch.float64)
                 lam = 1.0 - 1.0 / (1.0 + tau)
                 self.aggregate_logit.copy_(torch.log(lam / (1 - lam)))
-            else:  # alpha_k = 1 - 1 / tau_k with tau_k = C * 4^k tokens; beta starts at delta_write_init
+            else:  # alpha_k = 1 - 1 / tau_k with tau_k = C * 4^k tokens; beta starts at 1/2
                 tau = C * 4.0 ** torch.arange(K, dtype=torch.float64)
                 self.delta_decay_bias.copy_(torch.log(tau - 1.0))  # logit(1 - 1/tau)
-                beta = self.delta_write_init
-                self.delta_write_bias.fill_(math.log(beta / (1.0 - beta)))
+                self.delta_write_bias.zero_()
             if self.slot_write == "attention":
                 self.write_query.zero_()
             if self.kept_slots:

@@ -106,22 +106,3 @@ def test_shift_init_starts_keys_on_the_previous_token():
     _, random_block = tiny_block(conv_size=3, conv_init="random")
     weight = random_block.mixer.memory_conv.weight
     assert weight.abs().max() <= 3 ** -0.5 and weight.std() > 0.1
-
-
-def test_level2_dropout_zeroes_whole_rows_of_the_delta_read_in_training_only():
-    """level2_dropout: in training each row's level-2 read reaches the integration whole or as zeros
-    (and the rows kept compute what they compute in eval mode); in eval mode it is never dropped."""
-    cfg, block = tiny_block(level2_dropout=0.5)
-    seen = []
-    block.mixer.integration.register_forward_pre_hook(lambda module, args: seen.append(args[1].detach().clone()))
-    x, position = torch.randn(16, 7, 8, dtype=torch.float64), torch.zeros(16, dtype=torch.long)
-    y_eval = block.eval()(x, fresh_state(cfg, 16), position)[0]
-    torch.manual_seed(0)
-    y_train = block.train()(x, fresh_state(cfg, 16), position)[0]
-    read_eval, read_train = seen
-    assert read_eval.flatten(1).abs().amin(1).gt(0).all()  # every row has a level-2 read to drop
-    dropped = read_train.flatten(1).eq(0).all(1)
-    assert 0 < int(dropped.sum()) < 16  # both kinds of rows at p = 0.5 over 16 rows (seed 0)
-    torch.testing.assert_close(read_train[~dropped], read_eval[~dropped], rtol=0, atol=0)
-    torch.testing.assert_close(y_train[~dropped], y_eval[~dropped], rtol=0, atol=0)
-    assert not torch.allclose(y_train[dropped], y_eval[dropped])
