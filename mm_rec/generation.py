@@ -97,12 +97,17 @@ def generate_texts(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str
                    top_p: float | None = None, batch_size: int = 8, stop: Sequence[str] = (),
                    stop_tokens: Sequence[int] = (), on_text: Callable[[int, str], None] | None = None,
                    on_completion: Callable[[int, Completion], None] | None = None,
-                   autocast: contextlib.AbstractContextManager | None = None) -> list[Completion]:
+                   autocast: contextlib.AbstractContextManager | None = None,
+                   compile_step: bool = False) -> list[Completion]:
     """Sample a continuation of every prompt (see the module docstring), seeded: one generator for the
     whole call, so a prompt's sample depends on the batch it is in (greedy, temperature 0, does not).
-    `on_completion(index, completion)` is called for each prompt, in order, as its batch ends."""
+    `on_completion(index, completion)` is called for each prompt, in order, as its batch ends.
+    `compile_step` (MM-Rec): torch.compile the one-token step before it is captured (mm_rec/decoding.py)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if compile_step and not hasattr(model, "step"):
+        raise ValueError(f"compiling the one-token step needs an MM-Rec model, not {type(model).__name__}")
+    step_options = {"compile_step": True} if compile_step else {}
     if any(not s for s in stop):
         raise ValueError("a stop string must not be empty")
     encoded = encode_prompts(tokenizer, prompts, model.config.vocab_size)
@@ -122,7 +127,7 @@ def generate_texts(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str
                              (lambda piece, i=first + row: on_text(i, piece)) if on_text else (lambda piece: None))
                         for row in range(len(batch))]
                 stream = model.generate_stream(ids.to(device), max_new_tokens, temperature, top_k, top_p,
-                                               generator=generator, lengths=lengths)
+                                               generator=generator, lengths=lengths, **step_options)
                 for tokens in stream:
                     for row, token in zip(rows, tokens.tolist()):  # one host sync per step
                         if row.finish is None:
@@ -143,7 +148,7 @@ def generate_texts(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str
 def generate_text(model: nn.Module, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, temperature: float,
                   top_k: int | None, seed: int, device: torch.device,
                   autocast: contextlib.AbstractContextManager | None = None, top_p: float | None = None,
-                  echo: bool = False, stop: Sequence[str] = ()) -> str:
+                  echo: bool = False, stop: Sequence[str] = (), compile_step: bool = False) -> str:
     """Sample a continuation of one `prompt` (empty: a newline), seeded; with `echo` stream it to stdout
     as it comes (the prompt first). Returns the prompt and the continuation."""
     encode_prompts(tokenizer, [prompt], model.config.vocab_size)  # refused before anything is printed
@@ -156,7 +161,7 @@ def generate_text(model: nn.Module, tokenizer: Tokenizer, prompt: str, max_new_t
         write(0, prompt)
     completion, = generate_texts(model, tokenizer, [prompt], max_new_tokens, temperature, top_k, seed, device,
                                  top_p=top_p, batch_size=1, stop=stop, on_text=write if echo else None,
-                                 autocast=autocast)
+                                 autocast=autocast, compile_step=compile_step)
     if echo:
         sys.stdout.write("\n")
     return prompt + completion.text

@@ -3,6 +3,8 @@ docs/architecture.md): the same logits and the same state, for every config swit
 cross block edges, wrap the ring and evict kept slots; the decode layout's conversions; the step's
 work independent of the position and free of host syncs; prompts of different lengths in one batch."""
 
+import shutil
+
 import pytest
 import torch
 from random_models import randomize_constant_parameters
@@ -10,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mm_rec import MMRecConfig, MMRecModel
 from mm_rec.core.decode_state import DecodeState
+from mm_rec.decoding import StepRunner
 
 # C = 4, S = 6: a 57-token stream completes 14 blocks, so the ring wraps and kept slots are evicted.
 BASE = dict(vocab_size=37, hidden_dim=16, num_layers=2, num_heads=2, ffn_dim=24, num_memories=2, mem_dim=6,
@@ -253,3 +256,26 @@ def test_the_forward_per_token_fallback_generates_the_same_tokens():
     step = model.generate(ids, 25, temperature=0, lengths=lengths)
     forward = torch.stack(list(model.generate_stream(ids, 25, temperature=0, lengths=lengths, use_step=False)), 1)
     assert torch.equal(step[:, 11:], forward)
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_the_compiled_step_equals_the_eager_step_and_compiles_once():
+    """StepRunner(compile=True) (`mmrec generate --compile`): torch.compile'd steps give the eager step's
+    logits and state over a stream that crosses block edges and wraps the ring, from one compilation."""
+    torch._dynamo.reset()
+    model = small_model(torch.float32).eval()
+    ids = torch.randint(0, BASE["vocab_size"], (2, 30))
+    with torch.inference_mode():
+        prefill = model(ids[:, :5]).state
+    eager = DecodeState.from_memory_state(prefill, model.config)
+    compiled = DecodeState.from_memory_state(prefill, model.config)
+    runner = StepRunner(model, compiled, compile=True)
+    frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for t in range(5, ids.shape[1]):
+        want = model.step(ids[:, t], eager)
+        got = runner.step(ids[:, t])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert_states_equal(compiled, eager, lambda a, b, key: torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5,
+                                                                                       msg=key))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames_before == 1

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from mm_rec import MMRecConfig, MMRecModel
+from mm_rec.baselines.transformer import TransformerModel
 from mm_rec.data.tokenizers import ByteTokenizer
 from mm_rec.generation import FINISH_LENGTH, FINISH_STOP, _Row, generate_texts
 
@@ -99,3 +100,23 @@ def test_bad_arguments_are_refused_before_generating(model):
     small = MMRecModel(MMRecConfig.from_preset("tiny", num_layers=1, vocab_size=128))
     with pytest.raises(ValueError, match=r"prompt 2: token ids must lie in \[0, 128\)"):
         greedy(small, ["fine", "grüße"])
+
+
+def test_compile_step_reaches_the_step_path_and_is_refused_for_a_transformer(model, monkeypatch):
+    """compile_step (`mmrec generate --compile`) is passed to MM-Rec's generate_stream (the compiled step
+    itself: tests/test_decode.py); a model without a one-token step refuses it before generating."""
+    seen = []
+    original = MMRecModel.generate_stream
+
+    def recording(self, *args, **kwargs):
+        seen.append(kwargs.get("compile_step", False))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MMRecModel, "generate_stream", recording)
+    assert greedy(model, PROMPTS[:2], compile_step=False) == greedy(model, PROMPTS[:2])
+    with monkeypatch.context() as patch:  # the compiled step swapped for the eager one: only the plumbing here
+        patch.setattr("mm_rec.decoding.torch.compile", lambda fn, **kwargs: fn)
+        assert greedy(model, PROMPTS[:2], compile_step=True) == greedy(model, PROMPTS[:2])
+    assert seen == [False, False, True, False]
+    with pytest.raises(ValueError, match="needs an MM-Rec model"):
+        greedy(TransformerModel(MMRecConfig.from_preset("tiny", num_layers=1)), PROMPTS, compile_step=True)
