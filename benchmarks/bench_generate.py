@@ -291,6 +291,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--segment-len", type=int, help="MM-Rec prompt forwards in segments of this many tokens "
                         "(default: the preset's max_segment_len; lower it if long prompts run out of memory)")
     parser.add_argument("--compile", action="store_true", help="torch.compile MM-Rec's step before capturing it")
+    parser.add_argument("--coordinate-descent", action="store_true",
+                        help="with --compile: inductor's coordinate-descent tuning of the generated kernels (gpt-fast "
+                             "decodes with it; the one-row matmuls are where it may pay; compiles longer)")
     parser.add_argument("--quantize", default="none",
                         help=f"comma-separated weight formats from {WEIGHTS}: a row per format (int4 needs CUDA bf16 "
                              "or the CPU; torchao: pip install 'mm-rec[quant]')")
@@ -309,6 +312,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if sorted(set(weight_formats) - set(WEIGHTS)):
         raise SystemExit(f"--quantize: unknown {sorted(set(weight_formats) - set(WEIGHTS))}; choose from {WEIGHTS}")
     batches, prompts = parse_sizes(args.batches, "--batches"), parse_sizes(args.prompts, "--prompts")
+    if args.coordinate_descent:
+        if not args.compile:
+            raise SystemExit("--coordinate-descent tunes compiled kernels: add --compile")
+        import torch._inductor.config as inductor_config
+        inductor_config.coordinate_descent_tuning = True
     device = torch.device(args.device)
     torch.manual_seed(0)
     bandwidth = copy_bandwidth(device, gib=1.0 if device.type == "cuda" else 0.25)
@@ -353,7 +361,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     header = (f"Device: {name}, torch {torch.__version__}, {datetime.date.today()}; bf16 weights, random "
               f"(quantized: {args.quantize}, int4 groups of {args.group_size}); "
               f"copy bandwidth {bandwidth / 1e12:.3f} TB/s; new tokens {args.new_tokens} "
-              f"(first {args.skip} not timed); prefill {args.prefill}; compile {args.compile}\n"
+              f"(first {args.skip} not timed); prefill {args.prefill}; compile {args.compile}"
+              f"{' with coordinate-descent tuning' if args.coordinate_descent else ''}\n"
               f"Command: python {' '.join(sys.argv)}\n")
     print_report(header, markdown(results), results, args.json)
     return results

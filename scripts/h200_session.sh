@@ -26,8 +26,8 @@
 #                                                       # two undecayed delta banks) beside the CUDA build and
 #                                                       # GPU tests, capped-age rescoring, then bench_scan and
 #                                                       # the recurrence sweep alone
-#   OUT=/tmp/h200 bash scripts/h200_session.sh followup   # alone: decode GPU tests, the compiled step
-#                                                       # path (bench_generate --compile), bench_layer 7b
+#   OUT=/tmp/h200 bash scripts/h200_session.sh followup   # alone: the compiled step with and without
+#                                                       # coordinate-descent tuning, bench_layer 7b, 7b compiled
 # DEADLINE (default 580): the second of the phase by which every step has stopped.
 #
 # Runs share the GPU (small models leave it mostly idle), so steps, not wall time, compare them.
@@ -261,15 +261,14 @@ decode)
     finish
     ;;
 followup)
-    # After the 2026-12-07 H100 calls: the decode and quantization GPU tests again (the capture fix),
-    # MM-Rec's compiled step path (the graph captures a torch.compile'd step; every configuration
-    # compiles anew, so few of them), the 7b layer benchmark with the delta rule's factored state map,
-    # then the 7b compiled step. The CUDA kernels' tests: phase cuda (CUDA_OPS=recurrence).
+    # After 2026-12-07: the compiled step at batch 1 with and without inductor's coordinate-descent tuning
+    # (same run: the ratio), the 7b layer benchmark with the delta rule's factored state map, then the
+    # 7b compiled step. (The decode GPU tests passed on 2026-12-07, compiled capture included.) The
+    # CUDA kernels' tests: phase cuda.
     G="python3 benchmarks/bench_generate.py --new-tokens 64 --prefill synthetic --prompts 2K --methods mmrec-step"
-    { timeout $(left 120) python3 -m pytest -q -m gpu tests/test_decode_gpu.py -rf
-      timeout $(left 60) python3 -m pytest -q tests/test_quantization.py -rf; } > "$OUT/decode_tests.txt" 2>&1
-    timeout $(left 240) $G --presets 1b --batches 1,8 --quantize none,int4 --compile \
-        --json "$RUNS/gen_1b_compiled.json" > "$OUT/generate_compiled.txt" 2>&1
+    { timeout $(left 120) $G --presets 1b --batches 1 --compile --json "$RUNS/gen_1b_compiled.json"
+      timeout $(left 200) $G --presets 1b --batches 1 --compile --coordinate-descent \
+          --json "$RUNS/gen_1b_compiled_cd.json"; } > "$OUT/generate_compiled.txt" 2>&1
     timeout $(left 100) python3 benchmarks/bench_layer.py --preset 7b --shapes 4x2048 --iters 5 --warmup 2 \
         --compile --profile 20 > "$OUT/bench_layer.log" 2>&1
     timeout $(left 200) $G --presets 7b --batches 1 --compile --json "$RUNS/gen_7b_compiled.json" \
