@@ -201,7 +201,7 @@ cuda)
         timeout $(left 150) python3 -m pytest -q -m gpu tests/ops/scan/test_scan_cuda.py tests/ops/scan/test_scan_triton.py \
             -x -rf > "$OUT/cuda_tests.txt" 2>&1
         { timeout $(left 120) python3 benchmarks/bench_scan.py --shapes 8x2048x4096,1x32768x4096 --backends triton,cuda \
-              --cuda-variants ${CUDA_VARIANTS:-8x4x2,4x8x2,16x4x1}
+              --cuda-variants ${CUDA_VARIANTS:-8x4x2,4x8x2,4x4x4,4x8x3}
           timeout $(left 60) python3 benchmarks/bench_scan.py --shapes 8x2048x4096,1x32768x4096 --backends triton,cuda \
               --b-dtype fp32; } > "$OUT/bench_scan.txt" 2>&1
     fi
