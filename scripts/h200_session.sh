@@ -3,7 +3,7 @@
 # Every number in docs/quality.md and docs/benchmarks.md marked with a phase below came from it.
 #
 #   OUT=/tmp/h200 bash scripts/h200_session.sh recall   # sharing the GPU: GPU tests, MQAR (Zoology),
-#                                                       # passkey, the language-model pairs (WITH_LM=1)
+#                                                       # passkey, the language-model pairs (WITH_LM= : without)
 #   OUT=/tmp/h200 bash scripts/h200_session.sh lm       # layer benchmark alone, then long documents
 #                                                       # (and the language-model pairs with WITH_LM=1: copy
 #                                                       # the two texts to runs/data and carry it; LM_VARIANT=
@@ -108,7 +108,7 @@ finish() {
 case $PHASE in
 recall)
     # sharing the GPU: the GPU tests, MQAR under Zoology's protocol (width 128; $ABLATIONS: MM-Rec
-    # with one memory piece off at a time), passkey, and (WITH_LM=1) the language-model pairs
+    # with one memory piece off at a time), passkey, and (unless WITH_LM= , empty) the language-model pairs
     timeout 240 python3 -m pytest -q -m gpu tests -rf -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1 &
     zoology_recipes
     BUDGET=${BUDGET:-470}
@@ -118,7 +118,7 @@ recall)
     for ablation in ${ABLATIONS:-}; do  # one memory piece off at a time
         zoology "mmrec_w128_${ablation}_lr2.2e-3" "mmrec_w128_${ablation}" 0.0022 $BUDGET
     done
-    [ -n "${WITH_LM:-1}" ] && lm_pairs $((BUDGET + 60))
+    [ -n "${WITH_LM-1}" ] && lm_pairs $((BUDGET + 60))
     passkey mmrec configs/passkey_mmrec.yaml $((BUDGET - 130))
     passkey transformer configs/passkey_transformer.yaml $((BUDGET - 130))
     finish
@@ -284,7 +284,7 @@ recall2)
     { timeout 150 python3 -m pytest -q -m gpu tests/test_decode_gpu.py -rf -p no:cacheprovider
       timeout 90 python3 -m pytest -q tests/test_quantization.py -rf -p no:cacheprovider; } > "$OUT/decode_tests.txt" 2>&1 &
     # MM-Rec only: the Transformers' and MM-Rec's decay_init 0.9 runs are recorded (docs/quality.md, study 3)
-    if [ -n "${WITH_LM:-1}" ]; then  # WITH_LM= (empty): the passkey training alone
+    if [ -n "${WITH_LM-1}" ]; then  # WITH_LM= (empty): the passkey training alone
         lm shakespeare_mmrec configs/shakespeare_char.yaml runs/data/tinyshakespeare.txt $((DEADLINE - 150))
         lm tinystories_mmrec configs/tinystories_bpe.yaml runs/data/tinystories_subset.txt $((DEADLINE - 150))
     fi
