@@ -4,7 +4,7 @@ Hugging Face Llama of the same sizes and the memory-bandwidth floor, in the same
     python benchmarks/bench_generate.py [--presets 1b,7b] [--batches 1,8,64] [--prompts 2K,32K,128K]
                                         [--new-tokens 64] [--methods mmrec-step,mmrec-forward,hf-llama]
                                         [--prefill forward|synthetic] [--compile] [--quantize none,int8,int4]
-                                        [--device cuda] [--json out.json]
+                                        [--profile 30] [--device cuda] [--json out.json]
 
 Per preset (random weights, bf16; the MM-Rec state fp32), weight format (`--quantize`), batch size B and
 prompt length L:
@@ -60,7 +60,7 @@ from mm_rec.core.memory_state import MemoryState
 from mm_rec.distributed import init_model_on_device
 from mm_rec.loading import build_model
 from mm_rec.quantization import DEFAULT_GROUP_SIZE, MODES, parameter_bytes, quantize_model
-from mm_rec.utils.profiling import peak_memory, print_report, reset_peak_memory, time_fn
+from mm_rec.utils.profiling import kernel_profile, peak_memory, print_report, reset_peak_memory, time_fn
 
 METHODS = ("mmrec-step", "mmrec-forward", "hf-llama")
 WEIGHTS = ("none",) + MODES  # --quantize: bf16 weights, or int8 / int4 weight-only
@@ -202,6 +202,11 @@ def run_mmrec(model: MMRecModel, methods: list[str], batch: int, prompt: int, ar
         ms, peak = guarded(lambda stream=streams[method]: time_stream(stream(), device, args.skip), record)
         if ms is not None:
             record.update(ms_per_token=ms, peak_gib=peak)
+            if args.profile:  # where the step's time goes: one more stream, under the profiler
+                title = (f"{method}, batch {batch}, prompt {prompt}: {args.new_tokens} tokens "
+                         f"(the first {args.skip} include capture{' and compilation' if args.compile else ''})")
+                print(kernel_profile(lambda stream=streams[method]: [t.tolist() for t in stream()],
+                                     args.profile, title), flush=True)
         results.append(record)
     return results
 
@@ -300,6 +305,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, help="int4: inputs per scale and zero")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                         help="cpu: a check of this script with a small preset (no GPU result)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also print the N kernels with the most device time over one more stream of each "
+                             "MM-Rec method (torch.profiler; totals over --new-tokens tokens)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():

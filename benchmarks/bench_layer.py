@@ -43,7 +43,14 @@ from mm_rec.baselines.transformer import rope_tables
 from mm_rec.core.memory_state import MemoryState
 from mm_rec.distributed import init_model_on_device
 from mm_rec.loading import build_model
-from mm_rec.utils.profiling import count_flops, peak_memory, print_report, reset_peak_memory, time_fn
+from mm_rec.utils.profiling import (
+    count_flops,
+    kernel_profile,
+    peak_memory,
+    print_report,
+    reset_peak_memory,
+    time_fn,
+)
 
 LAYERS = {"mmrec": "MM-Rec layer", "transformer": "Transformer layer"}  # model_type -> label
 SDPA_BACKENDS = {
@@ -120,7 +127,8 @@ def measure(kind: str, config: MMRecConfig, batch: int, seq: int, args: argparse
     fwd = time_fn(forward, warmup=args.warmup, iters=args.iters, cuda=cuda)
     both = time_fn(forward_backward, warmup=args.warmup, iters=args.iters, cuda=cuda)
     if args.profile:
-        print(kernel_profile(forward_backward, args.profile, f"{kind} {batch}x{seq}"), flush=True)
+        print(kernel_profile(forward_backward, args.profile, f"{kind} {batch}x{seq} (one forward+backward)"),
+              flush=True)
     peak_gib = None
     if cuda:
         for tensor in [x, *params]:
@@ -140,20 +148,6 @@ def measure(kind: str, config: MMRecConfig, batch: int, seq: int, args: argparse
         "tflops_per_s": flops / (both.median_ms * 1e-3) / 1e12,
         "peak_gib": peak_gib,
     }
-
-
-def kernel_profile(fn, rows: int, title: str) -> str:
-    """The `rows` kernels with the most self device time over one call of fn (after warm-up)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities) as prof:
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-    sort_by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=70)
-    return f"--- profile: {title} (one forward+backward)\n{table}"
 
 
 def run_one(kind: str, config: MMRecConfig, batch: int, seq: int, args: argparse.Namespace) -> dict:

@@ -262,11 +262,11 @@ decode)
     ;;
 followup)
     # After 2026-12-07: the compiled step at batch 1 with and without inductor's coordinate-descent tuning
-    # (same run: the ratio), the 7b layer benchmark with the delta rule's factored state map, then the
+    # (same run: the ratio; the first with its kernel profile: where the 3.2 ms go), the 7b layer benchmark with the delta rule's factored state map, then the
     # 7b compiled step. (The decode GPU tests passed on 2026-12-07, compiled capture included.) The
     # CUDA kernels' tests: phase cuda.
     G="python3 benchmarks/bench_generate.py --new-tokens 64 --prefill synthetic --prompts 2K --methods mmrec-step"
-    { timeout $(left 120) $G --presets 1b --batches 1 --compile --json "$RUNS/gen_1b_compiled.json"
+    { timeout $(left 150) $G --presets 1b --batches 1 --compile --profile 30 --json "$RUNS/gen_1b_compiled.json"
       timeout $(left 200) $G --presets 1b --batches 1 --compile --coordinate-descent \
           --json "$RUNS/gen_1b_compiled_cd.json"; } > "$OUT/generate_compiled.txt" 2>&1
     timeout $(left 100) python3 benchmarks/bench_layer.py --preset 7b --shapes 4x2048 --iters 5 --warmup 2 \

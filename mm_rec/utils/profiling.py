@@ -278,6 +278,23 @@ def peak_memory(device: torch.device | str) -> PeakMemory:
     return PeakMemory(rss, rss)
 
 
+def kernel_profile(fn: Callable[[], Any], rows: int, title: str) -> str:
+    """The `rows` kernels (device ops on CUDA, CPU ops elsewhere) with the most self time over one call
+    of fn, which the caller has warmed up, as torch.profiler's table under a `--- profile: title` line.
+    Kernels replayed from a captured CUDA graph are listed by name like launched ones."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=70)
+    return f"--- profile: {title}\n{table}"
+
+
 def print_report(header: str, table: str, results: Any, json_path: str | None = None) -> None:
     """A benchmark's report: its header (device, date, command) and markdown table on stdout, and with
     `json_path` the header and the raw results as JSON."""
