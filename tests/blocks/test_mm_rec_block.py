@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mm_rec.blocks.layers import ShortConvolution, _shifted_sums, _ShiftedSums
+from mm_rec.blocks.layers import ShortConvolution, _DepthwiseConvCPU, _shifted_sums
 from mm_rec.blocks.mm_rec_block import MMRecBlock
 from mm_rec.config import MMRecConfig
 from mm_rec.core.memory_state import LayerState
@@ -76,18 +76,19 @@ def test_short_convolution_is_causal_and_carries_its_tail(kernel_size, T, cut):
 
 @pytest.mark.parametrize("kernel_size,T", [(4, 9), (2, 1), (3, 40), (1, 5)])
 def test_short_convolution_paths_agree(kernel_size, T):
-    """The CPU path (hand-written backward) and the other devices' (autograd of k shifted
-    multiply-adds) compute the same outputs and gradients; gradcheck of the CPU path."""
+    """The CPU path (a depthwise convolution on a channels-last view) and the other devices' (autograd
+    of k shifted multiply-adds) compute the same outputs and gradients, on a contiguous and on a strided
+    incoming gradient; gradcheck of the CPU path."""
     full = torch.randn(3, kernel_size - 1 + T, 6, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(6, kernel_size, dtype=torch.float64, requires_grad=True)
-    grad = torch.randn(3, T, 6, dtype=torch.float64)
-    results = []
-    for path in (_ShiftedSums.apply, _shifted_sums):
-        y = path(full, weight)
-        results.append((y, *torch.autograd.grad(y, (full, weight), grad)))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b)
-    assert torch.autograd.gradcheck(_ShiftedSums.apply, (full, weight))
+    for grad in (torch.randn(3, T, 6, dtype=torch.float64), torch.randn(6, T, 3, dtype=torch.float64).transpose(0, 2)):
+        results = []
+        for path in (_DepthwiseConvCPU.apply, _shifted_sums):
+            y = path(full, weight)
+            results.append((y, *torch.autograd.grad(y, (full, weight), grad)))
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(_DepthwiseConvCPU.apply, (full, weight))
 
 
 def test_shift_init_starts_keys_on_the_previous_token():
