@@ -151,6 +151,7 @@ def _run_mqar(args: argparse.Namespace, recipe: dict) -> tuple[dict, nn.Module]:
 
         rows = max(1, TOKENS_PER_FORWARD // task.seq_len)
         curve = train_on_task(model, next_batch, lambda m: mqar.score_mqar(m, held_out, rows).accuracy, train_config)
+        save_before_scoring(args, model)
 
     model.eval()
     chance = mqar.chance_accuracy(task)
@@ -174,9 +175,14 @@ def _run_mqar(args: argparse.Namespace, recipe: dict) -> tuple[dict, nn.Module]:
 
 def _run_passkey(args: argparse.Namespace, recipe: dict) -> tuple[dict, nn.Module]:
     section = dict(recipe.get("passkey") or {})
-    known = {"train", "train_length", "train_lengths", "num_digits", "lengths", "depths", "samples"}
+    known = {"train", "train_length", "train_lengths", "num_digits", "lengths", "depths", "samples", "loss"}
     if set(section) - known:
         raise ValueError(f"unknown passkey key(s) {sorted(set(section) - known)}; valid keys: {sorted(known)}")
+    # answer: the loss on the key's digits only; all: on every next byte (the filler's too), which
+    # gives a model many copies to learn from (sentences recur in the filler), not five per prompt
+    loss_on = section.get("loss", "answer")
+    if loss_on not in ("answer", "all"):
+        raise ValueError(f"passkey.loss must be 'answer' or 'all', got {loss_on!r}")
     train_config = _train_config(section.get("train", {}), args)
     train_length = args.train_length or section.get("train_length", 2048)
     # shorter prompts in the mix let the copy mechanism form before it must work at full length
@@ -197,11 +203,14 @@ def _run_passkey(args: argparse.Namespace, recipe: dict) -> tuple[dict, nn.Modul
         def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
             length = stream.choice(train_lengths)
             batch = passkey.make_passkey_batch(length, train_config.batch_size, stream, None, digits)
+            if loss_on == "all":
+                return batch.input_ids, passkey.next_byte_labels(batch.input_ids)
             return batch.input_ids, batch.labels
 
         rows = max(1, TOKENS_PER_FORWARD // train_length)
         curve = train_on_task(model, next_batch, lambda m: passkey.score_passkey(m, held_out, batch_size=rows).accuracy,
                               train_config)
+        save_before_scoring(args, model)
 
     model.eval()
     with autocast_for("auto", device):
@@ -218,10 +227,20 @@ def _run_passkey(args: argparse.Namespace, recipe: dict) -> tuple[dict, nn.Modul
     for reason in sorted({f"{r['length']}: {r['not_run']}" for r in records if r["not_run"]}):
         print(f"not run (-): {reason}")
     report = dict(task="passkey", num_digits=digits, train_length=train_length, train_lengths=train_lengths,
-                  decode=args.decode, results=records,
+                  loss=loss_on, decode=args.decode, results=records,
                   train=asdict(train_config) if args.train else None,
                   curve=[asdict(p) for p in curve] if curve else None)
     return report, model
+
+
+def save_before_scoring(args: argparse.Namespace, model: nn.Module) -> None:
+    """With --out, the trained model is written before the (long) scoring starts: a scoring run that fails
+    or is stopped leaves the weights, to score again with --checkpoint (run_eval_task writes them again
+    beside the results)."""
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(args.out)
+        print(f"trained model written to {args.out}", flush=True)
 
 
 def run_eval_task(args: argparse.Namespace) -> int:

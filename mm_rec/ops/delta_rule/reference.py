@@ -165,12 +165,14 @@ class _ChunkedDeltaRule(torch.autograd.Function):
             M.diagonal(dim1=-2, dim2=-1).add_(chunk_decay[..., None])  # e^{g_L} I - W^T K_end [N, n, mk, mk]
         S = S0
         states = []
+        if M is None:  # the factors of S M in the state's dtype (under autocast `solved` is a half type)
+            W_state, k_end_state = solved[..., :mk].to(S0.dtype), k_end.to(S0.dtype)
         with torch.autocast(device, enabled=False):  # the recursion in the state's dtype, autocast or not
             for c in range(k.shape[1]):
                 states.append(S)
                 if M is None:  # S M + R = e^{g_L} S - (S W^T) K_end + R
                     S = torch.baddbmm(torch.addcmul(R[:, c], S, chunk_decay[:, c, None, None]),
-                                      S @ solved[:, c, :, :mk].transpose(-1, -2), k_end[:, c], alpha=-1)
+                                      S @ W_state[:, c].transpose(-1, -2), k_end_state[:, c], alpha=-1)
                 else:
                     S = torch.baddbmm(R[:, c], S, M[:, c])
         states = torch.stack(states, dim=1)  # [N, n, mv, mk]: the state entering each chunk
@@ -203,12 +205,14 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         M_t = M[0].transpose(-1, -2) if M else None
         d_next = [None] * n  # the gradient of the state after chunk c
         d_S = d_S.to(states.dtype)
+        if M_t is None:  # the factors in the state's dtype, as in the forward
+            W_state, k_end_state = W.to(d_S.dtype), k_end.to(d_S.dtype)
         with torch.autocast(d_S.device.type, enabled=False):
             for c in range(n - 1, -1, -1):
                 d_next[c] = d_S
                 if M_t is None:  # dS' M^T + dO^T Q_s = e^{g_L} dS' - (dS' K_end^T) W + dO^T Q_s
                     d_S = torch.baddbmm(torch.addcmul(from_o[c].to(d_S.dtype), d_S, chunk_decay[:, c, None, None]),
-                                        d_S @ k_end[:, c].transpose(-1, -2), W[:, c], alpha=-1)
+                                        d_S @ k_end_state[:, c].transpose(-1, -2), W_state[:, c], alpha=-1)
                 else:
                     d_S = torch.baddbmm(from_o[c].to(d_S.dtype), d_S, M_t[:, c])
         d_next = torch.stack(d_next, dim=1)  # [N, n, mv, mk]

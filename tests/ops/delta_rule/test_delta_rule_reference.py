@@ -133,6 +133,27 @@ def test_half_inputs_accumulate_in_fp32(dtype):
     assert (s.double() - s_ref).norm() / s_ref.norm() < 2e-2
 
 
+@pytest.mark.parametrize("T,mk", [(20, 64), (100, 64), (100, 16)])
+def test_under_bf16_autocast_forward_and_backward(T, mk):
+    """fp32 inputs under bf16 autocast, as training and scoring on a GPU run it (here on the CPU's
+    autocast): the chunk products take bf16 operands, the state's recursion stays fp32 in both
+    directions, with the state map formed (2L >= mk) and applied in factors (T = 20: L = 20 < mk / 2),
+    and both directions agree with the float64 loop within bf16's precision."""
+    q, k, v, la, b, S0 = inputs(B=2, T=T, K=2, mk=mk, mv=8, extreme=False)
+    weights = (torch.randn(2, T, 2, 8, dtype=torch.float64), torch.randn(2, 2, 8, mk, dtype=torch.float64))
+    results = []
+    for dtype, autocast in ((torch.float64, False), (torch.float32, True)):
+        rows = [x.to(dtype).requires_grad_() for x in (q, k, v, la, b, S0)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            o, s = gated_delta_rule(*rows, backend="sequential" if dtype == torch.float64 else "auto")
+            loss = (o.double() * weights[0]).sum() + (s.double() * weights[1]).sum()
+        assert s.dtype == dtype
+        results.append((o, s, *torch.autograd.grad(loss, rows)))
+    for name, got, want in zip(("o", "S", "dq", "dk", "dv", "dlog_alpha", "dbeta", "dS0"), *results[::-1]):
+        error = (got.double() - want).norm() / want.norm()
+        assert error < 3e-2, f"{name}: relative error {error:.3g}"
+
+
 def test_bad_shapes_are_refused():
     q, k, v, la, b, S0 = inputs()
     with pytest.raises(ValueError, match="log_alpha and beta"):
