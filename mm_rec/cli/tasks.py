@@ -175,14 +175,9 @@ def _run_mqar(args: argparse.Namespace, recipe: dict) -> tuple[dict, nn.Module]:
 
 def _run_passkey(args: argparse.Namespace, recipe: dict) -> tuple[dict, nn.Module]:
     section = dict(recipe.get("passkey") or {})
-    known = {"train", "train_length", "train_lengths", "num_digits", "lengths", "depths", "samples", "loss"}
+    known = {"train", "train_length", "train_lengths", "num_digits", "lengths", "depths", "samples"}
     if set(section) - known:
         raise ValueError(f"unknown passkey key(s) {sorted(set(section) - known)}; valid keys: {sorted(known)}")
-    # answer: the loss on the key's digits only; all: on every next byte (the filler's too), which
-    # gives a model many copies to learn from (sentences recur in the filler), not five per prompt
-    loss_on = section.get("loss", "answer")
-    if loss_on not in ("answer", "all"):
-        raise ValueError(f"passkey.loss must be 'answer' or 'all', got {loss_on!r}")
     train_config = _train_config(section.get("train", {}), args)
     train_length = args.train_length or section.get("train_length", 2048)
     # shorter prompts in the mix let the copy mechanism form before it must work at full length
@@ -203,8 +198,6 @@ def _run_passkey(args: argparse.Namespace, recipe: dict) -> tuple[dict, nn.Modul
         def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
             length = stream.choice(train_lengths)
             batch = passkey.make_passkey_batch(length, train_config.batch_size, stream, None, digits)
-            if loss_on == "all":
-                return batch.input_ids, passkey.next_byte_labels(batch.input_ids)
             return batch.input_ids, batch.labels
 
         rows = max(1, TOKENS_PER_FORWARD // train_length)
@@ -227,7 +220,7 @@ def _run_passkey(args: argparse.Namespace, recipe: dict) -> tuple[dict, nn.Modul
     for reason in sorted({f"{r['length']}: {r['not_run']}" for r in records if r["not_run"]}):
         print(f"not run (-): {reason}")
     report = dict(task="passkey", num_digits=digits, train_length=train_length, train_lengths=train_lengths,
-                  loss=loss_on, decode=args.decode, results=records,
+                  decode=args.decode, results=records,
                   train=asdict(train_config) if args.train else None,
                   curve=[asdict(p) for p in curve] if curve else None)
     return report, model

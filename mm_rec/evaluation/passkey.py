@@ -128,15 +128,6 @@ def make_passkey_batch(length: int, batch_size: int, seed: int | str | random.Ra
                         needle_positions=torch.tensor(needles), keys=keys, depths=depths, prompt_length=length)
 
 
-def next_byte_labels(input_ids: torch.Tensor) -> torch.Tensor:
-    """[B, L] -> [B, L] labels of a plain language-model loss in this module's convention (labels[t] is
-    the token after t): input_ids[:, t + 1], and IGNORE_INDEX at the last position. On a passkey batch
-    the answer positions get the same digits as `labels`."""
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
-    labels[:, :-1] = input_ids[:, 1:]
-    return labels
-
-
 @dataclass
 class PasskeyScore:
     accuracy: float  # fraction of prompts with every digit right
@@ -216,5 +207,4 @@ def passkey_grid(model: nn.Module, lengths: Sequence[int], depths: Sequence[floa
     return records
 
 
-__all__ = ["PasskeyBatch", "PasskeyScore", "make_passkey_batch", "min_length", "next_byte_labels", "passkey_grid",
-           "score_passkey"]
+__all__ = ["PasskeyBatch", "PasskeyScore", "make_passkey_batch", "min_length", "passkey_grid", "score_passkey"]
