@@ -194,11 +194,12 @@ cuda)
     # side by side (bf16 and fp32 b) and the CUDA launch-shape sweep; the recurrence's GPU tests
     # (every cluster size against the float64 loop), bench_recurrence with Triton and the CUDA
     # kernels at cluster sizes 1, 2, 4 and the default rule (per-step latency against the cluster
-    # size). Each step stops by second $DEADLINE.
+    # size). Each step stops by second $DEADLINE; the scan's tests after $TEST_LIMIT s (default 150: on
+    # 2026-12-07 they had run 37 tests by then).
     CUDA_OPS=" ${CUDA_OPS:-scan recurrence} "
     cuda_build 240
     if [[ $CUDA_OPS == *" scan "* ]]; then
-        timeout $(left 150) python3 -m pytest -q -m gpu tests/ops/scan/test_scan_cuda.py tests/ops/scan/test_scan_triton.py \
+        timeout $(left ${TEST_LIMIT:-150}) python3 -m pytest -q -m gpu tests/ops/scan/test_scan_cuda.py tests/ops/scan/test_scan_triton.py \
             -x -rf > "$OUT/cuda_tests.txt" 2>&1
         { timeout $(left 120) python3 benchmarks/bench_scan.py --shapes 8x2048x4096,1x32768x4096 --backends triton,cuda \
               --cuda-variants ${CUDA_VARIANTS:-8x4x2,4x8x2,4x4x4,4x8x3}
