@@ -76,6 +76,26 @@ def test_long_inputs_run_in_segments_with_the_same_result_and_gradients():
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-8, atol=1e-12, msg=name)
 
 
+def test_bf16_autocast_on_the_cpu_follows_fp32_with_short_segments():
+    """The mixed-precision path GPU training and scoring take, here on the CPU's bf16 autocast: segments of
+    1, 5 and 35 tokens with the state carried (the short ones put the delta rule on its factored state
+    map, m = 16 > 2T), forward and backward, near the fp32 model's logits and gradients."""
+    torch.manual_seed(0)
+    model = small_model(mem_dim=16).float()
+    ids = torch.randint(0, 37, (2, 41))
+    results = []
+    for autocast in (False, True):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits, _ = run_segments(model, ids, [1, 6])
+        (logits.float().log_softmax(-1)[..., 0].sum()).backward()
+        results.append((logits.float(), [p.grad.clone() for p in model.parameters()]))
+    (fp32, fp32_grads), (bf16, bf16_grads) = results
+    assert (bf16 - fp32).norm() / fp32.norm() < 2e-2
+    for a, b in zip(bf16_grads, fp32_grads):
+        assert torch.isfinite(a).all() and (a - b).norm() <= 0.1 * b.norm() + 1e-6
+
+
 def test_every_parameter_gets_a_gradient_I7():
     model = MMRecModel(MMRecConfig.from_preset("tiny", num_layers=2, decay_rank=8, tie_embeddings=False))
     ids = torch.randint(0, 256, (2, 100))  # > 2 blocks of 32: ring slots are read
