@@ -11,11 +11,19 @@ captured graph launches them all at once. The step can be captured because it ha
 no host synchronisation and no Python branch on tensor values, and writes its state in place
 (`DecodeState`'s tensors keep their storage).
 
-The first `warmup` calls run eagerly on a side stream (they are real steps: the state advances),
-the next call captures the graph and replays it, every later call copies the tokens into the
-graph's input and replays. The logits returned on CUDA are the graph's output buffer: the next
-call overwrites them. On the CPU, under autocast (whose weight casts a graph would capture by
-address), or with `cuda_graph=False`, every call is a plain eager step: the same math.
+Two steps, two graphs: a token that closes its block (position + 1 a multiple of C, in some row) writes
+the block's slots into the ring; the other C - 1 of every C tokens leave that part out
+(`MMRecModel._step(..., close_blocks=False)`): fewer kernels per layer. The runner knows every row's
+position on the host (read once when it starts; each step adds one), so choosing costs no sync.
+
+The first `warmup` calls run the block-closing step (correct at any position) eagerly on a side stream
+(they are real steps: the state advances), the next `warmup` calls that close no block run the other
+step the same way; after its warm-up each step is captured the first time it is needed and replayed
+after that (compiled first with `compile=True`, so the compilations happen in the warm-up). Every
+replay copies the tokens into the graphs' shared input. The logits returned on CUDA are a graph's
+output buffer: a later call of the same kind overwrites them. On the CPU, under autocast (whose weight casts a
+graph would capture by address), or with `cuda_graph=False`, every call is a plain eager step (the
+smaller one where it applies): the same math.
 """
 
 from __future__ import annotations
@@ -29,9 +37,16 @@ from mm_rec.core.decode_state import DecodeState
 StepFunction = Callable[[torch.Tensor, DecodeState], torch.Tensor]
 
 
+def closes_a_block(positions: list[int], chunk_size: int) -> bool:
+    """Whether the token at `positions` (one per row) closes its block of `chunk_size` in any row."""
+    return any((p + 1) % chunk_size == 0 for p in positions)
+
+
 class StepRunner:
-    """Runs `model._step(tokens, state)` (see the module docstring). `compile=True` also passes the step
-    through torch.compile (kernel fusion; the first calls compile) before the graph captures it."""
+    """Runs `model._step(tokens, state, close_blocks)` (see the module docstring). `compile=True` also
+    passes the step through torch.compile (kernel fusion; one compilation per step kind, in the warm-up)
+    before the graphs capture it. The runner advances `state`: nothing else may move its position while
+    it runs."""
 
     def __init__(self, model: torch.nn.Module, state: DecodeState, cuda_graph: bool | None = None,
                  compile: bool = False, warmup: int = 2):
@@ -42,45 +57,59 @@ class StepRunner:
         if self.cuda_graph and device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, the state is on {device}")
         self.step_fn: StepFunction = torch.compile(model._step, dynamic=False) if compile else model._step
+        self.chunk_size = model.config.chunk_size
+        self.positions = state.position.tolist()  # every row's position on the host (one sync, here)
         self.warmup = warmup
-        self.calls = 0
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self._tokens: torch.Tensor | None = None  # the graph's input [B] and output [B, V]
-        self._logits: torch.Tensor | None = None
+        self.warm = {True: 0, False: 0}  # eager warm-up steps run, per kind (True: the block-closing step)
+        self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
+        self._logits: dict[bool, torch.Tensor] = {}  # each graph's output [B, V]
+        self._tokens: torch.Tensor | None = None  # the graphs' input [B]
+
+    @property
+    def graph(self) -> torch.cuda.CUDAGraph | None:
+        """The graph of the step that closes no block (the one replayed most), once captured."""
+        return self.graphs.get(False)
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B] (the token at each row's position) -> logits [B, V] of the next; the state
         advances by one token."""
-        self.calls += 1
+        closing = closes_a_block(self.positions, self.chunk_size)
+        self.positions = [p + 1 for p in self.positions]
         if not self.cuda_graph:
-            return self.step_fn(tokens, self.state)
+            return self.step_fn(tokens, self.state, closing)
         if self._tokens is None:
-            # one static input for the warm-up steps and the capture alike: a compiled step is guarded on
+            # one static input for the warm-up steps and the captures alike: a compiled step is guarded on
             # its input's strides (a column of a [B, T] prompt is strided), and a recompilation inside
-            # the capture would fail
+            # a capture would fail
             self._tokens = torch.empty(tokens.shape, dtype=tokens.dtype, device=tokens.device)
         self._tokens.copy_(tokens)
-        if self.graph is None:
-            if self.calls <= self.warmup:
-                return self._side_stream_step()
-            self._capture()
-        self.graph.replay()
-        return self._logits
+        kind = closing
+        if kind not in self.graphs:
+            if self.warm[True] < self.warmup:
+                kind = True  # the block-closing step is right at any position: it warms up first
+            if self.warm[kind] < self.warmup:
+                self.warm[kind] += 1
+                return self._side_stream_step(kind)
+            self._capture(kind)
+        self.graphs[kind].replay()
+        return self._logits[kind]
 
-    def _side_stream_step(self) -> torch.Tensor:
+    def _side_stream_step(self, close_blocks: bool) -> torch.Tensor:
         """An eager step on a side stream (as before a capture: lazy initialisations, compilation)."""
         main = torch.cuda.current_stream()
         side = torch.cuda.Stream(device=main.device)
         side.wait_stream(main)
         with torch.cuda.stream(side):
-            logits = self.step_fn(self._tokens, self.state)
+            logits = self.step_fn(self._tokens, self.state, close_blocks)
         main.wait_stream(side)
         return logits
 
-    def _capture(self) -> None:
-        """Record one step on the static input and output buffers; capturing runs nothing."""
+    def _capture(self, close_blocks: bool) -> None:
+        """Record one step of this kind on the static input and its output buffer; capturing runs nothing.
+        Each graph keeps its own memory pool (a one-token step's intermediates are small), so neither
+        replay can touch the other's output."""
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._logits = self.step_fn(self._tokens, self.state)
-        self.graph = graph
+            self._logits[close_blocks] = self.step_fn(self._tokens, self.state, close_blocks)
+        self.graphs[close_blocks] = graph

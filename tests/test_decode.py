@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mm_rec import MMRecConfig, MMRecModel
 from mm_rec.core.decode_state import DecodeState
-from mm_rec.decoding import StepRunner
+from mm_rec.decoding import StepRunner, closes_a_block
 
 # C = 4, S = 6: a 57-token stream completes 14 blocks, so the ring wraps and kept slots are evicted.
 BASE = dict(vocab_size=37, hidden_dim=16, num_layers=2, num_heads=2, ffn_dim=24, num_memories=2, mem_dim=6,
@@ -258,11 +258,83 @@ def test_the_forward_per_token_fallback_generates_the_same_tokens():
     assert torch.equal(step[:, 11:], forward)
 
 
+@pytest.mark.parametrize("variant", ["default", "sub-slots"])
+def test_the_smaller_step_equals_the_full_one_where_no_block_closes(variant):
+    """`_step(..., close_blocks=False)` (what StepRunner runs for C - 1 of every C tokens) leaves the state
+    and the logits exactly as the full step does at every position that closes no block, and differs
+    where a row closes its block (so the switch is not a no-op); `closes_a_block` tells the two apart."""
+    model = small_model(torch.float64, **VARIANTS[variant]).eval()
+    C = model.config.chunk_size
+    ids = torch.randint(0, BASE["vocab_size"], (2, 23))
+    with torch.inference_mode():
+        prefill = model(ids[:, :5]).state
+    full = DecodeState.from_memory_state(prefill, model.config)
+    seen = set()
+    for t in range(5, ids.shape[1]):
+        closing = closes_a_block(full.position.tolist(), C)
+        seen.add(closing)
+        trial = DecodeState.from_memory_state(full.to_memory_state(), model.config)
+        with torch.inference_mode():
+            small = model._step(ids[:, t], trial, close_blocks=False)
+            want = model._step(ids[:, t], full)
+        same_state = all(torch.equal(a, b) for a, b in zip(trial.state_dict().values(), full.state_dict().values()))
+        assert torch.equal(small, want)  # the read comes before the block closes
+        assert same_state != closing, t
+    assert seen == {True, False}
+
+
+def test_graph_schedule_warms_up_and_captures_each_step_kind_once():
+    """StepRunner's CUDA-graph schedule, with the graph calls stood in for on the CPU: the block-closing
+    step warms up first (it is right at any position), then the smaller one on tokens that close no
+    block; each kind is captured once after its warm-up and replayed after that; every token gets the
+    kind its position needs once that kind is captured, and the logits of eager steps."""
+    model = small_model(torch.float64).eval()
+    C = model.config.chunk_size
+    ids = torch.randint(0, BASE["vocab_size"], (2, 26))
+    with torch.inference_mode():
+        prefill = model(ids[:, :5]).state
+    eager = DecodeState.from_memory_state(prefill, model.config)
+    runner = StepRunner(model, DecodeState.from_memory_state(prefill, model.config), cuda_graph=False)
+    runner.cuda_graph = True  # the graph branch, with these stand-ins for the CUDA calls:
+    events = []
+
+    class FakeGraph:
+        def __init__(self, kind):
+            self.kind = kind
+
+        def replay(self):
+            events.append(("replay", self.kind))
+            runner._logits[self.kind] = runner.step_fn(runner._tokens, runner.state, self.kind)
+
+    def side_stream_step(kind):
+        events.append(("eager", kind))
+        return runner.step_fn(runner._tokens, runner.state, kind)
+
+    def capture(kind):
+        events.append(("capture", kind))
+        runner.graphs[kind] = FakeGraph(kind)
+
+    runner._side_stream_step, runner._capture = side_stream_step, capture
+    for t in range(5, ids.shape[1]):
+        closing = (t + 1) % C == 0
+        want = model.step(ids[:, t], eager)
+        got = runner.step(ids[:, t])
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        kind = events[-1][1]
+        assert kind == closing or (kind and events[-1][0] == "eager"), (t, events[-1])
+    assert events[:2] == [("eager", True), ("eager", True)]  # whatever the positions
+    for kind in (True, False):
+        mine = [e[0] for e in events if e[1] == kind]
+        assert mine.count("eager") == 2 and mine.count("capture") == 1, (kind, mine)
+        assert mine.index("capture") == 2 and set(mine[3:]) == {"replay"}, (kind, mine)
+
+
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
                     reason="torch.compile on the CPU needs a C++ compiler")
 def test_the_compiled_step_equals_the_eager_step_and_compiles_once():
     """StepRunner(compile=True) (`mmrec generate --compile`): torch.compile'd steps give the eager step's
-    logits and state over a stream that crosses block edges and wraps the ring, from one compilation."""
+    logits and state over a stream that crosses block edges and wraps the ring, from one compilation
+    per step kind (the block-closing step and the other)."""
     torch._dynamo.reset()
     model = small_model(torch.float32).eval()
     ids = torch.randint(0, BASE["vocab_size"], (2, 30))
@@ -278,4 +350,4 @@ def test_the_compiled_step_equals_the_eager_step_and_compiles_once():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert_states_equal(compiled, eager, lambda a, b, key: torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5,
                                                                                        msg=key))
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames_before == 1
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames_before == 2

@@ -93,10 +93,13 @@ class MMRecMixer(nn.Module):
         new_state = LayerState(h=h_last, conv_tail=conv_tail, **hierarchy.carried)
         return self.out_proj(mixed), new_state
 
-    def step(self, x: torch.Tensor, state: LayerState, position: torch.Tensor) -> torch.Tensor:
+    def step(self, x: torch.Tensor, state: LayerState, position: torch.Tensor,
+             close_blocks: bool = True) -> torch.Tensor:
         """One token per row: x [B, D] at stream positions `position` [B] -> the mixer's output [B, D].
         `state` (decode layout, mm_rec/core/hds.py) is updated in place: the same seven steps as
-        `forward` on T = 1, with the recurrence, the memory and the attention in their O(1) form."""
+        `forward` on T = 1, with the recurrence, the memory and the attention in their O(1) form.
+        `close_blocks=False` leaves out the block-closing writes (`HDSHierarchy.step_close_block`), which
+        change nothing unless a row's token closes its block: the caller may pass it only then."""
         B, D = x.shape
         parts, z, log_gamma = self._project(x[:, None])  # T = 1: the projections are the forward's
         z, log_gamma = z[:, 0], log_gamma[:, 0]  # [B, H, d]
@@ -116,7 +119,8 @@ class MMRecMixer(nn.Module):
             view = self.hds.step_token(q[:, 0], k[:, 0], v[:, 0], state, position,
                                        None if delta_gates is None else delta_gates[:, 0])
             read = self.attention.step(view)
-            self.hds.step_close_block(state, position)  # after the read: a token never sees its own block
+            if close_blocks:  # after the read: a token never sees its own block
+                self.hds.step_close_block(state, position)
         mixed = self.integration(read[:, None], view.level2[:, None], h_hat, parts["gate"])
         return self.out_proj(mixed[:, 0])
 
@@ -170,10 +174,11 @@ class MMRecBlock(nn.Module):
         x = x + self.dropout(self.ffn(self.ffn_norm(x)))
         return x, new_state
 
-    def step(self, x: torch.Tensor, state: LayerState, position: torch.Tensor) -> torch.Tensor:
+    def step(self, x: torch.Tensor, state: LayerState, position: torch.Tensor,
+             close_blocks: bool = True) -> torch.Tensor:
         """One token per row: x [B, D] at stream positions `position` [B] -> x [B, D]; `state` (decode
-        layout) updated in place."""
-        x = x + self.dropout(self.mixer.step(self.mixer_norm(x), state, position))
+        layout) updated in place (`close_blocks`: `MMRecMixer.step`)."""
+        x = x + self.dropout(self.mixer.step(self.mixer_norm(x), state, position, close_blocks))
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
