@@ -11,7 +11,9 @@ prompt length L:
 
   * mmrec-step: `MMRecModel.generate_stream` from the state after the prompt: every token one
     `step` in O(1), replayed as a captured CUDA graph on CUDA (mm_rec/decoding.py; `--compile`
-    also passes the step through torch.compile before the capture);
+    also passes the step through torch.compile before the capture); the C - 1 of every C tokens that
+    close no block run the smaller step (no block-closing writes);
+  * mmrec-step-full: the same with every token on the block-closing step (the reference for that split);
   * mmrec-forward: the generate path before the step existed (`generate_stream(..., use_step=False)`):
     `model(token[:, None], state)`, the whole segment machinery for T = 1, launch by launch;
   * hf-llama: `LlamaForCausalLM` (transformers >= 5, optional) with hidden size, layers, heads, FFN width
@@ -52,6 +54,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
+from unittest import mock
 
 import torch
 
@@ -62,7 +65,7 @@ from mm_rec.loading import build_model
 from mm_rec.quantization import DEFAULT_GROUP_SIZE, MODES, parameter_bytes, quantize_model
 from mm_rec.utils.profiling import kernel_profile, peak_memory, print_report, reset_peak_memory, time_fn
 
-METHODS = ("mmrec-step", "mmrec-forward", "hf-llama")
+METHODS = ("mmrec-step", "mmrec-step-full", "mmrec-forward", "hf-llama")
 WEIGHTS = ("none",) + MODES  # --quantize: bf16 weights, or int8 / int4 weight-only
 
 
@@ -164,6 +167,13 @@ def synthetic_state(model: MMRecModel, batch: int, position: int, device: torch.
     return state
 
 
+def full_step_stream(stream: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """`stream` with every token on the block-closing step (as before the step was split in two kinds):
+    the same-run reference for the smaller step that C - 1 of every C tokens run."""
+    with mock.patch("mm_rec.decoding.closes_a_block", lambda positions, chunk_size: True):
+        yield from stream
+
+
 def time_stream(stream: Iterator[torch.Tensor], device: torch.device, skip: int) -> tuple[float, float | None]:
     """(ms per token, peak GiB during the stream)."""
     synchronize(device)
@@ -193,6 +203,8 @@ def run_mmrec(model: MMRecModel, methods: list[str], batch: int, prompt: int, ar
     streams: dict[str, Callable[[], Iterator[torch.Tensor]]] = {
         "mmrec-step": lambda: model.generate_stream(last, args.new_tokens, temperature=0, state=memory,
                                                     compile_step=args.compile),
+        "mmrec-step-full": lambda: full_step_stream(model.generate_stream(last, args.new_tokens, temperature=0,
+                                                                          state=memory, compile_step=args.compile)),
         "mmrec-forward": lambda: model.generate_stream(last, args.new_tokens, temperature=0, state=memory,
                                                        use_step=False),
     }

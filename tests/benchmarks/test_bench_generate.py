@@ -32,6 +32,24 @@ def test_the_script_runs_every_mmrec_method_on_the_cpu(prefill, tmp_path, capsys
     assert (tmp_path / "out.json").stat().st_size > 0
 
 
+def test_the_full_step_reference_closes_blocks_at_every_token(monkeypatch):
+    """mmrec-step-full runs the block-closing step at every token, mmrec-step only where a block closes."""
+    from mm_rec.core.hds import HDSHierarchy
+
+    calls = []
+    close = HDSHierarchy.step_close_block
+    monkeypatch.setattr(HDSHierarchy, "step_close_block", lambda self, *a: calls.append(1) or close(self, *a))
+    counts = {}
+    for method in ("mmrec-step", "mmrec-step-full"):
+        calls.clear()
+        bench_generate.main(["--device", "cpu", "--presets", "tiny", "--batches", "1", "--prompts", "40",
+                             "--new-tokens", "40", "--skip", "1", "--methods", method, "--prefill", "synthetic"])
+        counts[method] = len(calls)
+    layers = 4  # the tiny preset (blocks of 32 tokens): 39 steps cross one or two block ends
+    assert counts["mmrec-step-full"] == 39 * layers  # the first new token comes from the prompt's forward
+    assert 0 < counts["mmrec-step"] <= 2 * layers
+
+
 def test_quantized_weights_are_rows_of_their_own():
     """--quantize none,int8,int4: the same methods once per weight format; the quantized weights take fewer
     bytes than bf16, so their bandwidth floor is lower (the floor is bytes over the copy bandwidth of the run;
