@@ -64,11 +64,14 @@ def delta_rule_sequential(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log
 def delta_rule_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
                     beta: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One token: q, k [..., m_k], v [..., m_v], log_alpha and beta [...], S [..., m_v, m_k] (one dtype)
-    -> (o [..., m_v], S_t): S_t = alpha S + beta (v - alpha S k) k^T, o = S_t q."""
+    -> (o [..., m_v], S_t): S_t = alpha S + u k^T with u = beta (v - alpha S k), and o = S_t q, computed
+    as alpha S q + u (k . q): S k and S q come from one product, so S is read once (decoding is
+    bound by reading the state and the weights)."""
     alpha = torch.exp(log_alpha)[..., None]
-    correction = beta[..., None] * (v - alpha * (S @ k[..., None])[..., 0])  # [..., m_v]
+    S_k, S_q = (S @ torch.stack([k, q], dim=-1)).unbind(-1)  # [..., m_v] each
+    correction = beta[..., None] * (v - alpha * S_k)  # u [..., m_v]
     S = alpha[..., None] * S + correction[..., :, None] * k[..., None, :]
-    return (S @ q[..., None])[..., 0], S
+    return alpha * S_q + correction * (k * q).sum(-1, keepdim=True), S
 
 
 def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,

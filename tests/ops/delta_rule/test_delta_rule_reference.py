@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mm_rec.ops.delta_rule import gated_delta_rule
-from mm_rec.ops.delta_rule.reference import delta_rule_chunked, delta_rule_sequential
+from mm_rec.ops.delta_rule.reference import delta_rule_chunked, delta_rule_sequential, delta_rule_step
 
 
 def inputs(B=2, T=67, K=3, mk=5, mv=4, dtype=torch.float64, extreme=True):
@@ -152,6 +152,20 @@ def test_under_bf16_autocast_forward_and_backward(T, mk):
     for name, got, want in zip(("o", "S", "dq", "dk", "dv", "dlog_alpha", "dbeta", "dS0"), *results[::-1]):
         error = (got.double() - want).norm() / want.norm()
         assert error < 3e-2, f"{name}: relative error {error:.3g}"
+
+
+@pytest.mark.parametrize("mk,mv", [(1, 1), (5, 4), (33, 17)])
+def test_one_token_steps_equal_the_loop(mk, mv):
+    """delta_rule_step (decoding: S k and S q from one product, o = alpha S q + u (k . q)) token by token
+    gives the float64 loop's outputs and final state, through both clamps and beta = 0 and 1."""
+    q, k, v, la, b, S0 = inputs(B=2, T=23, K=3, mk=mk, mv=mv)
+    o_ref, s_ref = gated_delta_rule(q, k, v, la, b, S0, backend="sequential")
+    S, outputs = S0, []
+    for t in range(q.shape[1]):
+        o, S = delta_rule_step(q[:, t], k[:, t], v[:, t], la[:, t], b[:, t], S)
+        outputs.append(o)
+    torch.testing.assert_close(torch.stack(outputs, 1), o_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(S, s_ref, rtol=1e-10, atol=1e-12)
 
 
 def test_bad_shapes_are_refused():
