@@ -21,9 +21,9 @@ The first `warmup` calls run the block-closing step (correct at any position) ea
 step the same way; after its warm-up each step is captured the first time it is needed and replayed
 after that (compiled first with `compile=True`, so the compilations happen in the warm-up). Every
 replay copies the tokens into the graphs' shared input. The logits returned on CUDA are a graph's
-output buffer: a later call of the same kind overwrites them. On the CPU, under autocast (whose weight casts a
-graph would capture by address), or with `cuda_graph=False`, every call is a plain eager step (the
-smaller one where it applies): the same math.
+output buffer: a later call of the same kind overwrites them. On the CPU, under autocast (whose weight
+casts a graph would capture by address), or with `cuda_graph=False`, every call is a plain eager step
+(the smaller one where it applies): the same math.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 
 from mm_rec.core.decode_state import DecodeState
 
-StepFunction = Callable[[torch.Tensor, DecodeState], torch.Tensor]
+StepFunction = Callable[[torch.Tensor, DecodeState, bool], torch.Tensor]  # (tokens, state, close_blocks)
 
 
 def closes_a_block(positions: list[int], chunk_size: int) -> bool:
@@ -64,11 +64,6 @@ class StepRunner:
         self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
         self._logits: dict[bool, torch.Tensor] = {}  # each graph's output [B, V]
         self._tokens: torch.Tensor | None = None  # the graphs' input [B]
-
-    @property
-    def graph(self) -> torch.cuda.CUDAGraph | None:
-        """The graph of the step that closes no block (the one replayed most), once captured."""
-        return self.graphs.get(False)
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
