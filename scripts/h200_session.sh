@@ -264,18 +264,19 @@ decode)
 followup)
     # After 2026-12-07 (the compiled 1b step profiled, coordinate-descent tuning no gain, the 7b layer at
     # 4 x 2K with the factored delta map: docs/benchmarks.md): the split step against the full one (1b,
-    # compiled, same run), the 7b compiled step (never measured: its
-    # compilation took the rest of that call), then the 7b layer at 1 x 32K (never measured since the
-    # token-level memory), both alone on the GPU.
+    # compiled, same run), the 7b layer at 4 x 2K (the delta rule's factored products now bf16) and 1 x 32K
+    # (never measured since the token-level memory), then the 7b compiled step (never measured: its
+    # compilation took the rest of that call), alone on the GPU.
     G="python3 benchmarks/bench_generate.py --new-tokens 48 --prefill synthetic --prompts 2K"
     # the step split in two kinds (no block-closing writes on C - 1 of every C tokens) against the full
     # step on every token, compiled, 1b, batches 1 and 8: same run
     timeout $(left 240) $G --methods mmrec-step,mmrec-step-full --presets 1b --batches 1,8 --compile \
         --json "$RUNS/gen_1b_split.json" > "$OUT/generate_split.txt" 2>&1
+    # the 7b layer with the factored delta map's products in bf16 (after 56.98 ms at 4 x 2K), and at 1 x 32K
+    timeout $(left 240) python3 benchmarks/bench_layer.py --preset 7b --shapes 4x2048,1x32768 --iters 3 --warmup 1 \
+        --compile --profile 20 > "$OUT/bench_layer.log" 2>&1
     timeout $(left 300) $G --methods mmrec-step --presets 7b --batches 1 --compile --json "$RUNS/gen_7b_compiled.json" \
         > "$OUT/generate_compiled.txt" 2>&1
-    timeout $(left 200) python3 benchmarks/bench_layer.py --preset 7b --shapes 1x32768 --iters 3 --warmup 1 \
-        --compile > "$OUT/bench_layer.log" 2>&1
     finish
     ;;
 recall2)

@@ -6,8 +6,8 @@ over axis 1 of [B, T, K, m] tensors (K banks, each with its own [m_v, m_k] matri
 q, k [B, T, K, m_k] (the caller L2-normalises k), v [B, T, K, m_v], log_alpha and beta [B, T, K],
 initial_state [B, K, m_v, m_k]. Accumulation is fp32 whatever the input dtype (float64 stays
 float64); with bf16/fp16 inputs the chunks' large products multiply half operands (as fla's
-kernels do) while the state and its chunk-to-chunk recursion stay fp32; o comes back in v's
-dtype, the final state in the accumulation dtype.
+kernels do) while the state and the sums of its chunk-to-chunk recursion stay fp32; o comes back
+in v's dtype, the final state in the accumulation dtype.
 
 Backends: "torch" (chunkwise-parallel PyTorch, differentiable; CPU and GPU), "sequential" (float64
 loop, the oracle), "auto" (= torch).

@@ -81,9 +81,13 @@ def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_al
 
     Everything within a chunk (decays, the triangular solve) is computed in the inputs' dtype; the
     products that carry the most work (P [W | U_v], [W | U_v]^T K_end and the outputs' Q_s S^T)
-    multiply in `matmul_dtype` (default: the same), while the state S and its recursion stay in the
-    inputs' dtype: with bf16 inputs that is fp32 S, bf16 operands. The backward runs entirely in the
-    inputs' dtype."""
+    multiply in `matmul_dtype` (default: the same), while the state S and its recursion's sums stay in
+    the inputs' dtype: with bf16 inputs that is fp32 S, bf16 operands. Where the state map is applied in
+    factors (m > 2L), its correction (S W^T) K_end and the backward's products with the states
+    (dO^T Q_s, dO S, K_end dS'^T, ...) multiply in `matmul_dtype` too, as fla's chunked kernels multiply
+    their fp32 state cast to the inputs' type: with fp32 operands these GEMMs took a fifth of a 7b
+    layer's time on an H100 (docs/benchmarks.md). Everything else in the backward runs in the inputs'
+    dtype."""
     N, T, mk = k.shape
     mv = v.shape[-1]
     L = min(chunk_len or chunk_len_for(T, k.device.type), T)
@@ -106,6 +110,12 @@ def _cumsum_last(x: torch.Tensor) -> torch.Tensor:
 @torch.compiler.disable  # a loop of small matmuls: compiling it unrolls n steps (minutes at 32K tokens)
 def _apply_chunked(q, k, v, g, beta, S0, low):
     return _ChunkedDeltaRule.apply(q, k, v, g, beta, S0, low)
+
+
+def _product(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a @ b with both operands in `dtype` (a half type multiplies on tensor cores, accumulating in fp32);
+    the result in `dtype`. With `dtype` the operands' own, a plain product."""
+    return a.to(dtype) @ b.to(dtype)
 
 
 class _ChunkedDeltaRule(torch.autograd.Function):
@@ -168,14 +178,15 @@ class _ChunkedDeltaRule(torch.autograd.Function):
             M.diagonal(dim1=-2, dim2=-1).add_(chunk_decay[..., None])  # e^{g_L} I - W^T K_end [N, n, mk, mk]
         S = S0
         states = []
-        if M is None:  # the factors of S M in the state's dtype (under autocast `solved` is a half type)
-            W_state, k_end_state = solved[..., :mk].to(S0.dtype), k_end.to(S0.dtype)
+        ctx.low = low
+        if M is None:  # the factors of the correction (S W^T) K_end, as its products take them
+            W_low, k_end_low = solved[..., :mk].to(low), k_end.to(low)
         with torch.autocast(device, enabled=False):  # the recursion in the state's dtype, autocast or not
             for c in range(k.shape[1]):
                 states.append(S)
                 if M is None:  # S M + R = e^{g_L} S - (S W^T) K_end + R
-                    S = torch.baddbmm(torch.addcmul(R[:, c], S, chunk_decay[:, c, None, None]),
-                                      S @ W_state[:, c].transpose(-1, -2), k_end_state[:, c], alpha=-1)
+                    S = torch.addcmul(R[:, c], S, chunk_decay[:, c, None, None]).sub_(
+                        _product(_product(S, W_low[:, c].transpose(-1, -2), low), k_end_low[:, c], low).to(S.dtype))
                 else:
                     S = torch.baddbmm(R[:, c], S, M[:, c])
         states = torch.stack(states, dim=1)  # [N, n, mv, mk]: the state entering each chunk
@@ -201,33 +212,39 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         # The incoming gradient is often a strided view (the caller's transposes, an expanded sum):
         # batched matmuls with it would fall back to a copy and a GEMM per matrix on the CPU.
         d_o = d_o.contiguous()
-        # the state's recursion, backwards through the chunks: dS_c = dS_{c+1} M_c^T + dO_c^T Q_s,c
-        from_o = (d_o.transpose(-1, -2) @ by_state).unbind(1)  # [N, mv, mk] per chunk
         k_end = to_end * k
         W = solved[..., :mk]
         M_t = M[0].transpose(-1, -2) if M else None
+        # Where the state map is factored (m > 2L: the large presets), the products of a chunk's [L, m]
+        # factors with the [m, m] states take the forward's matmul dtype (half inputs: half operands,
+        # fp32 accumulation, as fla's kernels multiply), the recursion's sums stay in the state's dtype.
+        low = ctx.low if M_t is None else states.dtype
+        # the state's recursion, backwards through the chunks: dS_c = dS_{c+1} M_c^T + dO_c^T Q_s,c
+        from_o = _product(d_o.transpose(-1, -2), by_state, low).unbind(1)  # [N, mv, mk] per chunk
         d_next = [None] * n  # the gradient of the state after chunk c
         d_S = d_S.to(states.dtype)
-        if M_t is None:  # the factors in the state's dtype, as in the forward
-            W_state, k_end_state = W.to(d_S.dtype), k_end.to(d_S.dtype)
+        if M_t is None:  # the factors as the forward's correction took them
+            W_low, k_end_low = W.to(low), k_end.to(low)
         with torch.autocast(d_S.device.type, enabled=False):
             for c in range(n - 1, -1, -1):
                 d_next[c] = d_S
                 if M_t is None:  # dS' M^T + dO^T Q_s = e^{g_L} dS' - (dS' K_end^T) W + dO^T Q_s
-                    d_S = torch.baddbmm(torch.addcmul(from_o[c].to(d_S.dtype), d_S, chunk_decay[:, c, None, None]),
-                                        d_S @ k_end_state[:, c].transpose(-1, -2), W_state[:, c], alpha=-1)
+                    d_S = torch.addcmul(from_o[c].to(d_S.dtype), d_S, chunk_decay[:, c, None, None]).sub_(
+                        _product(_product(d_S, k_end_low[:, c].transpose(-1, -2), low), W_low[:, c], low)
+                        .to(d_S.dtype))
                 else:
                     d_S = torch.baddbmm(from_o[c].to(d_S.dtype), d_S, M_t[:, c])
         d_next = torch.stack(d_next, dim=1)  # [N, n, mv, mk]
-        d_by_state = d_o @ states  # [N, n, L, mk]
+        d_by_state = _product(d_o, states, low).to(states.dtype)  # [N, n, L, mk]
         d_through = torch.cat([-d_by_state, d_o], dim=-1)  # [N, n, L, mk + mv]
         q_g = exp_g * q
         if M_t is None:  # with dM = S^T dS' (not formed): tr dM, -K_end dM^T = -(K_end dS'^T) S, and
             # -W dM + U_v dS' = (U_v - W S^T) dS' (the chunk's corrections U times dS')
             d_chunk_decay = (states * d_next).sum((-2, -1))  # [N, n]
-            k_d_next = k_end @ d_next.transpose(-1, -2)  # [N, n, L, mv]
-            d_solved = torch.cat([-(k_d_next @ states), k_d_next], dim=-1)
-            d_k_end = (solved[..., mk:] - W @ states.transpose(-1, -2)) @ d_next  # [N, n, L, mk]
+            k_d_next = _product(k_end, d_next.transpose(-1, -2), low).to(states.dtype)  # [N, n, L, mv]
+            d_solved = torch.cat([-_product(k_d_next, states, low).to(states.dtype), k_d_next], dim=-1)
+            corrections = solved[..., mk:] - _product(W, states.transpose(-1, -2), low).to(states.dtype)  # U
+            d_k_end = _product(corrections, d_next, low).to(states.dtype)  # [N, n, L, mk]
         else:
             d_M = states.transpose(-1, -2) @ d_next  # [N, n, mk, mk]
             d_chunk_decay = d_M.diagonal(dim1=-2, dim2=-1).sum(-1)  # [N, n]

@@ -168,6 +168,29 @@ def test_one_token_steps_equal_the_loop(mk, mv):
     torch.testing.assert_close(S, s_ref, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_with_the_factored_map_forward_and_backward(dtype):
+    """Half inputs where the state map is factored (m = 80 > 2L): the correction's products and the
+    backward's state-sized products take half operands (fp32 accumulation), the state's sums stay fp32;
+    over 7 chunks, outputs, final state and every gradient stay within half precision of the float64
+    loop (the half inputs' own rounding is most of it)."""
+    T, mk, mv = 200, 80, 24
+    q, k, v, la, b, S0 = inputs(B=2, T=T, K=2, mk=mk, mv=mv, extreme=False)
+    la = la / 30  # decays near 1: the state carries across all the chunks
+    weights = (torch.randn(2, T, 2, mv, dtype=torch.float64), torch.randn(2, 2, mv, mk, dtype=torch.float64))
+    results = []
+    for half in (False, True):
+        rows = [x.to(dtype if half and i < 3 else (torch.float32 if half else torch.float64)).requires_grad_()
+                for i, x in enumerate((q, k, v, la, b, S0))]
+        o, s = gated_delta_rule(*rows, backend="auto" if half else "sequential")
+        assert s.dtype == (torch.float32 if half else torch.float64)
+        loss = (o.double() * weights[0]).sum() + (s.double() * weights[1]).sum()
+        results.append((o, s, *torch.autograd.grad(loss, rows)))
+    for name, got, want in zip(("o", "S", "dq", "dk", "dv", "dlog_alpha", "dbeta", "dS0"), *results[::-1]):
+        error = (got.double() - want).norm() / want.norm()
+        assert error < 2e-2, f"{name}: relative error {error:.3g}"
+
+
 def test_bad_shapes_are_refused():
     q, k, v, la, b, S0 = inputs()
     with pytest.raises(ValueError, match="log_alpha and beta"):
