@@ -362,14 +362,18 @@ class MMRecModel(LanguageModel):
                              f"got {tuple(input_ids.shape)} and {state!r}")
         return self._step(input_ids, state)
 
-    def _step(self, input_ids: torch.Tensor, state: DecodeState, close_blocks: bool = True) -> torch.Tensor:
+    def _step(self, input_ids: torch.Tensor, state: DecodeState, close_blocks: bool = True,
+              block_step: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
         """`step` without checks: static shapes, no host sync, no Python branch on tensor values, every
         state tensor written in place, so it can be captured in a CUDA graph (`StepRunner`).
         `close_blocks=False` skips the writes of a block's slots into the ring, valid only when no row's
-        token closes its block (`closes_a_block`): C - 1 of every C tokens need a smaller step."""
+        token closes its block (`closes_a_block`): C - 1 of every C tokens need a smaller step.
+        `block_step(block, x, layer_state, position, close_blocks)` replaces `MMRecBlock.step` (a
+        compiled one: `StepRunner(compile=True)`)."""
+        step = block_step or MMRecBlock.step
         x = self.embed(input_ids)  # [B, D]
         for block, layer_state in zip(self.blocks, state.layers):
-            x = block.step(x, layer_state, state.position, close_blocks)
+            x = step(block, x, layer_state, state.position, close_blocks)
         state.position.add_(1)
         return self.lm_head(self.final_norm(x))
 

@@ -334,7 +334,7 @@ def test_graph_schedule_warms_up_and_captures_each_step_kind_once():
 def test_the_compiled_step_equals_the_eager_step_and_compiles_once():
     """StepRunner(compile=True) (`mmrec generate --compile`): torch.compile'd steps give the eager step's
     logits and state over a stream that crosses block edges and wraps the ring, from one compilation
-    per step kind (the block-closing step and the other)."""
+    per step kind (the block-closing step and the other) of one block's step, shared by both layers."""
     torch._dynamo.reset()
     model = small_model(torch.float32).eval()
     ids = torch.randint(0, BASE["vocab_size"], (2, 30))

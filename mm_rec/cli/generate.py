@@ -56,8 +56,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the one-token step before it is captured: the first tokens wait for the "
-                        "compilation (about a minute for the 1b preset), then each token is ~2.8x faster (1b "
-                        "preset, H100, docs/benchmarks.md); worth it for long generations")
+                        "compilation (one block's step, twice: seconds to a minute), then each token is ~2.8x "
+                        "faster (1b preset, H100, docs/benchmarks.md); worth it for long generations")
     add_quantize_arguments(p)
     p.set_defaults(func=run)
 
