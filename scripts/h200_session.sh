@@ -282,7 +282,8 @@ followup)
 recall2)
     # One call for issue 14's open GPU rows: MM-Rec's two language-model recipes at their decay_init 0.5
     # (carry runs/data; WITH_LM= , empty: none), sharing the GPU with the passkey recipe trained for
-    # $BUDGET s and scored at 2K-128K; then which read path holds the key (scripts/passkey_paths.py).
+    # $BUDGET s and scored at 2K-128K, and (WITH_TRANSFORMER= , empty: not) the Transformer's for as
+    # long at up to 12000 steps; then which read path holds the key (scripts/passkey_paths.py).
     # (The decode GPU tests and the compiled 1b step were measured on 2026-12-07; phase followup goes on.)
     BUDGET=${BUDGET:-330}
     # MM-Rec only: the Transformers' and MM-Rec's decay_init 0.9 runs are recorded (docs/quality.md, study 3)
@@ -291,8 +292,14 @@ recall2)
         lm tinystories_mmrec configs/tinystories_bpe.yaml runs/data/tinystories_subset.txt $((DEADLINE - 150))
     fi
     passkey mmrec configs/passkey_mmrec.yaml $BUDGET --lengths 2k,8k,32k,128k
+    if [ -n "${WITH_TRANSFORMER-1}" ]; then
+        # the Transformer with the budget it needs at 2K (it learned the CPU-scale task at 384 in ~1500
+        # steps; at 2K 2960 steps were not enough): up to 12000 steps in the same $BUDGET s
+        passkey transformer configs/passkey_transformer.yaml $BUDGET --lengths 2k,8k --steps 12000
+    fi
     wait
     cp "$RUNS/passkey/mmrec/log.txt" "$OUT/passkey.txt"
+    [ -f "$RUNS/passkey/transformer/log.txt" ] && cp "$RUNS/passkey/transformer/log.txt" "$OUT/passkey_transformer.txt"
     timeout $(left 300) python3 scripts/passkey_paths.py "$RUNS/passkey/mmrec" \
         --lengths 32768,131072 --rows 4 --device cuda > "$OUT/passkey_paths.txt" 2>&1
     if [ -n "${WITH_LM-1}" ]; then
