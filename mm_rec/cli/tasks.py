@@ -151,7 +151,7 @@ def _run_mqar(args: argparse.Namespace, recipe: dict) -> tuple[dict, nn.Module]:
 
         rows = max(1, TOKENS_PER_FORWARD // task.seq_len)
         curve = train_on_task(model, next_batch, lambda m: mqar.score_mqar(m, held_out, rows).accuracy, train_config)
-        save_before_scoring(args, model)
+        save_trained(args, model)
 
     model.eval()
     chance = mqar.chance_accuracy(task)
@@ -203,7 +203,7 @@ def _run_passkey(args: argparse.Namespace, recipe: dict) -> tuple[dict, nn.Modul
         rows = max(1, TOKENS_PER_FORWARD // train_length)
         curve = train_on_task(model, next_batch, lambda m: passkey.score_passkey(m, held_out, batch_size=rows).accuracy,
                               train_config)
-        save_before_scoring(args, model)
+        save_trained(args, model)
 
     model.eval()
     with autocast_for("auto", device):
@@ -226,10 +226,9 @@ def _run_passkey(args: argparse.Namespace, recipe: dict) -> tuple[dict, nn.Modul
     return report, model
 
 
-def save_before_scoring(args: argparse.Namespace, model: nn.Module) -> None:
-    """With --out, the trained model is written before the (long) scoring starts: a scoring run that fails
-    or is stopped leaves the weights, to score again with --checkpoint (run_eval_task writes them again
-    beside the results)."""
+def save_trained(args: argparse.Namespace, model: nn.Module) -> None:
+    """With --out, the trained model is written as soon as training ends, before the (long) scoring: a
+    scoring run that fails or is stopped leaves the weights, to score again with --checkpoint."""
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         model.save_pretrained(args.out)
@@ -269,8 +268,6 @@ def run_eval_task(args: argparse.Namespace) -> int:
                       overrides=list(getattr(args, "overrides", None) or []),
                       config=args.config, seed=args.seed)
         (out / f"{args.task}_results.json").write_text(json.dumps(report, indent=2) + "\n")
-        if args.train:
-            model.save_pretrained(out)
         print(f"results written to {out / f'{args.task}_results.json'}" + (f", model to {out}" if args.train else ""))
     return 0
 
@@ -431,6 +428,7 @@ def _run_mqar_zoology(args: argparse.Namespace, recipe: dict) -> tuple[dict, nn.
         print("rows per step: " + ", ".join(f"{g.batch_size} at T = {g.seq_len}" for g in groups))
         result = mqar_zoology.train_zoology(model, groups, tests, config,
                                             on_epoch=(lambda r: _write_json(out, fill(r))) if out else None)
+        save_trained(args, model)
         report = fill(result)
         best = "  ".join(f"{name} {acc:.4f}" for name, acc in result.best_accuracy.items())
         reached = report["target_reached"]
