@@ -112,10 +112,12 @@ def _apply_chunked(q, k, v, g, beta, S0, low):
     return _ChunkedDeltaRule.apply(q, k, v, g, beta, S0, low)
 
 
-def _product(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """a @ b with both operands in `dtype` (a half type multiplies on tensor cores, accumulating in fp32);
-    the result in `dtype`. With `dtype` the operands' own, a plain product."""
-    return a.to(dtype) @ b.to(dtype)
+def _product(a: torch.Tensor, b: torch.Tensor, operands: torch.dtype,
+             result: torch.dtype | None = None) -> torch.Tensor:
+    """a @ b with both operands in `operands` (a half type multiplies on tensor cores, accumulating in
+    fp32), the result in `result` (default: `operands`). With the operands' own dtype, a plain product."""
+    out = a.to(operands) @ b.to(operands)
+    return out if result is None else out.to(result)
 
 
 class _ChunkedDeltaRule(torch.autograd.Function):
@@ -165,12 +167,12 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         to_end = torch.exp(g[..., -1:] - g)[..., None]
         chunk_decay = torch.exp(g[..., -1])  # [N, n]
         # the chunk-local parts of the recursion, all chunks at once (operands in the matmul dtype)
-        through = (attend.to(low) @ solved.to(low)).to(q.dtype)  # [P W | P U_v]
+        through = _product(attend, solved, low, q.dtype)  # [P W | P U_v]
         by_state = exp_g * q - through[..., :mk]  # Q_s [N, n, L, mk]
         k_end = to_end * k  # K_end
         ctx.factored = 2 * L < mk  # S M as e^{g_L} S - (S W^T) K_end (see the class docstring)
         rows = slice(mk, None) if ctx.factored else slice(None)  # R = U_v^T K_end, or [W^T K_end; R]
-        transition = (solved[..., rows].transpose(-1, -2).to(low) @ k_end.to(low)).to(q.dtype)
+        transition = _product(solved[..., rows].transpose(-1, -2), k_end, low, q.dtype)
         if ctx.factored:
             R, M = transition, None
         else:
@@ -186,11 +188,11 @@ class _ChunkedDeltaRule(torch.autograd.Function):
                 states.append(S)
                 if M is None:  # S M + R = e^{g_L} S - (S W^T) K_end + R
                     S = torch.addcmul(R[:, c], S, chunk_decay[:, c, None, None]).sub_(
-                        _product(_product(S, W_low[:, c].transpose(-1, -2), low), k_end_low[:, c], low).to(S.dtype))
+                        _product(_product(S, W_low[:, c].transpose(-1, -2), low), k_end_low[:, c], low, S.dtype))
                 else:
                     S = torch.baddbmm(R[:, c], S, M[:, c])
         states = torch.stack(states, dim=1)  # [N, n, mv, mk]: the state entering each chunk
-        o = (by_state.to(low) @ states.transpose(-1, -2).to(low)).to(q.dtype) + through[..., mk:]
+        o = _product(by_state, states.transpose(-1, -2), low, q.dtype) + through[..., mk:]
         ctx.save_for_backward(q, k, v, beta, decay, kk, qk, inverse, solved, attend, by_state, exp_g, to_end,
                               chunk_decay, states, *([] if M is None else [M]))
         return o, S
@@ -230,21 +232,20 @@ class _ChunkedDeltaRule(torch.autograd.Function):
                 d_next[c] = d_S
                 if M_t is None:  # dS' M^T + dO^T Q_s = e^{g_L} dS' - (dS' K_end^T) W + dO^T Q_s
                     d_S = torch.addcmul(from_o[c].to(d_S.dtype), d_S, chunk_decay[:, c, None, None]).sub_(
-                        _product(_product(d_S, k_end_low[:, c].transpose(-1, -2), low), W_low[:, c], low)
-                        .to(d_S.dtype))
+                        _product(_product(d_S, k_end_low[:, c].transpose(-1, -2), low), W_low[:, c], low, d_S.dtype))
                 else:
                     d_S = torch.baddbmm(from_o[c].to(d_S.dtype), d_S, M_t[:, c])
         d_next = torch.stack(d_next, dim=1)  # [N, n, mv, mk]
-        d_by_state = _product(d_o, states, low).to(states.dtype)  # [N, n, L, mk]
+        d_by_state = _product(d_o, states, low, states.dtype)  # [N, n, L, mk]
         d_through = torch.cat([-d_by_state, d_o], dim=-1)  # [N, n, L, mk + mv]
         q_g = exp_g * q
         if M_t is None:  # with dM = S^T dS' (not formed): tr dM, -K_end dM^T = -(K_end dS'^T) S, and
             # -W dM + U_v dS' = (U_v - W S^T) dS' (the chunk's corrections U times dS')
             d_chunk_decay = (states * d_next).sum((-2, -1))  # [N, n]
-            k_d_next = _product(k_end, d_next.transpose(-1, -2), low).to(states.dtype)  # [N, n, L, mv]
-            d_solved = torch.cat([-_product(k_d_next, states, low).to(states.dtype), k_d_next], dim=-1)
-            corrections = solved[..., mk:] - _product(W, states.transpose(-1, -2), low).to(states.dtype)  # U
-            d_k_end = _product(corrections, d_next, low).to(states.dtype)  # [N, n, L, mk]
+            k_d_next = _product(k_end, d_next.transpose(-1, -2), low, states.dtype)  # [N, n, L, mv]
+            d_solved = torch.cat([-_product(k_d_next, states, low, states.dtype), k_d_next], dim=-1)
+            corrections = solved[..., mk:] - _product(W, states.transpose(-1, -2), low, states.dtype)  # U
+            d_k_end = _product(corrections, d_next, low, states.dtype)  # [N, n, L, mk]
         else:
             d_M = states.transpose(-1, -2) @ d_next  # [N, n, mk, mk]
             d_chunk_decay = d_M.diagonal(dim1=-2, dim2=-1).sum(-1)  # [N, n]
