@@ -14,6 +14,8 @@ prompt length L:
     also passes the step through torch.compile before the capture); the C - 1 of every C tokens that
     close no block run the smaller step (no block-closing writes);
   * mmrec-step-full: the same with every token on the block-closing step (the reference for that split);
+  * mmrec-step-torch-memory: mmrec-step with the memory's step (window, ring and delta-rule read and
+    write) in torch ops instead of the fused Triton kernel of mm_rec/ops/memory_step (its reference);
   * mmrec-forward: the generate path before the step existed (`generate_stream(..., use_step=False)`):
     `model(token[:, None], state)`, the whole segment machinery for T = 1, launch by launch;
   * hf-llama: `LlamaForCausalLM` (transformers >= 5, optional) with hidden size, layers, heads, FFN width
@@ -65,7 +67,7 @@ from mm_rec.loading import build_model
 from mm_rec.quantization import DEFAULT_GROUP_SIZE, MODES, parameter_bytes, quantize_model
 from mm_rec.utils.profiling import kernel_profile, peak_memory, print_report, reset_peak_memory, time_fn
 
-METHODS = ("mmrec-step", "mmrec-step-full", "mmrec-forward", "hf-llama")
+METHODS = ("mmrec-step", "mmrec-step-full", "mmrec-step-torch-memory", "mmrec-forward", "hf-llama")
 WEIGHTS = ("none",) + MODES  # --quantize: bf16 weights, or int8 / int4 weight-only
 
 
@@ -174,6 +176,20 @@ def full_step_stream(stream: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
         yield from stream
 
 
+def torch_memory_stream(model: MMRecModel, stream: Callable[[], Iterator[torch.Tensor]]) -> Iterator[torch.Tensor]:
+    """`stream` with the memory's step in torch ops (`memory_step_backend = "torch"`) instead of the fused
+    kernel of mm_rec/ops/memory_step: the same-run reference for that kernel."""
+    mixers = [block.mixer for block in model.blocks]
+    before = [mixer.memory_step_backend for mixer in mixers]
+    for mixer in mixers:
+        mixer.memory_step_backend = "torch"
+    try:
+        yield from stream()
+    finally:
+        for mixer, backend in zip(mixers, before):
+            mixer.memory_step_backend = backend
+
+
 def time_stream(stream: Iterator[torch.Tensor], device: torch.device, skip: int) -> tuple[float, float | None]:
     """(ms per token, peak GiB during the stream)."""
     synchronize(device)
@@ -205,6 +221,7 @@ def run_mmrec(model: MMRecModel, methods: list[str], batch: int, prompt: int, ar
                                                     compile_step=args.compile),
         "mmrec-step-full": lambda: full_step_stream(model.generate_stream(last, args.new_tokens, temperature=0,
                                                                           state=memory, compile_step=args.compile)),
+        "mmrec-step-torch-memory": lambda: torch_memory_stream(model, streams["mmrec-step"]),
         "mmrec-forward": lambda: model.generate_stream(last, args.new_tokens, temperature=0, state=memory,
                                                        use_step=False),
     }

@@ -26,15 +26,16 @@
 #                                                       # two undecayed delta banks) beside the CUDA build and
 #                                                       # GPU tests, capped-age rescoring, then bench_scan and
 #                                                       # the recurrence sweep alone
-#   OUT=/tmp/h200 bash scripts/h200_session.sh followup   # alone: the split step (1b), the 7b compiled step,
-#                                                       # then bench_layer 7b at 1 x 32K
+#   OUT=/tmp/h200 bash scripts/h200_session.sh fused      # alone: decode GPU tests, the 1b compiled step with
+#                                                       # the fused memory kernel / torch memory / full step
+#   OUT=/tmp/h200 bash scripts/h200_session.sh followup   # alone: the 7b compiled step, bench_layer 7b
 # DEADLINE (default 580): the second of the phase by which every step has stopped.
 #
 # Runs share the GPU (small models leave it mostly idle), so steps, not wall time, compare them.
 # Each run is stopped by a time budget (it then evaluates and writes its results); the results
 # come back in $OUT: logs and runs.tgz (every run's JSON and log; no weights).
 set -u
-PHASE=${1:?usage: h200_session.sh recall|lm|ablations|passkey|widths|cuda|priority|combo|decode|decode_hf|followup|recall2}
+PHASE=${1:?usage: h200_session.sh recall|lm|ablations|passkey|widths|cuda|priority|combo|decode|decode_hf|fused|followup|recall2}
 OUT=${OUT:-runs/h200-out}
 RUNS=runs/h200
 mkdir -p "$OUT" "$RUNS"
@@ -261,22 +262,27 @@ decode)
     } > "$OUT/generate.txt" 2>&1
     finish
     ;;
-followup)
-    # After 2026-12-07 (the compiled 1b step profiled, coordinate-descent tuning no gain, the 7b layer at
-    # 4 x 2K with the factored delta map: docs/benchmarks.md): the split step against the full one (1b,
-    # compiled, same run), the 7b layer at 4 x 2K (the delta rule's factored products now bf16) and 1 x 32K
-    # (never measured since the token-level memory), then the 7b compiled step (never measured: its
-    # compilation took the rest of that call), alone on the GPU.
+fused)
+    # Alone on the GPU: the decode GPU tests (two-graph StepRunner, per-block compile, the fused memory
+    # kernel of mm_rec/ops/memory_step, at the 1b memory sizes too), then the compiled 1b step with the
+    # fused kernel, with the torch memory step, and with the full (block-closing) step on every token:
+    # same run, batches 1 and 8.
+    timeout $(left ${TEST_LIMIT:-170}) python3 -m pytest -q tests/ops/memory_step tests/test_decode_gpu.py \
+        tests/core/test_memory_gpu.py tests/ops/delta_rule -x -rf > "$OUT/tests.txt" 2>&1
     G="python3 benchmarks/bench_generate.py --new-tokens 48 --prefill synthetic --prompts 2K"
-    # the step split in two kinds (no block-closing writes on C - 1 of every C tokens) against the full
-    # step on every token, compiled, 1b, batches 1 and 8: same run
-    timeout $(left 240) $G --methods mmrec-step,mmrec-step-full --presets 1b --batches 1,8 --compile \
-        --json "$RUNS/gen_1b_split.json" > "$OUT/generate_split.txt" 2>&1
-    # the 7b layer with the factored delta map's products in bf16 (after 56.98 ms at 4 x 2K), and at 1 x 32K
+    timeout $(left 420) $G --methods mmrec-step,mmrec-step-torch-memory,mmrec-step-full --presets 1b --batches 1,8 \
+        --compile --json "$RUNS/gen_1b_fused.json" > "$OUT/generate_fused.txt" 2>&1
+    finish
+    ;;
+followup)
+    # Alone on the GPU: the 7b compiled step (fused memory kernel, then the torch memory step; never
+    # measured: the whole-step compilation took the rest of a call), then the 7b layer at 4 x 2K (the
+    # delta rule's factored products now bf16; 56.98 ms before) and 1 x 32K.
+    G="python3 benchmarks/bench_generate.py --new-tokens 48 --prefill synthetic --prompts 2K"
+    timeout $(left 300) $G --methods mmrec-step,mmrec-step-torch-memory --presets 7b --batches 1 --compile \
+        --json "$RUNS/gen_7b_compiled.json" > "$OUT/generate_compiled.txt" 2>&1
     timeout $(left 240) python3 benchmarks/bench_layer.py --preset 7b --shapes 4x2048,1x32768 --iters 3 --warmup 1 \
         --compile --profile 20 > "$OUT/bench_layer.log" 2>&1
-    timeout $(left 300) $G --methods mmrec-step --presets 7b --batches 1 --compile --json "$RUNS/gen_7b_compiled.json" \
-        > "$OUT/generate_compiled.txt" 2>&1
     finish
     ;;
 recall2)

@@ -7,36 +7,13 @@ import shutil
 
 import pytest
 import torch
-from random_models import randomize_constant_parameters
+from random_models import DECODE_BASE as BASE
+from random_models import DECODE_VARIANTS as VARIANTS
+from random_models import decode_model as small_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mm_rec import MMRecConfig, MMRecModel
 from mm_rec.core.decode_state import DecodeState
 from mm_rec.decoding import StepRunner, closes_a_block
-
-# C = 4, S = 6: a 57-token stream completes 14 blocks, so the ring wraps and kept slots are evicted.
-BASE = dict(vocab_size=37, hidden_dim=16, num_layers=2, num_heads=2, ffn_dim=24, num_memories=2, mem_dim=6,
-            memory_size_M=6, chunk_size=4, decay_rank=3)
-VARIANTS = {  # every switch flipped at least once
-    "default": dict(),  # window 8, delta rule, attention pooling, learned retention (R = 3, P = 3)
-    "sub-slots": dict(slots_per_block=2, recent_slots=2),  # R < r * blocks, P = 4
-    "sub-slots, short window": dict(slots_per_block=2, recent_slots=4, window_size=3),
-    "age ring, mean level 2, mean pooling": dict(retention="age", level2="mean", slot_write="mean"),
-    "no window": dict(window_size=0),
-    "long window": dict(window_size=11, recent_slots=1),
-    "state input, no conv": dict(memory_input="state", conv_size=0),
-    "both inputs, conv 1": dict(memory_input="both", conv_size=1),
-    "input gate": dict(gate_input="input"),
-    "no long-term memory": dict(memory_size_M=0),
-    "everything off": dict(memory_size_M=0, window_size=0, level2="mean", conv_size=0, gate_input="input"),
-    "equal importances": dict(memory_size_M=5, recent_slots=2, keep_init=True),  # as at init: ties decide
-    "kept ages capped": dict(memory_size_M=5, recent_slots=2, kept_age_bias="capped"),
-    "an undecayed delta bank": dict(undecayed_banks=1),
-}
-
-
-def small_model(dtype=torch.float64, keep_init=False, **overrides) -> MMRecModel:
-    return randomize_constant_parameters(MMRecModel(MMRecConfig(**{**BASE, **overrides})).to(dtype), keep_init)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

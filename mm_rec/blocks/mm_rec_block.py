@@ -28,7 +28,9 @@ from mm_rec.core.hds import HDSHierarchy
 from mm_rec.core.mdi import LearnableDecay, MemoryIntegration
 from mm_rec.core.memory_state import LayerState
 from mm_rec.core.recurrence import mmrec_recurrence, mmrec_recurrence_step
+from mm_rec.ops import triton_available
 from mm_rec.ops.delta_rule import CHUNK_LEN, delta_rule_flops
+from mm_rec.ops.memory_step import MEMORY_STEP_BACKENDS
 
 
 class MMRecMixer(nn.Module):
@@ -65,6 +67,7 @@ class MMRecMixer(nn.Module):
         self.integration = MemoryIntegration(config)
         self.out_proj = nn.Linear(D, D, bias=False)
         self.recurrence_backend = "auto"
+        self.memory_step_backend = "auto"  # the decoding step's memory: mm_rec/ops/memory_step (MEMORY_STEP_BACKENDS)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -116,13 +119,47 @@ class MMRecMixer(nn.Module):
         # The memory in the state's dtype (fp32), autocast or not: its matmuls read the ring, the window
         # and the delta memory once, with no low-precision copies, and the state is written as computed.
         with torch.autocast(x.device.type, enabled=False):
-            view = self.hds.step_token(q[:, 0], k[:, 0], v[:, 0], state, position,
-                                       None if delta_gates is None else delta_gates[:, 0])
-            read = self.attention.step(view)
+            gates = None if delta_gates is None else delta_gates[:, 0]
+            if self._fused_memory_step(x):
+                read, level2 = self._memory_step_triton(q[:, 0], k[:, 0], v[:, 0], state, position, gates)
+            else:
+                view = self.hds.step_token(q[:, 0], k[:, 0], v[:, 0], state, position, gates)
+                read, level2 = self.attention.step(view), view.level2
             if close_blocks:  # after the read: a token never sees its own block
                 self.hds.step_close_block(state, position)
-        mixed = self.integration(read[:, None], view.level2[:, None], h_hat, parts["gate"])
+        mixed = self.integration(read[:, None], level2[:, None], h_hat, parts["gate"])
         return self.out_proj(mixed[:, 0])
+
+    def _fused_memory_step(self, x: torch.Tensor) -> bool:
+        backend = self.memory_step_backend
+        if backend not in MEMORY_STEP_BACKENDS:
+            raise ValueError(f"memory_step_backend must be one of {MEMORY_STEP_BACKENDS}, got {backend!r}")
+        return backend == "triton" or (backend == "auto" and x.is_cuda and triton_available())
+
+    def _memory_step_triton(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: LayerState,
+                            position: torch.Tensor, delta_gates: torch.Tensor | None):
+        """Steps 4 and 5 for one token per row through the fused kernel (mm_rec/ops/memory_step): what
+        `hds.step_token` then `attention.step` do, the state updated in place as they update it.
+        q, k, v [B, K, m] -> (read, level2) [B, K, m]."""
+        from mm_rec.ops.memory_step.triton_kernels import combine_partials  # registers the operator
+
+        hds, attention = self.hds, self.attention
+        acc = state.slot_keys.dtype
+        log_alpha = beta = None
+        if hds.level2_kind == "delta":
+            log_alpha, beta = hds._delta_gates(delta_gates, acc)
+        else:  # the decayed mean: one element-wise step, left to torch
+            level2 = hds._level2_step(q, k, v, state, None)
+        age_slope, window_slope = attention._slopes(acc)
+        delta_read, *partials = torch.ops.mm_rec.memory_step(
+            q, k, v, log_alpha, beta, hds._pooling_weights(k), position, age_slope, window_slope,
+            state.delta_memory, state.window_keys, state.window_values, state.slot_keys, state.slot_values,
+            state.slot_importance, state.slot_ids, state.block_key_sum, state.block_value_sum,
+            state.block_weight_sum, attention.scale, -1 if attention.age_cap is None else attention.age_cap,
+            hds.chunk_size)
+        if log_alpha is not None:
+            level2 = delta_read.to(v.dtype)
+        return combine_partials(*partials, attention.null_logit).to(q.dtype), level2
 
     def _project(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """Step 1 and 2 on x [B, T, D]: the fused projection's parts by name, z and log gamma [B, T, H, d]."""
