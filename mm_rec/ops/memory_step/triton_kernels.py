@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-_TILE_ELEMENTS = 8192  # entries x features per tile: 64 fp32 registers a thread at 4 warps
+_TILE_ELEMENTS = 8192  # entries x features per tile: 32 fp32 registers a thread for keys, 32 for values at 8 warps
 
 
 @triton.jit
@@ -221,7 +221,8 @@ def memory_step(
         BLOCK_E=shape["BLOCK_E"], BLOCK_V=shape["BLOCK_V"], BLOCK_M=shape["BLOCK_M"],
         HAS_DELTA=delta_memory is not None, HAS_WEIGHTS=weights is not None,
         HAS_IMPORTANCE=slot_importance is not None, HAS_AGE_CAP=age_cap >= 0,
-        ACC=tl.float64 if acc == torch.float64 else tl.float32, num_warps=4,
+        ACC=tl.float64 if acc == torch.float64 else tl.float32,
+        num_warps=8 if shape["BLOCK_M"] * shape["BLOCK_E"] >= _TILE_ELEMENTS else 4,
     )
     return level2, part_max, part_sum, part_acc
 
