@@ -131,17 +131,18 @@ def _memory_step_kernel(
         tl.store(part_acc_ptr + part * M + cols, acc, mask=col_ok)
         if j == 0:  # the state's writes: the window ring and the open block's pooling sums
             if W > 0:
-                at = (bk * W + pos % W) * M + cols
-                tl.store(window_keys_ptr + at, k_new, mask=col_ok)
-                tl.store(window_values_ptr + at, v_new, mask=col_ok)
+                own_at = (bk * W + pos % W) * M + cols
+                tl.store(window_keys_ptr + own_at, k_new, mask=col_ok)
+                tl.store(window_values_ptr + own_at, v_new, mask=col_ok)
             # the open sub-slot's pooling sums (kept with or without a ring, as the torch step keeps them)
             sub = (pos % C) // (C // R_SUB)  # the open sub-slot
-            at = (bk * R_SUB + sub) * M + cols
+            sum_at = (bk * R_SUB + sub) * M + cols
             weight = tl.full((), 1.0, ACC)
             if HAS_WEIGHTS:
                 weight = tl.load(weight_ptr + bk).to(ACC)
-            tl.store(key_sum_ptr + at, tl.load(key_sum_ptr + at, mask=col_ok) + weight * k_new, mask=col_ok)
-            tl.store(value_sum_ptr + at, tl.load(value_sum_ptr + at, mask=col_ok) + weight * v_new, mask=col_ok)
+            tl.store(key_sum_ptr + sum_at, tl.load(key_sum_ptr + sum_at, mask=col_ok) + weight * k_new, mask=col_ok)
+            tl.store(value_sum_ptr + sum_at, tl.load(value_sum_ptr + sum_at, mask=col_ok) + weight * v_new,
+                     mask=col_ok)
             if HAS_WEIGHTS:
                 tl.store(weight_sum_ptr + bk * R_SUB + sub, tl.load(weight_sum_ptr + bk * R_SUB + sub) + weight)
     else:
@@ -155,13 +156,13 @@ def _memory_step_kernel(
             v = tl.load(v_ptr + b * in_stride_b + bank * in_stride_k + rows, mask=row_ok, other=0.0).to(ACC)
             alpha = tl.exp(tl.load(log_alpha_ptr + bk))
             beta = tl.load(beta_ptr + bk)
-            at = (bk * M + rows)[:, None] * M + cols[None, :]
-            ok = row_ok[:, None] & col_ok[None, :]
-            state = tl.load(delta_ptr + at, mask=ok, other=0.0)
+            rows_at = (bk * M + rows)[:, None] * M + cols[None, :]
+            rows_ok = row_ok[:, None] & col_ok[None, :]
+            state = tl.load(delta_ptr + rows_at, mask=rows_ok, other=0.0)
             s_k = tl.sum(state * k[None, :], axis=1)
             s_q = tl.sum(state * q[None, :], axis=1)
             u = beta * (v - alpha * s_k)
-            tl.store(delta_ptr + at, alpha * state + u[:, None] * k[None, :], mask=ok)
+            tl.store(delta_ptr + rows_at, alpha * state + u[:, None] * k[None, :], mask=rows_ok)
             tl.store(level2_ptr + bk * M + rows, alpha * s_q + u * tl.sum(k * q, axis=0), mask=row_ok)
 
 
