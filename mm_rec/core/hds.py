@@ -491,7 +491,10 @@ def from_decode_layout(state: LayerState, position: torch.Tensor, config: MMRecC
 
 def _convert(state: LayerState, position: torch.Tensor, config: MMRecConfig, to_decode: bool) -> LayerState:
     window_index, age_index = _layout_index(position, config)
-    values = {name: tensor.detach().clone() for name, tensor in state.tensors().items()}  # no autograd history
+    # no autograd history; contiguous (the forward's carried sums are transposed views), which the fused
+    # decoding kernel (mm_rec/ops/memory_step) relies on
+    values = {name: tensor.detach().clone(memory_format=torch.contiguous_format)
+              for name, tensor in state.tensors().items()}
     if window_index is not None:
         for name in ("window_keys", "window_values"):
             values[name] = _permute(values[name], window_index, to_decode)

@@ -41,6 +41,8 @@ import triton
 import triton.language as tl
 
 _TILE_ELEMENTS = 8192  # entries x features per tile: 32 fp32 registers a thread for keys, 32 for values at 8 warps
+_TILES_PER_SPLIT = 2  # tiles per read program: enough programs at batch 1 (B K n_split) to use the card's bandwidth
+_NUM_WARPS: int | None = None  # None: 8 for full-size tiles, else 4 (benchmarks/bench_memory_step.py sweeps these)
 
 
 @triton.jit
@@ -170,7 +172,7 @@ def launch_shape(m: int, entries: int, delta: bool) -> dict[str, int]:
     """Tile sizes and split counts for feature size m and E window + slot entries."""
     block_m = max(16, triton.next_power_of_2(m))
     block_e = max(1, min(64, _TILE_ELEMENTS // block_m))
-    tiles = 2  # tiles per split: enough programs at batch 1 (B K n_split) to use the card's bandwidth
+    tiles = _TILES_PER_SPLIT
     block_v = max(1, min(64, _TILE_ELEMENTS // block_m))
     return dict(BLOCK_M=block_m, BLOCK_E=block_e, TILES=tiles, BLOCK_V=block_v,
                 N_SPLIT=max(1, -(-entries // (block_e * tiles))), N_ROWS=-(-m // block_v) if delta else 0)
@@ -199,6 +201,10 @@ def memory_step(
     part_acc [B, K, n_split, m]): `combine_partials` turns the last three into the read."""
     B, K, m = k.shape
     acc = slot_keys.dtype
+    state = (delta_memory, window_keys, window_values, slot_keys, slot_values, slot_importance, slot_ids, key_sum,
+             value_sum, weight_sum)
+    if not all(t is None or t.is_contiguous() for t in state):
+        raise ValueError("memory_step: the state's tensors must be contiguous (DecodeState's are)")
     W = 0 if window_keys is None else window_keys.shape[2]
     S = slot_keys.shape[2]
     P = 0 if slot_ids is None else slot_ids.shape[2]
@@ -223,7 +229,7 @@ def memory_step(
         HAS_DELTA=delta_memory is not None, HAS_WEIGHTS=weights is not None,
         HAS_IMPORTANCE=slot_importance is not None, HAS_AGE_CAP=age_cap >= 0,
         ACC=tl.float64 if acc == torch.float64 else tl.float32,
-        num_warps=8 if shape["BLOCK_M"] * shape["BLOCK_E"] >= _TILE_ELEMENTS else 4,
+        num_warps=_NUM_WARPS or (8 if shape["BLOCK_M"] * shape["BLOCK_E"] >= _TILE_ELEMENTS else 4),
     )
     return level2, part_max, part_sum, part_acc
 

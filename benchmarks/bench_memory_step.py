@@ -1,0 +1,91 @@
+"""The fused memory step (mm_rec/ops/memory_step) alone: microseconds per layer and token, and the
+bandwidth it reaches on the state it reads and writes, over a sweep of launch shapes, against the
+torch step it replaces (`HDSHierarchy.step_token` + `MultiMemoryAttention.step`) in the same run.
+
+    python benchmarks/bench_memory_step.py [--presets 1b,7b] [--batches 1,8]
+        [--tile-elements 4096,8192] [--tiles 1,2] [--warps 4,8]
+
+Times are CUDA-graph replays (triton.testing.do_bench_cudagraph), the way the decoder runs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+
+from mm_rec import MMRecConfig, MMRecModel
+from mm_rec.core.decode_state import DecodeState
+
+
+def layer_and_state(preset: str, batch: int, device: torch.device):
+    """One MM-Rec layer of the preset's memory (a one-layer model, narrow elsewhere) and a random full state."""
+    config = MMRecConfig.from_preset(preset).replace(num_layers=1)
+    model = MMRecModel(config).to(device).eval()
+    memory = model.init_state(batch, device=device)
+    for name, tensor in memory.layers[0].tensors().items():
+        if tensor.is_floating_point():
+            tensor.normal_(0.0, 0.1)
+        elif name == "slot_ids":
+            tensor.copy_(torch.arange(tensor.shape[-1], device=device).expand_as(tensor))
+    memory.position.fill_(2047)
+    return model, DecodeState.from_memory_state(memory, config)
+
+
+def state_bytes(state: DecodeState) -> int:
+    """Bytes the kernel moves per call: the ring and window read, the delta memory read and written."""
+    layer = state.layers[0]
+    read = sum(t.numel() * t.element_size() for t in (layer.slot_keys, layer.slot_values, layer.window_keys,
+                                                       layer.window_values) if t is not None)
+    delta = layer.delta_memory
+    return read + (2 * delta.numel() * delta.element_size() if delta is not None else 0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", default="1b,7b")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--tile-elements", default="2048,4096,8192")
+    parser.add_argument("--tiles", default="1,2,4")
+    parser.add_argument("--warps", default="4,8")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU")
+    device = torch.device("cuda")
+    ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
+    print(f"Device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print("| preset | batch | launch (tile elements, tiles/split, warps) | us | GB/s | torch step us |")
+    print("| --- | ---: | --- | ---: | ---: | ---: |")
+    for preset, batch in itertools.product(args.presets.split(","), ints(args.batches)):
+        sweep(preset, batch, device, ints(args.tile_elements), ints(args.tiles), ints(args.warps))
+
+
+def sweep(preset: str, batch: int, device: torch.device, tile_elements: list[int], tiles_per_split: list[int],
+          warps: list[int]) -> None:
+    import triton.testing
+
+    from mm_rec.ops.memory_step import triton_kernels as kernels
+
+    model, state = layer_and_state(preset, batch, device)
+    mixer, layer = model.blocks[0].mixer, state.layers[0]
+    K, m = model.config.num_memories, model.config.mem_dim
+    q, k, v = (torch.randn(batch, K, m, device=device, dtype=torch.bfloat16) for _ in range(3))
+    gates = torch.randn(batch, 2 * K, device=device)
+
+    def fused():
+        mixer._memory_step_triton(q, k, v, layer, state.position, gates)
+
+    def torch_step():
+        mixer.attention.step(mixer.hds.step_token(q, k, v, layer, state.position, gates))
+
+    with torch.no_grad():
+        torch_us = triton.testing.do_bench_cudagraph(torch_step) * 1e3
+        for elements, tiles, num_warps in itertools.product(tile_elements, tiles_per_split, warps):
+            kernels._TILE_ELEMENTS, kernels._TILES_PER_SPLIT, kernels._NUM_WARPS = elements, tiles, num_warps
+            us = triton.testing.do_bench_cudagraph(fused) * 1e3
+            print(f"| {preset} | {batch} | {elements}, {tiles}, {num_warps} | {us:.1f} | "
+                  f"{batch * state_bytes(state) / us / 1e3:.0f} | {torch_us:.1f} |", flush=True)
+
+if __name__ == "__main__":
+    main()
