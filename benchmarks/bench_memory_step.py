@@ -1,11 +1,15 @@
-"""The fused memory step (mm_rec/ops/memory_step) alone: microseconds per layer and token, and the
-bandwidth it reaches on the state it reads and writes, over a sweep of launch shapes, against the
-torch step it replaces (`HDSHierarchy.step_token` + `MultiMemoryAttention.step`) in the same run.
+"""The memory's part of one decoding step, one layer: the fused kernel's path
+(`MMRecMixer._memory_step_triton`: the gates, the kernel, the combination of its partial reads) over a
+sweep of the kernel's launch shapes, against the torch step it replaces (`HDSHierarchy.step_token` +
+`MultiMemoryAttention.step`) in the same run; microseconds per call and the bandwidth that makes on the
+state read and written (the ring, the window, the delta memory twice).
 
     python benchmarks/bench_memory_step.py [--presets 1b,7b] [--batches 1,8]
         [--tile-elements 4096,8192] [--tiles 1,2] [--warps 4,8]
 
-Times are CUDA-graph replays (triton.testing.do_bench_cudagraph), the way the decoder runs them.
+Times are CUDA-graph replays (triton.testing.do_bench_cudagraph) of eager ops: the small element-wise
+ops around the kernel count in full here, while the compiled step (`--compile` of bench_generate.py)
+fuses them into its neighbours.
 """
 
 from __future__ import annotations
@@ -85,7 +89,7 @@ def sweep(preset: str, batch: int, device: torch.device, tile_elements: list[int
             kernels._TILE_ELEMENTS, kernels._TILES_PER_SPLIT, kernels._NUM_WARPS = elements, tiles, num_warps
             us = triton.testing.do_bench_cudagraph(fused) * 1e3
             print(f"| {preset} | {batch} | {elements}, {tiles}, {num_warps} | {us:.1f} | "
-                  f"{batch * state_bytes(state) / us / 1e3:.0f} | {torch_us:.1f} |", flush=True)
+                  f"{state_bytes(state) / us / 1e3:.0f} | {torch_us:.1f} |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -40,9 +40,12 @@ import torch
 import triton
 import triton.language as tl
 
-_TILE_ELEMENTS = 8192  # entries x features per tile: 32 fp32 registers a thread for keys, 32 for values at 8 warps
-_TILES_PER_SPLIT = 2  # tiles per read program: enough programs at batch 1 (B K n_split) to use the card's bandwidth
-_NUM_WARPS: int | None = None  # None: 8 for full-size tiles, else 4 (benchmarks/bench_memory_step.py sweeps these)
+# Launch shape (benchmarks/bench_memory_step.py sweeps these; docs/benchmarks.md): tiles of 8192 entries x
+# features, one tile per read program (the most programs at batch 1), 4 warps: the fastest or within 4%
+# of it at the 1b and 7b presets' sizes, batches 1 and 8, on an H100.
+_TILE_ELEMENTS = 8192
+_TILES_PER_SPLIT = 1
+_NUM_WARPS = 4
 
 
 @triton.jit
@@ -229,7 +232,7 @@ def memory_step(
         HAS_DELTA=delta_memory is not None, HAS_WEIGHTS=weights is not None,
         HAS_IMPORTANCE=slot_importance is not None, HAS_AGE_CAP=age_cap >= 0,
         ACC=tl.float64 if acc == torch.float64 else tl.float32,
-        num_warps=_NUM_WARPS or (8 if shape["BLOCK_M"] * shape["BLOCK_E"] >= _TILE_ELEMENTS else 4),
+        num_warps=_NUM_WARPS,
     )
     return level2, part_max, part_sum, part_acc
 
