@@ -4,6 +4,9 @@
     mm_rec/ops/recurrence/   exact core recurrence h_t = z_t * sigmoid(h_{t-1} W_g + b_g) + gamma_t * h_{t-1}
     mm_rec/ops/delta_rule/   gated delta rule S_t = alpha_t S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T
                              (level 2 of the memory; its own public function `gated_delta_rule`)
+    mm_rec/ops/memory_step/  the memory's part of one decoding step (window, ring read, pooling sums,
+                             delta rule) as one Triton kernel; its reference is the torch step of
+                             `HDSHierarchy.step_token` + `MultiMemoryAttention.step`
 
 In each, `reference.py` holds the torch backend and the float64 sequential loop it is tested
 against, `triton_kernels.py` the Triton kernels and their torch.library operators (imported only
