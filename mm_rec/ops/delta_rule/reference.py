@@ -236,16 +236,19 @@ class _ChunkedDeltaRule(torch.autograd.Function):
                 else:
                     d_S = torch.baddbmm(from_o[c].to(d_S.dtype), d_S, M_t[:, c])
         d_next = torch.stack(d_next, dim=1)  # [N, n, mv, mk]
-        d_by_state = _product(d_o, states, low, states.dtype)  # [N, n, L, mk]
+        # cast once for all the products that take them (a cast per product cost a 7b layer as much
+        # time as the tensor cores saved: docs/benchmarks.md); a no-op where low is the state's dtype
+        states_low, d_next_low = states.to(low), d_next.to(low)
+        d_by_state = _product(d_o, states_low, low, states.dtype)  # [N, n, L, mk]
         d_through = torch.cat([-d_by_state, d_o], dim=-1)  # [N, n, L, mk + mv]
         q_g = exp_g * q
         if M_t is None:  # with dM = S^T dS' (not formed): tr dM, -K_end dM^T = -(K_end dS'^T) S, and
             # -W dM + U_v dS' = (U_v - W S^T) dS' (the chunk's corrections U times dS')
             d_chunk_decay = (states * d_next).sum((-2, -1))  # [N, n]
-            k_d_next = _product(k_end, d_next.transpose(-1, -2), low, states.dtype)  # [N, n, L, mv]
-            d_solved = torch.cat([-_product(k_d_next, states, low, states.dtype), k_d_next], dim=-1)
-            corrections = solved[..., mk:] - _product(W, states.transpose(-1, -2), low, states.dtype)  # U
-            d_k_end = _product(corrections, d_next, low, states.dtype)  # [N, n, L, mk]
+            k_d_next = _product(k_end, d_next_low.transpose(-1, -2), low, states.dtype)  # [N, n, L, mv]
+            d_solved = torch.cat([-_product(k_d_next, states_low, low, states.dtype), k_d_next], dim=-1)
+            corrections = solved[..., mk:] - _product(W, states_low.transpose(-1, -2), low, states.dtype)  # U
+            d_k_end = _product(corrections, d_next_low, low, states.dtype)  # [N, n, L, mk]
         else:
             d_M = states.transpose(-1, -2) @ d_next  # [N, n, mk, mk]
             d_chunk_decay = d_M.diagonal(dim1=-2, dim2=-1).sum(-1)  # [N, n]
