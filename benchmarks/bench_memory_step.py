@@ -18,23 +18,16 @@ import argparse
 import itertools
 
 import torch
+from bench_generate import synthetic_state  # this folder's decoding benchmark
 
 from mm_rec import MMRecConfig, MMRecModel
 from mm_rec.core.decode_state import DecodeState
 
 
 def layer_and_state(preset: str, batch: int, device: torch.device):
-    """One MM-Rec layer of the preset's memory (a one-layer model, narrow elsewhere) and a random full state."""
-    config = MMRecConfig.from_preset(preset).replace(num_layers=1)
-    model = MMRecModel(config).to(device).eval()
-    memory = model.init_state(batch, device=device)
-    for name, tensor in memory.layers[0].tensors().items():
-        if tensor.is_floating_point():
-            tensor.normal_(0.0, 0.1)
-        elif name == "slot_ids":
-            tensor.copy_(torch.arange(tensor.shape[-1], device=device).expand_as(tensor))
-    memory.position.fill_(2047)
-    return model, DecodeState.from_memory_state(memory, config)
+    """One MM-Rec layer of the preset's memory (a one-layer model) and a random full state at position 2047."""
+    model = MMRecModel(MMRecConfig.from_preset(preset).replace(num_layers=1)).to(device).eval()
+    return model, DecodeState.from_memory_state(synthetic_state(model, batch, 2047, device), model.config)
 
 
 def state_bytes(state: DecodeState) -> int:

@@ -120,6 +120,14 @@ def _product(a: torch.Tensor, b: torch.Tensor, operands: torch.dtype,
     return out if result is None else out.to(result)
 
 
+def _sub_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, operands: torch.dtype) -> torch.Tensor:
+    """acc - a @ b (acc fresh: updated in place) with the product's operands in `operands`; in acc's own
+    dtype one fused baddbmm."""
+    if operands == acc.dtype:
+        return torch.baddbmm(acc, a.to(operands), b.to(operands), alpha=-1)
+    return acc.sub_(_product(a, b, operands, acc.dtype))
+
+
 class _ChunkedDeltaRule(torch.autograd.Function):
     """The chunked delta rule on chunked inputs: q, k [N, n, L, mk], v [N, n, L, mv], g (chunk-local
     cumulative log decays) and beta [N, n, L], S_0 [N, mv, mk] -> o [N, n, L, mv], S_n [N, mv, mk].
@@ -187,8 +195,8 @@ class _ChunkedDeltaRule(torch.autograd.Function):
             for c in range(k.shape[1]):
                 states.append(S)
                 if M is None:  # S M + R = e^{g_L} S - (S W^T) K_end + R
-                    S = torch.addcmul(R[:, c], S, chunk_decay[:, c, None, None]).sub_(
-                        _product(_product(S, W_low[:, c].transpose(-1, -2), low), k_end_low[:, c], low, S.dtype))
+                    S = _sub_product(torch.addcmul(R[:, c], S, chunk_decay[:, c, None, None]),
+                                     _product(S, W_low[:, c].transpose(-1, -2), low), k_end_low[:, c], low)
                 else:
                     S = torch.baddbmm(R[:, c], S, M[:, c])
         states = torch.stack(states, dim=1)  # [N, n, mv, mk]: the state entering each chunk
@@ -231,8 +239,8 @@ class _ChunkedDeltaRule(torch.autograd.Function):
             for c in range(n - 1, -1, -1):
                 d_next[c] = d_S
                 if M_t is None:  # dS' M^T + dO^T Q_s = e^{g_L} dS' - (dS' K_end^T) W + dO^T Q_s
-                    d_S = torch.addcmul(from_o[c].to(d_S.dtype), d_S, chunk_decay[:, c, None, None]).sub_(
-                        _product(_product(d_S, k_end_low[:, c].transpose(-1, -2), low), W_low[:, c], low, d_S.dtype))
+                    d_S = _sub_product(torch.addcmul(from_o[c].to(d_S.dtype), d_S, chunk_decay[:, c, None, None]),
+                                       _product(d_S, k_end_low[:, c].transpose(-1, -2), low), W_low[:, c], low)
                 else:
                     d_S = torch.baddbmm(from_o[c].to(d_S.dtype), d_S, M_t[:, c])
         d_next = torch.stack(d_next, dim=1)  # [N, n, mv, mk]
