@@ -52,7 +52,8 @@ from mm_rec.utils.profiling import (
     time_fn,
 )
 
-LAYERS = {"mmrec": "MM-Rec layer", "transformer": "Transformer layer"}  # model_type -> label
+LAYERS = {"mmrec": "MM-Rec layer", "mmrec-torch-delta": "MM-Rec layer, delta rule's pass in torch",
+          "transformer": "Transformer layer"}  # --layers name -> label
 SDPA_BACKENDS = {
     "flash": [SDPBackend.FLASH_ATTENTION],
     "cudnn": [SDPBackend.CUDNN_ATTENTION],
@@ -73,14 +74,18 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 
 def build_layer(kind: str, config: MMRecConfig, device: str) -> torch.nn.Module:
     """Block 0 of a one-layer model, initialised as in training, with bf16 parameters."""
-    model = init_model_on_device(lambda: build_model(config.replace(num_layers=1), kind), device)
-    return model.blocks[0].to(torch.bfloat16)
+    model_type = "transformer" if kind == "transformer" else "mmrec"
+    model = init_model_on_device(lambda: build_model(config.replace(num_layers=1), model_type), device)
+    block = model.blocks[0].to(torch.bfloat16)
+    if kind == "mmrec-torch-delta":  # the same-run reference for the delta rule's Triton pass
+        block.mixer.hds.delta_backend = "torch"
+    return block
 
 
 def layer_inputs(kind: str, config: MMRecConfig, batch: int, seq: int, device: str) -> tuple:
     """The positional arguments of the layer's forward; the first, x [B, T, D] bf16, needs grad."""
     x = torch.randn(batch, seq, config.hidden_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
-    if kind == "mmrec":
+    if kind != "transformer":
         return (x, *steady_state(config, batch, device))
     cos, sin = rope_tables(seq, config.head_dim, x.device)
     return x, cos, sin
@@ -190,7 +195,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="7b", help="config preset giving D, H, ffn and the memory sizes")
     parser.add_argument("--shapes", default="4x2048,1x8192,1x32768", help="comma-separated BxT")
-    parser.add_argument("--layers", default="mmrec,transformer", help="comma-separated subset of mmrec,transformer")
+    parser.add_argument("--layers", default="mmrec,transformer",
+                        help=f"comma-separated subset of {','.join(LAYERS)} (mmrec-torch-delta: the MM-Rec layer "
+                             "with the delta rule's chunk-to-chunk pass in torch ops, not the Triton kernel)")
     parser.add_argument("--iters", type=int, default=10, help="timed calls (median reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls first")
     parser.add_argument("--compile", action="store_true",

@@ -29,13 +29,15 @@
 #   OUT=/tmp/h200 bash scripts/h200_session.sh fused      # alone: decode GPU tests, the 1b compiled step with
 #                                                       # the fused memory kernel / torch memory / full step
 #   OUT=/tmp/h200 bash scripts/h200_session.sh followup   # alone: the 7b compiled step, bench_layer 7b
+#   OUT=/tmp/h200 bash scripts/h200_session.sh delta      # alone: delta-rule GPU tests (its Triton pass), then
+#                                                       # bench_layer 7b with the Triton pass / the torch pass
 # DEADLINE (default 580): the second of the phase by which every step has stopped.
 #
 # Runs share the GPU (small models leave it mostly idle), so steps, not wall time, compare them.
 # Each run is stopped by a time budget (it then evaluates and writes its results); the results
 # come back in $OUT: logs and runs.tgz (every run's JSON and log; no weights).
 set -u
-PHASE=${1:?usage: h200_session.sh recall|lm|ablations|passkey|widths|cuda|priority|combo|decode|decode_hf|fused|followup|recall2}
+PHASE=${1:?usage: h200_session.sh recall|lm|ablations|passkey|widths|cuda|priority|combo|decode|decode_hf|fused|followup|delta|recall2}
 OUT=${OUT:-runs/h200-out}
 RUNS=runs/h200
 mkdir -p "$OUT" "$RUNS"
@@ -283,6 +285,16 @@ followup)
         --json "$RUNS/gen_7b_compiled.json" > "$OUT/generate_compiled.txt" 2>&1
     timeout $(left 240) python3 benchmarks/bench_layer.py --preset 7b --shapes 4x2048,1x32768 --iters 3 --warmup 1 \
         --compile --profile 20 > "$OUT/bench_layer.log" 2>&1
+    finish
+    ;;
+delta)
+    # Alone on the GPU: the delta rule's GPU tests (the chunk-to-chunk pass as one Triton kernel, at the
+    # 7b sizes too), then the 7b layer with that pass and with the torch pass, beside the Transformer.
+    timeout $(left ${TEST_LIMIT:-200}) python3 -m pytest -q tests/ops/delta_rule tests/core/test_memory_gpu.py \
+        -rf > "$OUT/tests.txt" 2>&1
+    timeout $(left 400) python3 benchmarks/bench_layer.py --preset 7b --shapes 4x2048,1x32768 --iters 3 --warmup 1 \
+        --layers mmrec,mmrec-torch-delta,transformer --compile --profile ${PROFILE:-15} \
+        --json "$RUNS/layer_7b_delta.json" > "$OUT/bench_layer.log" 2>&1
     finish
     ;;
 recall2)

@@ -145,6 +145,7 @@ class HDSHierarchy(nn.Module):
             self.delta_decay_bias = nn.Parameter(torch.empty(K))
             self.delta_write_bias = nn.Parameter(torch.empty(K))
             self.undecayed_banks = config.undecayed_banks  # the last ones keep alpha = 1 exactly
+            self.delta_backend = "auto"  # gated_delta_rule's backend (DELTA_BACKENDS): Triton pass on CUDA
         if config.slot_write == "attention":
             self.write_query = nn.Parameter(torch.empty(K, m))
         if self.kept_slots:
@@ -197,8 +198,8 @@ class HDSHierarchy(nn.Module):
             return aggregate, None
         acc = state.delta_memory.dtype
         log_alpha, beta = self._delta_gates(delta_gates, acc)
-        read, carried["delta_memory"] = gated_delta_rule(_unit(q), _unit(k), v,
-                                                         log_alpha, beta, state.delta_memory)
+        read, carried["delta_memory"] = gated_delta_rule(_unit(q), _unit(k), v, log_alpha, beta,
+                                                         state.delta_memory, backend=self.delta_backend)
         return read, (log_alpha.exp(), beta)
 
     def _aggregate_decay(self, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,15 +9,17 @@ float64); with bf16/fp16 inputs the chunks' large products multiply half operand
 kernels do) while the state and the sums of its chunk-to-chunk recursion stay fp32; o comes back
 in v's dtype, the final state in the accumulation dtype.
 
-Backends: "torch" (chunkwise-parallel PyTorch, differentiable; CPU and GPU), "sequential" (float64
-loop, the oracle), "auto" (= torch).
+Backends: "torch" (chunkwise-parallel PyTorch, differentiable; CPU and GPU), "triton" (the same, its
+chunk-to-chunk pass one Triton kernel: `triton_kernels.py`; on the CPU through TRITON_INTERPRET=1),
+"sequential" (float64 loop, the oracle), "auto" (triton on CUDA tensors where Triton runs, an fp32
+state and m_k <= 512; torch elsewhere).
 """
 
 from __future__ import annotations
 
 import torch
 
-from mm_rec.ops import compute_dtype
+from mm_rec.ops import compute_dtype, triton_available
 from mm_rec.ops.delta_rule.reference import (
     CHUNK_LEN,
     chunk_len_for,
@@ -26,7 +28,7 @@ from mm_rec.ops.delta_rule.reference import (
     delta_rule_step,
 )
 
-DELTA_BACKENDS = ("auto", "torch", "sequential")
+DELTA_BACKENDS = ("auto", "torch", "triton", "sequential")
 
 
 def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
@@ -56,9 +58,18 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alph
         o, S = o.to(acc), S.to(acc)
     else:  # half inputs: the chunk loop's matmuls take half operands (fp32 accumulation, fp32 state)
         half = v.dtype if v.dtype in (torch.bfloat16, torch.float16) else None
-        o, S = delta_rule_chunked(*args, matmul_dtype=half)
+        o, S = delta_rule_chunked(*args, matmul_dtype=half, chain=_chain_for(backend, q, acc, mk))
     o = o.view(B, K, T, mv).transpose(1, 2)
     return o.to(v.dtype), S.view(B, K, mv, mk)
+
+
+def _chain_for(backend: str, q: torch.Tensor, acc: torch.dtype, mk: int):
+    """The chunk-to-chunk pass for `backend` (None: the torch loop)."""
+    if backend == "torch" or (backend == "auto" and not (q.is_cuda and acc == torch.float32 and triton_available())):
+        return None
+    from mm_rec.ops.delta_rule.triton_kernels import MAX_KEY_DIM, chain_states_triton  # needs Triton
+
+    return None if backend == "auto" and mk > MAX_KEY_DIM else chain_states_triton
 
 
 def delta_rule_flops(batch: int, seq_len: int, banks: int, key_dim: int, value_dim: int,

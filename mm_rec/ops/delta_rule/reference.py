@@ -76,7 +76,7 @@ def delta_rule_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha
 
 def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
                        beta: torch.Tensor, initial_state: torch.Tensor, chunk_len: int | None = None,
-                       matmul_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       matmul_dtype: torch.dtype | None = None, chain=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunkwise-parallel form (see the module docstring) with a hand-derived backward (`_ChunkedDeltaRule`).
 
     Everything within a chunk (decays, the triangular solve) is computed in the inputs' dtype; the
@@ -87,7 +87,10 @@ def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_al
     (dO^T Q_s, dO S, K_end dS'^T, ...) multiply in `matmul_dtype` too, as fla's chunked kernels multiply
     their fp32 state cast to the inputs' type: with fp32 operands these GEMMs took a fifth of a 7b
     layer's time on an H100 (docs/benchmarks.md). Everything else in the backward runs in the inputs'
-    dtype."""
+    dtype.
+
+    `chain` runs the chunk-to-chunk pass: `chain_states_torch` (default) or the Triton kernel's
+    `chain_states_triton` (same contract; with it the state map is always applied in factors)."""
     N, T, mk = k.shape
     mv = v.shape[-1]
     L = min(chunk_len or chunk_len_for(T, k.device.type), T)
@@ -98,7 +101,7 @@ def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_al
         log_alpha, beta = (F.pad(x, (0, pad)) for x in (log_alpha, beta))
     g = _cumsum_last(log_alpha.view(N, n, L))  # chunk-local: never a difference of long sums
     o, S = _apply_chunked(q.view(N, n, L, mk), k.view(N, n, L, mk), v.view(N, n, L, mv), g, beta.view(N, n, L),
-                          initial_state.to(q.dtype), matmul_dtype or q.dtype)
+                          initial_state.to(q.dtype), matmul_dtype or q.dtype, chain or chain_states_torch)
     return o.reshape(N, n * L, mv)[:, :T], S
 
 
@@ -108,8 +111,8 @@ def _cumsum_last(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.compiler.disable  # a loop of small matmuls: compiling it unrolls n steps (minutes at 32K tokens)
-def _apply_chunked(q, k, v, g, beta, S0, low):
-    return _ChunkedDeltaRule.apply(q, k, v, g, beta, S0, low)
+def _apply_chunked(q, k, v, g, beta, S0, low, chain):
+    return _ChunkedDeltaRule.apply(q, k, v, g, beta, S0, low, chain)
 
 
 def _product(a: torch.Tensor, b: torch.Tensor, operands: torch.dtype,
@@ -126,6 +129,46 @@ def _sub_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, operands: 
     if operands == acc.dtype:
         return torch.baddbmm(acc, a.to(operands), b.to(operands), alpha=-1)
     return acc.sub_(_product(a, b, operands, acc.dtype))
+
+
+def chain_states_torch(start: torch.Tensor, add: torch.Tensor, decay: torch.Tensor, left: torch.Tensor,
+                       right: torch.Tensor, reverse: bool = False, low_copy: bool = False,
+                       dot_with: torch.Tensor | None = None):
+    """The chunk-to-chunk pass of the factored state map, from S = start:
+
+        S <- decay_c S - (S left_c^T) right_c + add_c      for c = 0 .. n-1 (reverse: n-1 .. 0)
+
+    start [N, mv, mk] in the state's dtype; add [N, n, mv, mk]; decay [N, n]; left, right [N, n, L, mk]
+    in the products' operand dtype (S is cast to it for S left^T, that product's result is in it too).
+    Returns (entering [N, n, mv, mk]: S before each chunk's update, in the state's dtype; the same in the
+    operands' dtype when low_copy, else None; the final S; when dot_with [N, n, mv, mk] is given, its
+    Frobenius product with each entering matrix [N, n], else None). The Triton kernel
+    (triton_kernels.py) has the same contract."""
+    low = left.dtype
+    S = start
+    n = left.shape[1]
+    entering = [None] * n
+    with torch.autocast(start.device.type, enabled=False):  # in the state's dtype, autocast or not
+        for c in range(n - 1, -1, -1) if reverse else range(n):
+            entering[c] = S
+            S = _sub_product(torch.addcmul(add[:, c].to(S.dtype), S, decay[:, c, None, None]),
+                             _product(S, left[:, c].transpose(-1, -2), low), right[:, c], low)
+    entering = torch.stack(entering, dim=1)
+    dots = (entering * dot_with).sum((-2, -1)) if dot_with is not None else None
+    return entering, entering.to(low) if low_copy else None, S, dots
+
+
+def _chain_formed(start: torch.Tensor, add: torch.Tensor, M: torch.Tensor, reverse: bool = False):
+    """The same pass with the map formed, S <- S M_c + add_c (M [N, n, mk, mk]): one product per chunk.
+    Returns (entering [N, n, mv, mk], None, the final S)."""
+    S = start
+    n = M.shape[1]
+    entering = [None] * n
+    with torch.autocast(start.device.type, enabled=False):
+        for c in range(n - 1, -1, -1) if reverse else range(n):
+            entering[c] = S
+            S = torch.baddbmm(add[:, c].to(S.dtype), S, M[:, c])
+    return torch.stack(entering, dim=1), None, S
 
 
 class _ChunkedDeltaRule(torch.autograd.Function):
@@ -146,13 +189,14 @@ class _ChunkedDeltaRule(torch.autograd.Function):
     dimension is more than twice the chunk (the 7b preset: m = 512, L = 64) it is never formed: the
     pass applies S M = e^{g_L} S - (S W^T) K_end, 2 L mv mk multiply-adds per chunk instead of
     mv mk^2 (and as many for forming M, and again in the backward). Elsewhere the [mk, mk] matrix
-    is cheaper: one product per chunk. The backward runs the same recursion in reverse
+    is cheaper in torch: one product per chunk (`_chain_formed`); the Triton pass (`chain` =
+    `chain_states_triton`) is always factored, its products on tensor cores in the operands' dtype. The backward runs the same recursion in reverse
     (dS = dS' M^T + dO^T Q_s), then everything else for all chunks at once. The forward saves the
     per-chunk factors and the states entering each chunk ([N, n, mv, mk]), so that nothing is
     recomputed."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, S0, low):
+    def forward(ctx, q, k, v, g, beta, S0, low, chain):
         # the backward runs under the forward's autocast state, as autograd's own backward ops would
         device = q.device.type
         ctx.autocast = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
@@ -178,7 +222,8 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         through = _product(attend, solved, low, q.dtype)  # [P W | P U_v]
         by_state = exp_g * q - through[..., :mk]  # Q_s [N, n, L, mk]
         k_end = to_end * k  # K_end
-        ctx.factored = 2 * L < mk  # S M as e^{g_L} S - (S W^T) K_end (see the class docstring)
+        # S M as e^{g_L} S - (S W^T) K_end (see the class docstring); a kernel's pass is always factored
+        ctx.factored = 2 * L < mk or chain is not chain_states_torch
         rows = slice(mk, None) if ctx.factored else slice(None)  # R = U_v^T K_end, or [W^T K_end; R]
         transition = _product(solved[..., rows].transpose(-1, -2), k_end, low, q.dtype)
         if ctx.factored:
@@ -186,21 +231,14 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         else:
             R, M = transition[..., mk:, :], transition[..., :mk, :].neg()
             M.diagonal(dim1=-2, dim2=-1).add_(chunk_decay[..., None])  # e^{g_L} I - W^T K_end [N, n, mk, mk]
-        S = S0
-        states = []
-        ctx.low = low
-        if M is None:  # the factors of the correction (S W^T) K_end, as its products take them
-            W_low, k_end_low = solved[..., :mk].to(low), k_end.to(low)
-        with torch.autocast(device, enabled=False):  # the recursion in the state's dtype, autocast or not
-            for c in range(k.shape[1]):
-                states.append(S)
-                if M is None:  # S M + R = e^{g_L} S - (S W^T) K_end + R
-                    S = _sub_product(torch.addcmul(R[:, c], S, chunk_decay[:, c, None, None]),
-                                     _product(S, W_low[:, c].transpose(-1, -2), low), k_end_low[:, c], low)
-                else:
-                    S = torch.baddbmm(R[:, c], S, M[:, c])
-        states = torch.stack(states, dim=1)  # [N, n, mv, mk]: the state entering each chunk
-        o = _product(by_state, states.transpose(-1, -2), low, q.dtype) + through[..., mk:]
+        ctx.low, ctx.chain = low, chain
+        if M is None:  # S M + R = e^{g_L} S - (S W^T) K_end + R, chunk after chunk
+            states, states_low, S, _ = chain(S0, R, chunk_decay, solved[..., :mk].to(low), k_end.to(low),
+                                             low_copy=low != q.dtype)
+        else:
+            states, states_low, S = _chain_formed(S0, R, M)
+        states_low = states if states_low is None else states_low  # [N, n, mv, mk]: the state entering each chunk
+        o = _product(by_state, states_low.transpose(-1, -2), low, q.dtype) + through[..., mk:]
         ctx.save_for_backward(q, k, v, beta, decay, kk, qk, inverse, solved, attend, by_state, exp_g, to_end,
                               chunk_decay, states, *([] if M is None else [M]))
         return o, S
@@ -230,29 +268,23 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         # fp32 accumulation, as fla's kernels multiply), the recursion's sums stay in the state's dtype.
         low = ctx.low if M_t is None else states.dtype
         # the state's recursion, backwards through the chunks: dS_c = dS_{c+1} M_c^T + dO_c^T Q_s,c
-        from_o = _product(d_o.transpose(-1, -2), by_state, low).unbind(1)  # [N, mv, mk] per chunk
-        d_next = [None] * n  # the gradient of the state after chunk c
+        from_o = _product(d_o.transpose(-1, -2), by_state, low)  # [N, n, mv, mk]
         d_S = d_S.to(states.dtype)
-        if M_t is None:  # the factors as the forward's correction took them
-            W_low, k_end_low = W.to(low), k_end.to(low)
-        with torch.autocast(d_S.device.type, enabled=False):
-            for c in range(n - 1, -1, -1):
-                d_next[c] = d_S
-                if M_t is None:  # dS' M^T + dO^T Q_s = e^{g_L} dS' - (dS' K_end^T) W + dO^T Q_s
-                    d_S = _sub_product(torch.addcmul(from_o[c].to(d_S.dtype), d_S, chunk_decay[:, c, None, None]),
-                                       _product(d_S, k_end_low[:, c].transpose(-1, -2), low), W_low[:, c], low)
-                else:
-                    d_S = torch.baddbmm(from_o[c].to(d_S.dtype), d_S, M_t[:, c])
-        d_next = torch.stack(d_next, dim=1)  # [N, n, mv, mk]
+        if M_t is None:  # dS' M^T + dO^T Q_s = e^{g_L} dS' - (dS' K_end^T) W + dO^T Q_s, and tr dM = <S, dS'>
+            d_next, d_next_low, d_S, d_chunk_decay = ctx.chain(d_S, from_o, chunk_decay, k_end.to(low), W.to(low),
+                                                             reverse=True, low_copy=low != states.dtype,
+                                                             dot_with=states)
+        else:
+            d_next, d_next_low, d_S = _chain_formed(d_S, from_o, M_t, reverse=True)
+        d_next_low = d_next if d_next_low is None else d_next_low  # [N, n, mv, mk]: the gradient after each chunk
         # cast once for all the products that take them (a cast per product cost a 7b layer as much
         # time as the tensor cores saved: docs/benchmarks.md); a no-op where low is the state's dtype
-        states_low, d_next_low = states.to(low), d_next.to(low)
+        states_low = states.to(low)
         d_by_state = _product(d_o, states_low, low, states.dtype)  # [N, n, L, mk]
         d_through = torch.cat([-d_by_state, d_o], dim=-1)  # [N, n, L, mk + mv]
         q_g = exp_g * q
         if M_t is None:  # with dM = S^T dS' (not formed): tr dM, -K_end dM^T = -(K_end dS'^T) S, and
             # -W dM + U_v dS' = (U_v - W S^T) dS' (the chunk's corrections U times dS')
-            d_chunk_decay = (states * d_next).sum((-2, -1))  # [N, n]
             k_d_next = _product(k_end, d_next_low.transpose(-1, -2), low, states.dtype)  # [N, n, L, mv]
             d_solved = torch.cat([-_product(k_d_next, states_low, low, states.dtype), k_d_next], dim=-1)
             corrections = solved[..., mk:] - _product(W, states_low.transpose(-1, -2), low, states.dtype)  # U
@@ -283,4 +315,4 @@ class _ChunkedDeltaRule(torch.autograd.Function):
                + (beta[..., None] * exp_g) * dR_k + to_end * d_k_end)
         d_q = d_qk @ k + exp_g * d_by_state
         d_v = beta[..., None] * dR_v
-        return d_q, d_k, d_v, d_g, d_beta, d_S, None
+        return d_q, d_k, d_v, d_g, d_beta, d_S, None, None
