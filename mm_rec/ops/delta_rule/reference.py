@@ -79,9 +79,10 @@ def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_al
                        matmul_dtype: torch.dtype | None = None, chain=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunkwise-parallel form (see the module docstring) with a hand-derived backward (`_ChunkedDeltaRule`).
 
-    Everything within a chunk (decays, the triangular solve) is computed in the inputs' dtype; the
-    products that carry the most work (P [W | U_v], [W | U_v]^T K_end and the outputs' Q_s S^T)
-    multiply in `matmul_dtype` (default: the same), while the state S and its recursion's sums stay in
+    The decays and the triangular solve are computed in the inputs' dtype; every product (the chunk's
+    K K^T, Q K^T, (I + A)^{-1} [e^g K | V], P [W | U_v], [W | U_v]^T K_end, the outputs' Q_s S^T, and
+    their backward) multiplies in `matmul_dtype` (default: the same), with results in the inputs' dtype
+    (on CUDA straight from the fp32 accumulator), while the state S and its recursion's sums stay in
     the inputs' dtype: with bf16 inputs that is fp32 S, bf16 operands. Where the state map is applied in
     factors (m > 2L), its correction (S W^T) K_end and the backward's products with the states
     (dO^T Q_s, dO S, K_end dS'^T, ...) multiply in `matmul_dtype` too, as fla's chunked kernels multiply
@@ -118,9 +119,30 @@ def _apply_chunked(q, k, v, g, beta, S0, low, chain):
 def _product(a: torch.Tensor, b: torch.Tensor, operands: torch.dtype,
              result: torch.dtype | None = None) -> torch.Tensor:
     """a @ b with both operands in `operands` (a half type multiplies on tensor cores, accumulating in
-    fp32), the result in `result` (default: `operands`). With the operands' own dtype, a plain product."""
-    out = a.to(operands) @ b.to(operands)
+    fp32), the result in `result` (default: `operands`). With the operands' own dtype, a plain product.
+    Half operands with an fp32 result on CUDA: the result straight from the fp32 accumulator (bmm's
+    out_dtype), not rounded to the half type first; elsewhere (CPU autocast) rounded, then cast."""
+    a, b = a.to(operands), b.to(operands)
+    if (result == torch.float32 and operands != result and a.is_cuda and a.shape[:-2] == b.shape[:-2]
+            and _bmm_out_dtype()):
+        return torch.bmm(a.flatten(0, -3), b.flatten(0, -3), out_dtype=result).unflatten(0, a.shape[:-2])
+    out = a @ b
     return out if result is None else out.to(result)
+
+
+_BMM_OUT_DTYPE: bool | None = None
+
+
+def _bmm_out_dtype() -> bool:
+    """Whether this torch's CUDA bmm takes out_dtype (half operands, fp32 result); probed once."""
+    global _BMM_OUT_DTYPE
+    if _BMM_OUT_DTYPE is None:
+        try:
+            x = torch.ones(1, 16, 16, dtype=torch.bfloat16, device="cuda")
+            _BMM_OUT_DTYPE = torch.bmm(x, x, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, TypeError):
+            _BMM_OUT_DTYPE = False
+    return _BMM_OUT_DTYPE
 
 
 def _sub_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, operands: torch.dtype) -> torch.Tensor:
@@ -190,8 +212,9 @@ class _ChunkedDeltaRule(torch.autograd.Function):
     pass applies S M = e^{g_L} S - (S W^T) K_end, 2 L mv mk multiply-adds per chunk instead of
     mv mk^2 (and as many for forming M, and again in the backward). Elsewhere the [mk, mk] matrix
     is cheaper in torch: one product per chunk (`_chain_formed`); the Triton pass (`chain` =
-    `chain_states_triton`) is always factored, its products on tensor cores in the operands' dtype. The backward runs the same recursion in reverse
-    (dS = dS' M^T + dO^T Q_s), then everything else for all chunks at once. The forward saves the
+    `chain_states_triton`) is always factored, its products on tensor cores in the operands' dtype.
+    The backward runs the same recursion in reverse (dS = dS' M^T + dO^T Q_s), then everything else
+    for all chunks at once. The forward saves the
     per-chunk factors and the states entering each chunk ([N, n, mv, mk]), so that nothing is
     recomputed."""
 
@@ -204,8 +227,10 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         L = k.shape[2]
         causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
         decay = (g[..., :, None] - g[..., None, :]).masked_fill_(~causal, float("-inf")).exp_()  # D
-        kk = k @ k.transpose(-1, -2)
-        qk = q @ k.transpose(-1, -2)
+        # the chunk's products take the matmul dtype's operands too (as fla's kernels multiply), with fp32
+        # results; the triangular solve and the decays stay in the inputs' dtype
+        kk = _product(k, k.transpose(-1, -2), low, q.dtype)
+        qk = _product(q, k.transpose(-1, -2), low, q.dtype)
         # (I + A)^{-1}, formed once: the forward multiplies by it and the backward by its transpose
         # (a matmul each, cheaper than two triangular solves). solve_triangular(unitriangular=True)
         # reads only the strictly lower triangle, so the diagonal of beta D o K K^T can stay as it is.
@@ -214,7 +239,7 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         inverse = torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)
         exp_g = torch.exp(g)[..., None]
         rhs = beta[..., None] * torch.cat([exp_g * k, v], dim=-1)  # [N, n, L, mk + mv]
-        solved = inverse @ rhs  # [W | U_v]
+        solved = _product(inverse, rhs, low, q.dtype)  # [W | U_v]
         attend = decay * qk  # P
         to_end = torch.exp(g[..., -1:] - g)[..., None]
         chunk_decay = torch.exp(g[..., -1])  # [N, n]
@@ -256,7 +281,7 @@ class _ChunkedDeltaRule(torch.autograd.Function):
     def _backward(ctx, d_o, d_S):
         (q, k, v, beta, decay, kk, qk, inverse, solved, attend, by_state, exp_g, to_end, chunk_decay, states,
          *M) = ctx.saved_tensors
-        mk, n = k.shape[-1], k.shape[1]
+        mk = k.shape[-1]
         # The incoming gradient is often a strided view (the caller's transposes, an expanded sum):
         # batched matmuls with it would fall back to a copy and a GEMM per matrix on the CPU.
         d_o = d_o.contiguous()
@@ -295,12 +320,13 @@ class _ChunkedDeltaRule(torch.autograd.Function):
             d_transition = torch.cat([d_M.neg_(), d_next], dim=-2)  # [N, n, mk + mv, mk]
             d_solved = k_end @ d_transition.transpose(-1, -2)
             d_k_end = solved @ d_transition  # [N, n, L, mk]
-        d_solved = d_solved + attend.transpose(-1, -2) @ d_through
-        dP = d_through @ solved.transpose(-1, -2)  # [N, n, L, L]
+        dtype, low = states.dtype, ctx.low  # the chunk's products: the forward's operands
+        d_solved = d_solved + _product(attend.transpose(-1, -2), d_through, low, dtype)
+        dP = _product(d_through, solved.transpose(-1, -2), low, dtype)  # [N, n, L, L]
 
         # through the triangular solve: [W | U_v] = (I + A)^{-1} R
-        dR = inverse.transpose(-1, -2) @ d_solved
-        G = (dR @ solved.transpose(-1, -2)).mul_(decay).tril_(-1)  # = -dA o D on the strictly lower part
+        dR = _product(inverse.transpose(-1, -2), d_solved, low, dtype)
+        G = _product(dR, solved.transpose(-1, -2), low, dtype).mul_(decay).tril_(-1)  # -dA o D, strictly lower
         Gk = G * kk
         d_kk = G.mul_(-beta[..., :, None])
         d_qk = dP.mul_(decay)
@@ -311,8 +337,9 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         t_end = (d_k_end * k_end).sum(-1)
         d_g = beta * s_k + (d_by_state * q_g).sum(-1) - t_end + E.sum(-1) - E.sum(-2)
         d_g[..., -1] += t_end.sum(-1) + chunk_decay * d_chunk_decay
-        d_k = ((d_kk + d_kk.transpose(-1, -2)) @ k + d_qk.transpose(-1, -2) @ q
+        d_k = (_product(d_kk + d_kk.transpose(-1, -2), k, low, dtype)
+               + _product(d_qk.transpose(-1, -2), q, low, dtype)
                + (beta[..., None] * exp_g) * dR_k + to_end * d_k_end)
-        d_q = d_qk @ k + exp_g * d_by_state
+        d_q = _product(d_qk, k, low, dtype) + exp_g * d_by_state
         d_v = beta[..., None] * dR_v
         return d_q, d_k, d_v, d_g, d_beta, d_S, None, None
