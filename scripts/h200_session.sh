@@ -31,13 +31,15 @@
 #   OUT=/tmp/h200 bash scripts/h200_session.sh followup   # alone: the 7b compiled step, bench_layer 7b
 #   OUT=/tmp/h200 bash scripts/h200_session.sh delta      # alone: delta-rule GPU tests (its Triton pass), then
 #                                                       # bench_layer 7b with the Triton pass / the torch pass
+#   OUT=/tmp/h200 bash scripts/h200_session.sh profiles   # alone: where the time goes: the 7b compiled decoding
+#                                                       # step and the 7b layer at 1 x 32K, kernel profiles
 # DEADLINE (default 580): the second of the phase by which every step has stopped.
 #
 # Runs share the GPU (small models leave it mostly idle), so steps, not wall time, compare them.
 # Each run is stopped by a time budget (it then evaluates and writes its results); the results
 # come back in $OUT: logs and runs.tgz (every run's JSON and log; no weights).
 set -u
-PHASE=${1:?usage: h200_session.sh recall|lm|ablations|passkey|widths|cuda|priority|combo|decode|decode_hf|fused|followup|delta|recall2}
+PHASE=${1:?usage: h200_session.sh recall|lm|ablations|passkey|widths|cuda|priority|combo|decode|decode_hf|fused|followup|delta|profiles|recall2}
 OUT=${OUT:-runs/h200-out}
 RUNS=runs/h200
 mkdir -p "$OUT" "$RUNS"
@@ -295,6 +297,16 @@ delta)
     timeout $(left 400) python3 benchmarks/bench_layer.py --preset 7b --shapes 4x2048,1x32768 --iters 3 --warmup 1 \
         --layers mmrec,mmrec-torch-delta,transformer --compile --profile ${PROFILE:-15} \
         --json "$RUNS/layer_7b_delta.json" > "$OUT/bench_layer.log" 2>&1
+    finish
+    ;;
+profiles)
+    # Alone on the GPU: kernel profiles for the two open speed targets. The 7b decoding step (61% of the
+    # floor; 70% wanted): the GEMVs' share against the memory kernel's and the small kernels'. The 7b
+    # layer at 1 x 32K (1.72x the Transformer): which fp32 GEMMs remain after the bf16 chunk products.
+    timeout $(left 240) python3 benchmarks/bench_generate.py --new-tokens 48 --prefill synthetic --prompts 2K \
+        --methods mmrec-step --presets 7b --batches 1 --compile --profile 40 > "$OUT/generate_7b_profile.txt" 2>&1
+    timeout $(left 280) python3 benchmarks/bench_layer.py --preset 7b --shapes 1x32768,4x2048 --iters 3 --warmup 1 \
+        --layers mmrec --compile --profile 30 > "$OUT/bench_layer_profile.log" 2>&1
     finish
     ;;
 recall2)
