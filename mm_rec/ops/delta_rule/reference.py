@@ -154,7 +154,7 @@ def _sub_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, operands: 
 
 
 def chain_states_torch(start: torch.Tensor, add: torch.Tensor, decay: torch.Tensor, left: torch.Tensor,
-                       right: torch.Tensor, reverse: bool = False, low_copy: bool = False,
+                       right: torch.Tensor, reverse: bool = False, entering_dtype: torch.dtype | None = None,
                        dot_with: torch.Tensor | None = None):
     """The chunk-to-chunk pass of the factored state map, from S = start:
 
@@ -162,10 +162,10 @@ def chain_states_torch(start: torch.Tensor, add: torch.Tensor, decay: torch.Tens
 
     start [N, mv, mk] in the state's dtype; add [N, n, mv, mk]; decay [N, n]; left, right [N, n, L, mk]
     in the products' operand dtype (S is cast to it for S left^T, that product's result is in it too).
-    Returns (entering [N, n, mv, mk]: S before each chunk's update, in the state's dtype; the same in the
-    operands' dtype when low_copy, else None; the final S; when dot_with [N, n, mv, mk] is given, its
-    Frobenius product with each entering matrix [N, n], else None). The Triton kernel
-    (triton_kernels.py) has the same contract."""
+    Returns (entering [N, n, mv, mk]: S before each chunk's update, in `entering_dtype` (default: the
+    state's); the final S; when dot_with [N, n, mv, mk] is given, the Frobenius product of each
+    entering matrix, unrounded, with it [N, n], else None). The Triton kernel (triton_kernels.py) has the
+    same contract."""
     low = left.dtype
     S = start
     n = left.shape[1]
@@ -176,13 +176,13 @@ def chain_states_torch(start: torch.Tensor, add: torch.Tensor, decay: torch.Tens
             S = _sub_product(torch.addcmul(add[:, c].to(S.dtype), S, decay[:, c, None, None]),
                              _product(S, left[:, c].transpose(-1, -2), low), right[:, c], low)
     entering = torch.stack(entering, dim=1)
-    dots = (entering * dot_with).sum((-2, -1)) if dot_with is not None else None
-    return entering, entering.to(low) if low_copy else None, S, dots
+    dots = (entering * dot_with.to(entering.dtype)).sum((-2, -1)) if dot_with is not None else None
+    return entering.to(entering_dtype or entering.dtype), S, dots
 
 
 def _chain_formed(start: torch.Tensor, add: torch.Tensor, M: torch.Tensor, reverse: bool = False):
     """The same pass with the map formed, S <- S M_c + add_c (M [N, n, mk, mk]): one product per chunk.
-    Returns (entering [N, n, mv, mk], None, the final S)."""
+    Returns (entering [N, n, mv, mk], the final S)."""
     S = start
     n = M.shape[1]
     entering = [None] * n
@@ -190,7 +190,7 @@ def _chain_formed(start: torch.Tensor, add: torch.Tensor, M: torch.Tensor, rever
         for c in range(n - 1, -1, -1) if reverse else range(n):
             entering[c] = S
             S = torch.baddbmm(add[:, c].to(S.dtype), S, M[:, c])
-    return torch.stack(entering, dim=1), None, S
+    return torch.stack(entering, dim=1), S
 
 
 class _ChunkedDeltaRule(torch.autograd.Function):
@@ -257,13 +257,13 @@ class _ChunkedDeltaRule(torch.autograd.Function):
             R, M = transition[..., mk:, :], transition[..., :mk, :].neg()
             M.diagonal(dim1=-2, dim2=-1).add_(chunk_decay[..., None])  # e^{g_L} I - W^T K_end [N, n, mk, mk]
         ctx.low, ctx.chain = low, chain
+        # the state entering each chunk [N, n, mv, mk]; factored, kept only in the operands' dtype, in which
+        # every product that takes it multiplies (half inputs: half the bytes written, saved and read)
         if M is None:  # S M + R = e^{g_L} S - (S W^T) K_end + R, chunk after chunk
-            states, states_low, S, _ = chain(S0, R, chunk_decay, solved[..., :mk].to(low), k_end.to(low),
-                                             low_copy=low != q.dtype)
+            states, S, _ = chain(S0, R, chunk_decay, solved[..., :mk].to(low), k_end.to(low), entering_dtype=low)
         else:
-            states, states_low, S = _chain_formed(S0, R, M)
-        states_low = states if states_low is None else states_low  # [N, n, mv, mk]: the state entering each chunk
-        o = _product(by_state, states_low.transpose(-1, -2), low, q.dtype) + through[..., mk:]
+            states, S = _chain_formed(S0, R, M)
+        o = _product(by_state, states.transpose(-1, -2), low, q.dtype) + through[..., mk:]
         ctx.save_for_backward(q, k, v, beta, decay, kk, qk, inverse, solved, attend, by_state, exp_g, to_end,
                               chunk_decay, states, *([] if M is None else [M]))
         return o, S
@@ -288,45 +288,38 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         k_end = to_end * k
         W = solved[..., :mk]
         M_t = M[0].transpose(-1, -2) if M else None
-        # Where the state map is factored (m > 2L: the large presets), the products of a chunk's [L, m]
-        # factors with the [m, m] states take the forward's matmul dtype (half inputs: half operands,
-        # fp32 accumulation, as fla's kernels multiply), the recursion's sums stay in the state's dtype.
-        low = ctx.low if M_t is None else states.dtype
-        # the state's recursion, backwards through the chunks: dS_c = dS_{c+1} M_c^T + dO_c^T Q_s,c
-        from_o = _product(d_o.transpose(-1, -2), by_state, low)  # [N, n, mv, mk]
-        d_S = d_S.to(states.dtype)
+        acc, low = chunk_decay.dtype, ctx.low  # the state's dtype; the products' operands
+        # the state's recursion, backwards through the chunks: dS_c = dS_{c+1} M_c^T + dO_c^T Q_s,c;
+        # factored (m > 2L, or the Triton pass), the states were saved in the operands' dtype and the
+        # gradients after each chunk come back in it: every product below takes them so
+        from_o = _product(d_o.transpose(-1, -2), by_state, low if M_t is None else acc)  # [N, n, mv, mk]
+        d_S = d_S.to(acc)
         if M_t is None:  # dS' M^T + dO^T Q_s = e^{g_L} dS' - (dS' K_end^T) W + dO^T Q_s, and tr dM = <S, dS'>
-            d_next, d_next_low, d_S, d_chunk_decay = ctx.chain(d_S, from_o, chunk_decay, k_end.to(low), W.to(low),
-                                                             reverse=True, low_copy=low != states.dtype,
-                                                             dot_with=states)
-        else:
-            d_next, d_next_low, d_S = _chain_formed(d_S, from_o, M_t, reverse=True)
-        d_next_low = d_next if d_next_low is None else d_next_low  # [N, n, mv, mk]: the gradient after each chunk
-        # cast once for all the products that take them (a cast per product cost a 7b layer as much
-        # time as the tensor cores saved: docs/benchmarks.md); a no-op where low is the state's dtype
-        states_low = states.to(low)
-        d_by_state = _product(d_o, states_low, low, states.dtype)  # [N, n, L, mk]
-        d_through = torch.cat([-d_by_state, d_o], dim=-1)  # [N, n, L, mk + mv]
-        q_g = exp_g * q
-        if M_t is None:  # with dM = S^T dS' (not formed): tr dM, -K_end dM^T = -(K_end dS'^T) S, and
+            d_next, d_S, d_chunk_decay = ctx.chain(d_S, from_o, chunk_decay, k_end.to(low), W.to(low),
+                                                   reverse=True, entering_dtype=low, dot_with=states)
+            d_by_state = _product(d_o, states, low, acc)  # [N, n, L, mk]
+            # with dM = S^T dS' (not formed): -K_end dM^T = -(K_end dS'^T) S, and
             # -W dM + U_v dS' = (U_v - W S^T) dS' (the chunk's corrections U times dS')
-            k_d_next = _product(k_end, d_next_low.transpose(-1, -2), low, states.dtype)  # [N, n, L, mv]
-            d_solved = torch.cat([-_product(k_d_next, states_low, low, states.dtype), k_d_next], dim=-1)
-            corrections = solved[..., mk:] - _product(W, states_low.transpose(-1, -2), low, states.dtype)  # U
-            d_k_end = _product(corrections, d_next_low, low, states.dtype)  # [N, n, L, mk]
-        else:
+            k_d_next = _product(k_end, d_next.transpose(-1, -2), low, acc)  # [N, n, L, mv]
+            d_solved = torch.cat([-_product(k_d_next, states, low, acc), k_d_next], dim=-1)
+            corrections = solved[..., mk:] - _product(W, states.transpose(-1, -2), low, acc)  # U
+            d_k_end = _product(corrections, d_next, low, acc)  # [N, n, L, mk]
+        else:  # the state map formed: everything in the state's dtype
+            d_next, d_S = _chain_formed(d_S, from_o, M_t, reverse=True)
+            d_by_state = d_o @ states  # [N, n, L, mk]
             d_M = states.transpose(-1, -2) @ d_next  # [N, n, mk, mk]
             d_chunk_decay = d_M.diagonal(dim1=-2, dim2=-1).sum(-1)  # [N, n]
             d_transition = torch.cat([d_M.neg_(), d_next], dim=-2)  # [N, n, mk + mv, mk]
             d_solved = k_end @ d_transition.transpose(-1, -2)
             d_k_end = solved @ d_transition  # [N, n, L, mk]
-        dtype, low = states.dtype, ctx.low  # the chunk's products: the forward's operands
-        d_solved = d_solved + _product(attend.transpose(-1, -2), d_through, low, dtype)
-        dP = _product(d_through, solved.transpose(-1, -2), low, dtype)  # [N, n, L, L]
+        d_through = torch.cat([-d_by_state, d_o], dim=-1)  # [N, n, L, mk + mv]
+        q_g = exp_g * q
+        d_solved = d_solved + _product(attend.transpose(-1, -2), d_through, low, acc)
+        dP = _product(d_through, solved.transpose(-1, -2), low, acc)  # [N, n, L, L]
 
         # through the triangular solve: [W | U_v] = (I + A)^{-1} R
-        dR = _product(inverse.transpose(-1, -2), d_solved, low, dtype)
-        G = _product(dR, solved.transpose(-1, -2), low, dtype).mul_(decay).tril_(-1)  # -dA o D, strictly lower
+        dR = _product(inverse.transpose(-1, -2), d_solved, low, acc)
+        G = _product(dR, solved.transpose(-1, -2), low, acc).mul_(decay).tril_(-1)  # -dA o D, strictly lower
         Gk = G * kk
         d_kk = G.mul_(-beta[..., :, None])
         d_qk = dP.mul_(decay)
@@ -337,9 +330,9 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         t_end = (d_k_end * k_end).sum(-1)
         d_g = beta * s_k + (d_by_state * q_g).sum(-1) - t_end + E.sum(-1) - E.sum(-2)
         d_g[..., -1] += t_end.sum(-1) + chunk_decay * d_chunk_decay
-        d_k = (_product(d_kk + d_kk.transpose(-1, -2), k, low, dtype)
-               + _product(d_qk.transpose(-1, -2), q, low, dtype)
+        d_k = (_product(d_kk + d_kk.transpose(-1, -2), k, low, acc)
+               + _product(d_qk.transpose(-1, -2), q, low, acc)
                + (beta[..., None] * exp_g) * dR_k + to_end * d_k_end)
-        d_q = _product(d_qk, k, low, dtype) + exp_g * d_by_state
+        d_q = _product(d_qk, k, low, acc) + exp_g * d_by_state
         d_v = beta[..., None] * dR_v
         return d_q, d_k, d_v, d_g, d_beta, d_S, None, None

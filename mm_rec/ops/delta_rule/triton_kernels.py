@@ -11,8 +11,9 @@ three or four kernels per chunk, each reading and writing the whole [N, m_v, m_k
 chunk at the 7b preset, 4 x 2K tokens), then a stack of every chunk's state and a cast of it. Here
 each program keeps BLOCK_V rows of S in registers for the whole pass (rows of S are independent: the
 map multiplies S from the right), so per chunk it reads its rows of add_c once and writes the state
-entering the chunk once (and, optionally, that state's copy in the operands' half type, and its
-Frobenius product with another tensor: the backward's d e^{g_L}).
+entering the chunk once, in the dtype the caller keeps it in (the operands' half type: what the
+products after the pass take), and optionally its Frobenius product with another tensor (the
+backward's d e^{g_L}).
 
 Grid: (N, ceil(m_v / BLOCK_V)). The products S left_c^T [BLOCK_V, L] and (.) right_c run on tensor
 cores in the operands' dtype (fp32 accumulation; fp32 operands multiply in IEEE fp32, not TF32), over
@@ -32,10 +33,9 @@ _FACTOR_TILE_BYTES = 32768  # one [BLOCK_L, BLOCK_K] tile of left_c or right_c (
 
 @triton.jit
 def _chain_kernel(
-    start_ptr, add_ptr, decay_ptr, left_ptr, right_ptr, entering_ptr, entering_low_ptr, final_ptr,
-    dot_with_ptr, dots_ptr,
+    start_ptr, add_ptr, decay_ptr, left_ptr, right_ptr, entering_ptr, final_ptr, dot_with_ptr, dots_ptr,
     n, L, MV, MK,
-    REVERSE: tl.constexpr, HAS_LOW: tl.constexpr, HAS_DOT: tl.constexpr, IEEE: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_DOT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -52,11 +52,9 @@ def _chain_kernel(
         if REVERSE:
             c = n - 1 - step
         matrix = (row * n + c).to(tl.int64) * MV * MK  # this chunk's [MV, MK] matrix in add, entering, ...
-        tl.store(entering_ptr + matrix + tile_at, state, mask=tile_ok)
-        if HAS_LOW:
-            tl.store(entering_low_ptr + matrix + tile_at, state.to(entering_low_ptr.dtype.element_ty), mask=tile_ok)
+        tl.store(entering_ptr + matrix + tile_at, state.to(entering_ptr.dtype.element_ty), mask=tile_ok)
         if HAS_DOT:
-            other = tl.load(dot_with_ptr + matrix + tile_at, mask=tile_ok, other=0.0)
+            other = tl.load(dot_with_ptr + matrix + tile_at, mask=tile_ok, other=0.0).to(state.dtype)
             tl.store(dots_ptr + (row * n_vb + vb) * n + c, tl.sum(tl.sum(other * state, axis=1), axis=0))
         low = state.to(left_ptr.dtype.element_ty)
         update = tl.load(decay_ptr + row * n + c) * state + tl.load(add_ptr + matrix + tile_at, mask=tile_ok,
@@ -78,7 +76,7 @@ def _chain_kernel(
 
 
 def chain_states_triton(start: torch.Tensor, add: torch.Tensor, decay: torch.Tensor, left: torch.Tensor,
-                        right: torch.Tensor, reverse: bool = False, low_copy: bool = False,
+                        right: torch.Tensor, reverse: bool = False, entering_dtype: torch.dtype | None = None,
                         dot_with: torch.Tensor | None = None):
     """The same contract as `chain_states_torch` (reference.py), on one Triton launch."""
     N, n, L, mk = left.shape
@@ -88,8 +86,7 @@ def chain_states_triton(start: torch.Tensor, add: torch.Tensor, decay: torch.Ten
     dtype = start.dtype
     start, add, decay = start.contiguous(), add.contiguous(), decay.to(dtype).contiguous()
     left, right = left.contiguous(), right.contiguous()
-    entering = torch.empty(N, n, mv, mk, dtype=dtype, device=start.device)
-    entering_low = torch.empty(N, n, mv, mk, dtype=left.dtype, device=start.device) if low_copy else entering
+    entering = torch.empty(N, n, mv, mk, dtype=entering_dtype or dtype, device=start.device)
     final = torch.empty_like(start)
     block_k = max(16, triton.next_power_of_2(mk))
     block_v = max(16, min(64, triton.next_power_of_2(mv), _STATE_TILE_ELEMENTS // block_k))
@@ -97,10 +94,10 @@ def chain_states_triton(start: torch.Tensor, add: torch.Tensor, decay: torch.Ten
     n_vb = -(-mv // block_v)
     dots = torch.empty(N, n_vb, n, dtype=dtype, device=start.device) if dot_with is not None else None
     _chain_kernel[(N, n_vb)](
-        start, add, decay, left, right, entering, entering_low, final,
+        start, add, decay, left, right, entering, final,
         dot_with.contiguous() if dot_with is not None else entering, dots if dots is not None else decay,
         n, L, mv, mk,
-        REVERSE=reverse, HAS_LOW=low_copy, HAS_DOT=dot_with is not None, IEEE=left.dtype == dtype,
+        REVERSE=reverse, HAS_DOT=dot_with is not None, IEEE=left.dtype == dtype,
         BLOCK_V=block_v, BLOCK_K=block_k, BLOCK_L=block_l, num_warps=4, num_stages=1,
     )
-    return entering, entering_low if low_copy else None, final, dots.sum(1) if dots is not None else None
+    return entering, final, dots.sum(1) if dots is not None else None

@@ -80,8 +80,9 @@ def test_state_carries_across_a_split_off_the_chunk_edge():
 @pytest.mark.parametrize("operands", [torch.float32, HALF])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_the_pass_equals_the_torch_pass(operands, reverse, monkeypatch):
-    """The kernel's contract, directly: entering states, their half copy, the final state and the Frobenius
-    products, forwards and in reverse, against `chain_states_torch` (a fresh state of norm ~1 per chunk)."""
+    """The kernel's contract, directly: the entering states (in the state's dtype, and in the operands'
+    half type as the chunked form keeps them), the final state and the Frobenius products, forwards and
+    in reverse, against `chain_states_torch`."""
     small_tiles(monkeypatch)
     from mm_rec.ops.delta_rule.triton_kernels import chain_states_triton
 
@@ -91,16 +92,18 @@ def test_the_pass_equals_the_torch_pass(operands, reverse, monkeypatch):
                             for shape in ((N, mv, mk), (N, n, mv, mk), (N, n, mv, mk)))
     decay = torch.rand(N, n, generator=gen).to(DEVICE)
     left, right = (torch.randn(N, n, L, mk, generator=gen).to(DEVICE, operands) / mk for _ in range(2))
-    half = operands != torch.float32
-    want = chain_states_torch(start, add, decay, left, right, reverse, half, dot_with)
-    got = chain_states_triton(start, add, decay, left, right, reverse, half, dot_with)
-    tol = dict(rtol=1e-5, atol=1e-5) if not half else dict(rtol=2e-2, atol=2e-2)
-    for name, a, b in zip(("entering", "entering (half)", "final", "dots"), got, want):
-        if b is None:
-            assert a is None, name
-            continue
-        assert a.dtype == b.dtype and a.shape == b.shape, name
-        torch.testing.assert_close(a.float(), b.float(), **tol, msg=lambda m, name=name: f"{name}: {m}")
+    tol = dict(rtol=1e-5, atol=1e-5) if operands == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for entering_dtype in {None, operands}:
+        for with_dots in (False, True):
+            extra = dict(entering_dtype=entering_dtype, dot_with=dot_with.to(operands) if with_dots else None)
+            want = chain_states_torch(start, add, decay, left, right, reverse, **extra)
+            got = chain_states_triton(start, add, decay, left, right, reverse, **extra)
+            for name, a, b in zip(("entering", "final", "dots"), got, want):
+                if b is None:
+                    assert a is None, name
+                    continue
+                assert a.dtype == b.dtype and a.shape == b.shape, name
+                torch.testing.assert_close(a.float(), b.float(), **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_half_inputs_within_half_precision_of_the_loop():
