@@ -6,25 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
+from delta_helpers import inputs
 
 from mm_rec.ops.delta_rule import gated_delta_rule
 from mm_rec.ops.delta_rule.reference import delta_rule_chunked, delta_rule_sequential, delta_rule_step
-
-
-def inputs(B=2, T=67, K=3, mk=5, mv=4, dtype=torch.float64, extreme=True):
-    q = torch.randn(B, T, K, mk, dtype=dtype)
-    k = F.normalize(torch.randn(B, T, K, mk, dtype=dtype), dim=-1)
-    v = torch.randn(B, T, K, mv, dtype=dtype)
-    log_alpha = -torch.rand(B, T, K, dtype=dtype) * 3
-    beta = torch.rand(B, T, K, dtype=dtype)
-    if extreme:  # both clamps, and writes at both ends of [0, 1]
-        log_alpha[:, ::5] = -50.0
-        log_alpha[:, 1::7] = 0.0
-        beta[:, 2::9] = 1.0
-        beta[:, 3::11] = 0.0
-    S0 = torch.randn(B, K, mv, mk, dtype=dtype)
-    return q, k, v, log_alpha, beta, S0
 
 
 @pytest.mark.parametrize("T", [1, 2, 63, 64, 65, 67, 300])

@@ -8,7 +8,7 @@ sizes."""
 
 import pytest
 import torch
-import torch.nn.functional as F
+from delta_helpers import inputs as random_inputs
 
 from mm_rec.ops import triton_available
 from mm_rec.ops.delta_rule import gated_delta_rule
@@ -28,18 +28,7 @@ def small_tiles(monkeypatch) -> None:
 
 
 def inputs(B, T, K, mk, mv, dtype=torch.float64, extreme=True):
-    q = torch.randn(B, T, K, mk, dtype=dtype)
-    k = F.normalize(torch.randn(B, T, K, mk, dtype=dtype), dim=-1)
-    v = torch.randn(B, T, K, mv, dtype=dtype)
-    log_alpha = -torch.rand(B, T, K, dtype=dtype) * 3
-    beta = torch.rand(B, T, K, dtype=dtype)
-    if extreme:  # both clamps, and writes at both ends of [0, 1]
-        log_alpha[:, ::5] = -50.0
-        log_alpha[:, 1::7] = 0.0
-        beta[:, 2::9] = 1.0
-        beta[:, 3::11] = 0.0
-    S0 = torch.randn(B, K, mv, mk, dtype=dtype)
-    return [x.to(DEVICE) for x in (q, k, v, log_alpha, beta, S0)]
+    return random_inputs(B, T, K, mk, mv, dtype, extreme, device=DEVICE)
 
 
 def outputs_and_grads(args, backend):
