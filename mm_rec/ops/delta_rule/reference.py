@@ -167,30 +167,35 @@ def chain_states_torch(start: torch.Tensor, add: torch.Tensor, decay: torch.Tens
     entering matrix, unrounded, with it [N, n], else None). The Triton kernel (triton_kernels.py) has the
     same contract."""
     low = left.dtype
-    S = start
-    n = left.shape[1]
-    entering = [None] * n
-    with torch.autocast(start.device.type, enabled=False):  # in the state's dtype, autocast or not
-        for c in range(n - 1, -1, -1) if reverse else range(n):
-            entering[c] = S
-            S = _sub_product(torch.addcmul(add[:, c].to(S.dtype), S, decay[:, c, None, None]),
-                             _product(S, left[:, c].transpose(-1, -2), low), right[:, c], low)
-    entering = torch.stack(entering, dim=1)
-    dots = (entering * dot_with.to(entering.dtype)).sum((-2, -1)) if dot_with is not None else None
-    return entering.to(entering_dtype or entering.dtype), S, dots
+
+    def update(S: torch.Tensor, c: int) -> torch.Tensor:
+        return _sub_product(torch.addcmul(add[:, c].to(S.dtype), S, decay[:, c, None, None]),
+                            _product(S, left[:, c].transpose(-1, -2), low), right[:, c], low)
+
+    return _run_chain(start, left.shape[1], update, reverse, entering_dtype, dot_with)
 
 
 def _chain_formed(start: torch.Tensor, add: torch.Tensor, M: torch.Tensor, reverse: bool = False):
     """The same pass with the map formed, S <- S M_c + add_c (M [N, n, mk, mk]): one product per chunk.
     Returns (entering [N, n, mv, mk], the final S)."""
+    entering, S, _ = _run_chain(start, M.shape[1], lambda S, c: torch.baddbmm(add[:, c].to(S.dtype), S, M[:, c]),
+                                reverse)
+    return entering, S
+
+
+def _run_chain(start, n, update, reverse=False, entering_dtype=None, dot_with=None):
+    """S <- update(S, c) over c = 0 .. n-1 (reverse: n-1 .. 0) in the state's dtype, autocast or not;
+    returns (the S entering each chunk, stacked [N, n, ...] in entering_dtype, the final S, and each
+    entering S's Frobenius product with dot_with[:, c] [N, n] or None)."""
     S = start
-    n = M.shape[1]
-    entering = [None] * n
+    entering, dots = [None] * n, [None] * n
     with torch.autocast(start.device.type, enabled=False):
         for c in range(n - 1, -1, -1) if reverse else range(n):
-            entering[c] = S
-            S = torch.baddbmm(add[:, c].to(S.dtype), S, M[:, c])
-    return torch.stack(entering, dim=1), S
+            entering[c] = S.to(entering_dtype or S.dtype)
+            if dot_with is not None:
+                dots[c] = (S * dot_with[:, c].to(S.dtype)).sum((-2, -1))
+            S = update(S, c)
+    return torch.stack(entering, dim=1), S, torch.stack(dots, dim=1) if dot_with is not None else None
 
 
 class _ChunkedDeltaRule(torch.autograd.Function):
@@ -214,9 +219,8 @@ class _ChunkedDeltaRule(torch.autograd.Function):
     is cheaper in torch: one product per chunk (`_chain_formed`); the Triton pass (`chain` =
     `chain_states_triton`) is always factored, its products on tensor cores in the operands' dtype.
     The backward runs the same recursion in reverse (dS = dS' M^T + dO^T Q_s), then everything else
-    for all chunks at once. The forward saves the
-    per-chunk factors and the states entering each chunk ([N, n, mv, mk]), so that nothing is
-    recomputed."""
+    for all chunks at once. The forward saves the per-chunk factors and the states entering each chunk
+    ([N, n, mv, mk]), so that nothing is recomputed."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, S0, low, chain):
