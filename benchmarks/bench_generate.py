@@ -16,6 +16,8 @@ prompt length L:
   * mmrec-step-full: the same with every token on the block-closing step (the reference for that split);
   * mmrec-step-torch-memory: mmrec-step with the memory's step (window, ring and delta-rule read and
     write) in torch ops instead of the fused Triton kernel of mm_rec/ops/memory_step (its reference);
+  * mmrec-step-fp32-entries: mmrec-step with the window's and ring's keys and values held in fp32, not
+    in the bf16 weights' dtype (`MMRecModel.decode_entry_dtype`; the reference for those bf16 entries);
   * mmrec-forward: the generate path before the step existed (`generate_stream(..., use_step=False)`):
     `model(token[:, None], state)`, the whole segment machinery for T = 1, launch by launch;
   * hf-llama: `LlamaForCausalLM` (transformers >= 5, optional) with hidden size, layers, heads, FFN width
@@ -60,14 +62,15 @@ from unittest import mock
 
 import torch
 
-from mm_rec import MMRecConfig, MMRecModel
+from mm_rec import DecodeState, MMRecConfig, MMRecModel
 from mm_rec.core.memory_state import MemoryState
 from mm_rec.distributed import init_model_on_device
 from mm_rec.loading import build_model
 from mm_rec.quantization import DEFAULT_GROUP_SIZE, MODES, parameter_bytes, quantize_model
 from mm_rec.utils.profiling import kernel_profile, peak_memory, print_report, reset_peak_memory, time_fn
 
-METHODS = ("mmrec-step", "mmrec-step-full", "mmrec-step-torch-memory", "mmrec-forward", "hf-llama")
+METHODS = ("mmrec-step", "mmrec-step-full", "mmrec-step-torch-memory", "mmrec-step-fp32-entries", "mmrec-forward",
+           "hf-llama")
 WEIGHTS = ("none",) + MODES  # --quantize: bf16 weights, or int8 / int4 weight-only
 
 
@@ -152,8 +155,9 @@ def quantized(model: torch.nn.Module, weights: str, group_size: int) -> torch.nn
 
 
 def state_bytes_per_row(model: MMRecModel, device: torch.device) -> int:
-    state = model.init_state(1, device=device)
-    return sum(t.numel() * t.element_size() for t in state.state_dict().values())
+    """Bytes of one row's decode state (its window and ring entries in `decode_entry_dtype`)."""
+    state = DecodeState.from_memory_state(model.init_state(1, device=device), model.config, model.decode_entry_dtype())
+    return sum(t.numel() * t.element_size() for layer in state.layers for t in layer.tensors().values())
 
 
 def synthetic_state(model: MMRecModel, batch: int, position: int, device: torch.device) -> MemoryState:
@@ -190,6 +194,13 @@ def torch_memory_stream(model: MMRecModel, stream: Callable[[], Iterator[torch.T
             mixer.memory_step_backend = backend
 
 
+def wide_entries_stream(model: MMRecModel, stream: Callable[[], Iterator[torch.Tensor]]) -> Iterator[torch.Tensor]:
+    """`stream` with the decode state's window and ring entries in the state's fp32, as before they followed
+    half weights (`MMRecModel.decode_entry_dtype`): the same-run reference for the narrow entries."""
+    with mock.patch.object(model, "decode_entry_dtype", lambda: None):
+        yield from stream()
+
+
 def time_stream(stream: Iterator[torch.Tensor], device: torch.device, skip: int) -> tuple[float, float | None]:
     """(ms per token, peak GiB during the stream)."""
     synchronize(device)
@@ -222,6 +233,7 @@ def run_mmrec(model: MMRecModel, methods: list[str], batch: int, prompt: int, ar
         "mmrec-step-full": lambda: full_step_stream(model.generate_stream(last, args.new_tokens, temperature=0,
                                                                           state=memory, compile_step=args.compile)),
         "mmrec-step-torch-memory": lambda: torch_memory_stream(model, streams["mmrec-step"]),
+        "mmrec-step-fp32-entries": lambda: wide_entries_stream(model, streams["mmrec-step"]),
         "mmrec-forward": lambda: model.generate_stream(last, args.new_tokens, temperature=0, state=memory,
                                                        use_step=False),
     }

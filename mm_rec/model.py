@@ -247,6 +247,13 @@ class MMRecModel(LanguageModel):
         dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
         return MemoryState.zeros(self.config, batch_size, device=device or param.device, dtype=dtype)
 
+    def decode_entry_dtype(self) -> torch.dtype | None:
+        """The dtype a `DecodeState` holds the window's and the ring's keys and values in for this model's
+        step: the weights' dtype when it is half (the forward reads the entries in it: nothing lost, half
+        the bytes a step reads), else the state's own (None)."""
+        dtype = self.embed.weight.dtype
+        return dtype if dtype in (torch.bfloat16, torch.float16) else None
+
     def set_recurrence_backend(self, backend: str) -> None:
         """Force "torch", "triton" or "sequential" for every block's core recurrence."""
         for block in self.blocks:
@@ -419,7 +426,7 @@ class MMRecModel(LanguageModel):
         if use_step is None:
             use_step = self._parameters_are_local()
         if use_step:
-            decode = DecodeState.from_memory_state(memory, self.config)
+            decode = DecodeState.from_memory_state(memory, self.config, self.decode_entry_dtype())
             return StepRunner(self, decode, cuda_graph, compile=compile_step).step
         state = memory
 

@@ -31,6 +31,8 @@
 #   OUT=/tmp/h200 bash scripts/h200_session.sh followup   # alone: the 7b compiled step, bench_layer 7b
 #   OUT=/tmp/h200 bash scripts/h200_session.sh delta      # alone: delta-rule GPU tests (its Triton pass), then
 #                                                       # bench_layer 7b with the Triton pass / the torch pass
+#   OUT=/tmp/h200 bash scripts/h200_session.sh verify     # alone: delta-rule and memory GPU tests, then
+#                                                       # phase profiles' two profiles, the Transformer timed beside
 #   OUT=/tmp/h200 bash scripts/h200_session.sh profiles   # alone: where the time goes: the 7b compiled decoding
 #                                                       # step and the 7b layer at 1 x 32K, kernel profiles
 # DEADLINE (default 580): the second of the phase by which every step has stopped.
@@ -39,7 +41,7 @@
 # Each run is stopped by a time budget (it then evaluates and writes its results); the results
 # come back in $OUT: logs and runs.tgz (every run's JSON and log; no weights).
 set -u
-PHASE=${1:?usage: h200_session.sh recall|lm|ablations|passkey|widths|cuda|priority|combo|decode|decode_hf|fused|followup|delta|profiles|recall2}
+PHASE=${1:?usage: h200_session.sh recall|lm|ablations|passkey|widths|cuda|priority|combo|decode|decode_hf|fused|followup|delta|verify|profiles|recall2}
 OUT=${OUT:-runs/h200-out}
 RUNS=runs/h200
 mkdir -p "$OUT" "$RUNS"
@@ -297,6 +299,19 @@ delta)
     timeout $(left 400) python3 benchmarks/bench_layer.py --preset 7b --shapes 4x2048,1x32768 --iters 3 --warmup 1 \
         --layers mmrec,mmrec-torch-delta,transformer --compile --profile ${PROFILE:-15} \
         --json "$RUNS/layer_7b_delta.json" > "$OUT/bench_layer.log" 2>&1
+    finish
+    ;;
+verify)
+    # Alone on the GPU: the delta rule's and the memory's GPU tests, then phase profiles with the
+    # Transformer's layer timed in the same run (one call instead of delta + profiles).
+    timeout $(left ${TEST_LIMIT:-120}) python3 -m pytest -q tests/ops/delta_rule tests/core/test_memory_gpu.py \
+        tests/ops/memory_step tests/test_decode_gpu.py -rf > "$OUT/tests.txt" 2>&1
+    timeout $(left 240) python3 benchmarks/bench_generate.py --new-tokens 48 --prefill synthetic --prompts 2K \
+        --methods mmrec-step,mmrec-step-fp32-entries --presets 7b,1b --batches 1 --compile --profile 40 \
+        > "$OUT/generate_profile.txt" 2>&1
+    timeout $(left 300) python3 benchmarks/bench_layer.py --preset 7b --shapes 4x2048,1x32768 --iters 3 --warmup 1 \
+        --layers mmrec,transformer --compile --profile ${PROFILE:-30} \
+        --json "$RUNS/layer_7b_verify.json" > "$OUT/bench_layer.log" 2>&1
     finish
     ;;
 profiles)

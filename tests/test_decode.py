@@ -74,6 +74,42 @@ def test_step_equals_forward_fp32(variant):
     assert_states_equal(decode, full.state, close)
 
 
+@pytest.mark.parametrize("variant", ["default", "sub-slots", "long window"])
+def test_step_with_narrow_entries_tracks_the_forward(variant):
+    """A float64 model stepping with its window's and ring's entries held in fp32 (as a bf16 model holds
+    them in bf16): the logits and the state within fp32 rounding of the forward's, the entries given back
+    in the state's dtype, and a forward continues from that state as from the forward's own."""
+    model = small_model(**VARIANTS[variant])
+    ids = torch.randint(0, 37, (2, 61))
+    decode = DecodeState.from_memory_state(model(ids[:, :10]).state, model.config, torch.float32)
+    assert decode.entry_dtype == torch.float32 and decode.layers[0].block_key_sum.dtype == torch.float64
+    logits = step_through(model, ids[:, :50], decode, 10)
+    full = model(ids[:, :50])
+    assert 0 < rel(logits, full.logits[:, 10:]) < 1e-6  # rounded (not equal), and only rounded
+
+    def close(a, b, name):
+        assert a.dtype == b.dtype == torch.float64, name
+        assert rel(a, b) < 1e-6 or b.abs().max() == 0 and a.abs().max() == 0, name
+
+    assert_states_equal(decode, full.state, close)
+    after = model(ids[:, 50:], state=decode.to_memory_state()).logits
+    assert rel(after, model(ids).logits[:, 50:]) < 1e-6
+
+
+def test_decode_entries_follow_half_weights():
+    """bf16 weights: generation's decode state holds the entries in bf16 (the forward reads them in bf16)
+    and the rest of the state in fp32; its tokens are the bf16 forward's, greedy, within the precision."""
+    model = small_model(torch.bfloat16)
+    assert model.decode_entry_dtype() == torch.bfloat16 and small_model().decode_entry_dtype() is None
+    ids = torch.randint(0, 37, (2, 30))
+    state = model(ids[:, :20]).state
+    decode = DecodeState.from_memory_state(state, model.config, model.decode_entry_dtype())
+    assert decode.layers[0].window_keys.dtype == torch.bfloat16 and decode.layers[0].h.dtype == torch.float32
+    logits = step_through(model, ids, decode, 20)
+    full = model(ids).logits[:, 20:]
+    assert rel(logits, full) < 2e-2
+
+
 def test_kept_slots_outlive_the_age_ring_in_the_step_path():
     """After 20 blocks through a ring of S = 3 slots (R = 1 by age, P = 2 by importance), the step path's
     kept part holds blocks older than any age ring of S slots would, and the same ones as the forward."""

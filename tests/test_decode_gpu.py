@@ -50,7 +50,7 @@ def test_graph_replayed_steps_equal_eager_steps_and_the_forward(compile, overrid
 
 
 def test_bf16_generation_replays_the_eager_steps_exactly():
-    model = small_model().to(torch.bfloat16)  # the weights cast, the state fp32: the CLI's CUDA path
+    model = small_model().to(torch.bfloat16)  # the weights cast, the state fp32 (entries bf16): the CLI's CUDA path
     ids = torch.randint(0, 97, (4, 40), device="cuda")
     lengths = [40, 3, 17, 25]
     graphed = model.generate(ids, 30, temperature=0, lengths=lengths)

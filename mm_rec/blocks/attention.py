@@ -167,10 +167,10 @@ class MultiMemoryAttention(nn.Module):
     def step(self, view: StepView) -> torch.Tensor:
         """The read [B, K, m] of one token per row (`HDSHierarchy.step_token`): one softmax over the
         window ring (bias -window_slope * distance), the ring's slots of earlier blocks (bias
-        -slope * (age - 1) plus importance) and the null slot. Scores and reads in the state's dtype
-        (fp32, or float64; the mixer runs it with autocast off): the ring is read once, never copied to
-        a lower precision."""
-        acc = torch.promote_types(view.slot_keys.dtype, torch.float32)
+        -slope * (age - 1) plus importance) and the null slot. Scores and reads in fp32 (float64 for a
+        float64 model; the mixer runs it with autocast off), whatever dtype the entries are held in: the
+        ring is read once, never copied to a lower precision."""
+        acc = torch.promote_types(torch.promote_types(view.slot_keys.dtype, view.queries.dtype), torch.float32)
         q = (view.queries.to(acc) * self.scale)[:, :, None, :]  # [B, K, 1, m]
         B, K = q.shape[:2]
         age_slope, window_slope = self._slopes(acc)

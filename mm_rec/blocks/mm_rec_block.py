@@ -144,7 +144,7 @@ class MMRecMixer(nn.Module):
         from mm_rec.ops.memory_step.triton_kernels import combine_partials  # registers the operator
 
         hds, attention = self.hds, self.attention
-        acc = state.slot_keys.dtype
+        acc = state.block_key_sum.dtype  # the state's dtype (the window's and ring's entries may be narrower)
         log_alpha = beta = None
         if hds.level2_kind == "delta":
             log_alpha, beta = hds._delta_gates(delta_gates, acc)

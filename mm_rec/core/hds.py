@@ -340,13 +340,13 @@ class HDSHierarchy(nn.Module):
         left as it is until `step_close_block`, which the caller runs after the attention read."""
         B, K, m = k.shape
         C, W, r = self.chunk_size, self.window_size, self.slots_per_block
-        acc = state.slot_keys.dtype
+        acc = state.block_key_sum.dtype  # the state's dtype (the window's and ring's entries may be narrower)
         level2 = self._level2_step(q, k, v, state, delta_gates)
         distance = None
         if W:
             at = (position % W)[:, None, None, None].expand(B, K, 1, m)
-            state.window_keys.scatter_(2, at, k.to(acc)[:, :, None])
-            state.window_values.scatter_(2, at, v.to(acc)[:, :, None])
+            state.window_keys.scatter_(2, at, k.to(state.window_keys.dtype)[:, :, None])
+            state.window_values.scatter_(2, at, v.to(state.window_values.dtype)[:, :, None])
             distance = (position[:, None] - torch.arange(W, device=k.device)) % W  # [B, W]
         weights = self._pooling_weights(k)  # [B, K] or None
         wk, wv = (k, v) if weights is None else (k * weights[..., None], v * weights[..., None])

@@ -29,7 +29,9 @@ first + ((i - P - first) mod R) (first = completed blocks * r - R) after it; its
 id < 0, hidden); bias -age_slope[k] (age - 1) with age = position // C - block (capped at age_cap
 when given), plus the slot's importance when the ring has one.
 
-Everything is computed in the state's dtype (fp32, or float64 in tests); q, k, v may be half.
+Everything is computed in the state's dtype (that of the pooling sums: fp32, or float64 in tests); q, k,
+v may be half, and so may the window's and the ring's entries (a `DecodeState` with narrower entries):
+they are read into the state's dtype, and the token's own entry is rounded as the ring stores it.
 Reference: the torch step, which tests/ops/memory_step/ compares this against (float64, awkward
 sizes, every config switch).
 """
@@ -93,9 +95,11 @@ def _memory_step_kernel(
                 in_window = e < W
                 at = (bk * W + e)[:, None] * M + cols[None, :]
                 ok = in_window[:, None] & col_ok[None, :]
-                own = (e == pos % W)[:, None]  # the token itself: its new key and value
-                keys += tl.where(own, k_new[None, :], tl.load(window_keys_ptr + at, mask=ok, other=0.0))
-                values += tl.where(own, v_new[None, :], tl.load(window_values_ptr + at, mask=ok, other=0.0))
+                own = (e == pos % W)[:, None]  # the token itself: its new key and value, as the ring will hold them
+                k_own = k_new.to(window_keys_ptr.dtype.element_ty).to(ACC)
+                v_own = v_new.to(window_values_ptr.dtype.element_ty).to(ACC)
+                keys += tl.where(own, k_own[None, :], tl.load(window_keys_ptr + at, mask=ok, other=0.0).to(ACC))
+                values += tl.where(own, v_own[None, :], tl.load(window_values_ptr + at, mask=ok, other=0.0).to(ACC))
                 distance = _pymod(pos - e, W)
                 window_slope = tl.load(window_slope_ptr + bank)
                 bias += tl.where(in_window, -window_slope * distance.to(ACC), 0.0)
@@ -105,8 +109,8 @@ def _memory_step_kernel(
                 in_ring = (i >= 0) & (i < S)
                 at = (bk * S + i)[:, None] * M + cols[None, :]
                 ok = in_ring[:, None] & col_ok[None, :]
-                keys += tl.load(slot_keys_ptr + at, mask=ok, other=0.0)
-                values += tl.load(slot_values_ptr + at, mask=ok, other=0.0)
+                keys += tl.load(slot_keys_ptr + at, mask=ok, other=0.0).to(ACC)
+                values += tl.load(slot_values_ptr + at, mask=ok, other=0.0).to(ACC)
                 first = block_now * R_SUB - (S - P)  # the oldest id of the age part
                 ids = first + _pymod(i - P - first, S - P)
                 if P > 0:
@@ -137,8 +141,8 @@ def _memory_step_kernel(
         if j == 0:  # the state's writes: the window ring and the open block's pooling sums
             if W > 0:
                 own_at = (bk * W + pos % W) * M + cols
-                tl.store(window_keys_ptr + own_at, k_new, mask=col_ok)
-                tl.store(window_values_ptr + own_at, v_new, mask=col_ok)
+                tl.store(window_keys_ptr + own_at, k_new.to(window_keys_ptr.dtype.element_ty), mask=col_ok)
+                tl.store(window_values_ptr + own_at, v_new.to(window_values_ptr.dtype.element_ty), mask=col_ok)
             # the open sub-slot's pooling sums (kept with or without a ring, as the torch step keeps them)
             sub = (pos % C) // (C // R_SUB)  # the open sub-slot
             sum_at = (bk * R_SUB + sub) * M + cols
@@ -195,15 +199,16 @@ def memory_step(
 
     q, k, v [B, K, m] (any float dtype, one layout, unit stride in m); log_alpha, beta [B, K] (None: no
     delta memory); weights [B, K] pooling weights (None: plain mean); position [B] int64; age_slope,
-    window_slope [K]; the state tensors in the decode layout (mm_rec/core/hds.py), contiguous, one
-    float dtype: delta_memory [B, K, m, m], window_keys/values [B, K, W, m], slot_keys/values
-    [B, K, S, m], slot_importance [B, K, S], slot_ids [B, K, P] (None when P = 0), key_sum/value_sum
-    [B, K, r, m], weight_sum [B, K, r]; age_cap < 0: none.
+    window_slope [K]; the state tensors in the decode layout (mm_rec/core/hds.py), contiguous, in the
+    state's float dtype (key_sum's) but for the entries, which may be narrower: delta_memory [B, K, m, m],
+    window_keys/values [B, K, W, m], slot_keys/values [B, K, S, m] (the entries), slot_importance [B, K, S],
+    slot_ids [B, K, P] (None when P = 0), key_sum/value_sum [B, K, r, m], weight_sum [B, K, r]; age_cap < 0:
+    none.
 
     Returns (level2 [B, K, m] (empty without a delta memory), part_max, part_sum [B, K, n_split],
     part_acc [B, K, n_split, m]): `combine_partials` turns the last three into the read."""
     B, K, m = k.shape
-    acc = slot_keys.dtype
+    acc = key_sum.dtype
     state = (delta_memory, window_keys, window_values, slot_keys, slot_values, slot_importance, slot_ids, key_sum,
              value_sum, weight_sum)
     if not all(t is None or t.is_contiguous() for t in state):
@@ -242,7 +247,7 @@ def _memory_step_fake(q, k, v, log_alpha, beta, weights, position, age_slope, wi
                       window_keys, window_values, slot_keys, slot_values, slot_importance, slot_ids, key_sum,
                       value_sum, weight_sum, scale, age_cap, chunk_size):
     B, K, m = k.shape
-    acc = slot_keys.dtype
+    acc = key_sum.dtype
     W = 0 if window_keys is None else window_keys.shape[2]
     n_split = launch_shape(m, W + slot_keys.shape[2], delta_memory is not None)["N_SPLIT"]
     return (k.new_empty((B, K, m) if delta_memory is not None else (0,), dtype=acc),

@@ -25,12 +25,13 @@ def set_backend(model, backend: str) -> None:
         block.mixer.memory_step_backend = backend
 
 
-def step_both(model, ids, prefix_lengths, steps, close):
-    """Prefill rows to `prefix_lengths`, then step both backends over the next `steps` tokens of each row,
-    comparing logits and every piece of the state after every token."""
+def step_both(model, ids, prefix_lengths, steps, close, entry_dtype=None):
+    """Prefill rows to `prefix_lengths`, then step both backends over the next `steps` tokens of each row
+    (the decode states' window and ring entries in `entry_dtype`), comparing logits and every piece of the
+    state after every token."""
     model, ids = model.to(DEVICE), ids.to(DEVICE)
     _, memory = model.prefill(ids, prefix_lengths)
-    states = {b: DecodeState.from_memory_state(memory.clone(), model.config) for b in ("torch", "triton")}
+    states = {b: DecodeState.from_memory_state(memory.clone(), model.config, entry_dtype) for b in ("torch", "triton")}
     feed = torch.stack([ids[b, n:n + steps] for b, n in enumerate(prefix_lengths)])
     for t in range(steps):
         logits = {}
@@ -85,6 +86,21 @@ def test_fused_step_at_awkward_sizes_fp32(overrides, tiles, monkeypatch):
     close = lambda a, b, name: torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6, msg=name)  # noqa: E731
     with torch.inference_mode():
         step_both(model, ids, [7, 7], 6, close)  # equal lengths: one batched prefill (transposed sums)
+
+
+@pytest.mark.parametrize("variant", ["default", "sub-slots, short window", "age ring, mean level 2, mean pooling"])
+def test_fused_step_with_narrow_entries_equals_the_torch_step(variant, monkeypatch):
+    """Window and ring entries held in fp16 by a float64 model (as bf16 entries by a bf16 model): both
+    steps read the stored, rounded entries and the token's own entry rounded as it is stored, so they
+    agree to float64 precision (with the own entry unrounded the logits differ by 5e-12 to 1e-11 here:
+    the model's tiny weights shrink the change, hence the tight tolerance)."""
+    tiny_tiles(monkeypatch)
+    torch.manual_seed(5)
+    model = decode_model(torch.float64, **DECODE_VARIANTS[variant]).eval()
+    ids = torch.randint(0, 37, (2, 34))
+    close = lambda a, b, name: torch.testing.assert_close(a, b, rtol=0, atol=1e-13, msg=name)  # noqa: E731
+    with torch.inference_mode():
+        step_both(model, ids, [9, 22], 6, close, entry_dtype=torch.float16)
 
 
 def test_fused_step_under_bf16_autocast_matches_the_torch_step():
