@@ -18,6 +18,8 @@
 #   OUT=/tmp/h200 bash scripts/h200_session.sh decode     # alone: JAX scan bench, decode GPU tests, MM-Rec's
 #                                                       # bench_generate (bf16/int8/int4; carry torchao's wheel
 #                                                       # in .whl, device README: pip install --target, PYTHONPATH)
+#   OUT=/tmp/h200 bash scripts/h200_session.sh studies    # sharing the GPU: MQAR widths 64/256, passkey ablations
+#                                                       # at 8K/32K, MM-Rec's LM recipes (carry runs/data)
 #   OUT=/tmp/h200 bash scripts/h200_session.sh recall2    # the passkey recipe (beside MM-Rec's LM recipes unless WITH_LM= ), then passkey_paths
 #   OUT=/tmp/h200 bash scripts/h200_session.sh decode_hf  # alone: the Hugging Face Llama beside MM-Rec
 #   OUT=/tmp/h200 bash scripts/h200_session.sh priority   # alone, when one call is all there is:
@@ -41,7 +43,7 @@
 # Each run is stopped by a time budget (it then evaluates and writes its results); the results
 # come back in $OUT: logs and runs.tgz (every run's JSON and log; no weights).
 set -u
-PHASE=${1:?usage: h200_session.sh recall|lm|ablations|passkey|widths|cuda|priority|combo|decode|decode_hf|fused|followup|delta|verify|profiles|recall2}
+PHASE=${1:?usage: h200_session.sh recall|lm|ablations|passkey|widths|cuda|priority|combo|decode|decode_hf|fused|followup|delta|verify|profiles|studies|recall2}
 OUT=${OUT:-runs/h200-out}
 RUNS=runs/h200
 mkdir -p "$OUT" "$RUNS"
@@ -322,6 +324,34 @@ profiles)
         --methods mmrec-step --presets 7b --batches 1 --compile --profile 40 > "$OUT/generate_7b_profile.txt" 2>&1
     timeout $(left 280) python3 benchmarks/bench_layer.py --preset 7b --shapes 1x32768,4x2048 --iters 3 --warmup 1 \
         --layers mmrec --compile --profile 30 > "$OUT/bench_layer_profile.log" 2>&1
+    finish
+    ;;
+studies)
+    # One call for issue 14's open study rows, ten small runs sharing the GPU: the MQAR width curve (MM-Rec
+    # and the Transformer at widths 64 and 256, lr 2.2e-3), the passkey ablations at 8K and 32K (the recipe
+    # and three pieces off, each for the same $PK_STEPS steps unless the budget stops it first), and MM-Rec's
+    # two language-model recipes at decay_init 0.5 (carry runs/data; WITH_LM= , empty: none).
+    BUDGET=${BUDGET:-380}
+    zoology_recipes
+    for width in 64 256; do
+        zoology "mmrec_w${width}_lr2.2e-3" "mmrec_w${width}" 0.0022 $BUDGET
+        zoology "transformer_w${width}_lr2.2e-3" "transformer_w${width}" 0.0022 $BUDGET
+    done
+    passkey ablate_none configs/passkey_mmrec.yaml $BUDGET --lengths 8k,32k --steps ${PK_STEPS:-1200}
+    for ablation in ${PASSKEY_ABLATIONS:-window_size=0 memory_size_M=0 conv_size=0}; do
+        passkey "ablate_${ablation%%=*}" configs/passkey_mmrec.yaml $BUDGET --lengths 8k,32k \
+            --steps ${PK_STEPS:-1200} --set "model.$ablation"
+    done
+    if [ -n "${WITH_LM-1}" ]; then
+        lm shakespeare_mmrec configs/shakespeare_char.yaml runs/data/tinyshakespeare.txt $((DEADLINE - 60))
+        lm tinystories_mmrec configs/tinystories_bpe.yaml runs/data/tinystories_subset.txt $((DEADLINE - 60))
+    fi
+    wait
+    for f in "$RUNS"/passkey/ablate_*/log.txt; do echo "== $f"; tail -25 "$f"; done > "$OUT/passkey_ablations.txt"
+    for f in "$RUNS"/mqar-zoology/*/log.txt; do echo "== $f"; tail -12 "$f"; done > "$OUT/mqar_widths.txt"
+    if [ -n "${WITH_LM-1}" ]; then
+        for f in "$RUNS"/lm/*.log; do echo "== $f"; grep -i 'val' "$f" | tail -40; done > "$OUT/lm.txt"
+    fi
     finish
     ;;
 recall2)
