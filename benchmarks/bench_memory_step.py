@@ -5,7 +5,10 @@ sweep of the kernel's launch shapes, against the torch step it replaces (`HDSHie
 state read and written (the ring, the window, the delta memory twice).
 
     python benchmarks/bench_memory_step.py [--presets 1b,7b] [--batches 1,8]
-        [--tile-elements 4096,8192] [--tiles 1,2] [--warps 4,8]
+        [--tile-elements 4096,8192] [--tiles 1,2] [--warps 4,8] [--entries bfloat16,float32]
+
+--entries: the dtypes the window's and the ring's keys and values are held in (`DecodeState`'s
+entry_dtype: bf16 is what bf16 weights decode with, fp32 what they did before), each swept in turn.
 
 Times are CUDA-graph replays (triton.testing.do_bench_cudagraph) of eager ops: the small element-wise
 ops around the kernel count in full here, while the compiled step (`--compile` of bench_generate.py)
@@ -24,10 +27,12 @@ from mm_rec import MMRecConfig, MMRecModel
 from mm_rec.core.decode_state import DecodeState
 
 
-def layer_and_state(preset: str, batch: int, device: torch.device):
-    """One MM-Rec layer of the preset's memory (a one-layer model) and a random full state at position 2047."""
+def layer_and_state(preset: str, batch: int, device: torch.device, entry_dtype: torch.dtype):
+    """One MM-Rec layer of the preset's memory (a one-layer model) and a random full state at position 2047,
+    its window and ring entries in `entry_dtype`."""
     model = MMRecModel(MMRecConfig.from_preset(preset).replace(num_layers=1)).to(device).eval()
-    return model, DecodeState.from_memory_state(synthetic_state(model, batch, 2047, device), model.config)
+    memory = synthetic_state(model, batch, 2047, device)
+    return model, DecodeState.from_memory_state(memory, model.config, entry_dtype)
 
 
 def state_bytes(state: DecodeState) -> int:
@@ -46,25 +51,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tile-elements", default="2048,4096,8192")
     parser.add_argument("--tiles", default="1,2,4")
     parser.add_argument("--warps", default="4,8")
+    parser.add_argument("--entries", default="bfloat16,float32", help="entry dtypes to sweep (torch names)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     device = torch.device("cuda")
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     print(f"Device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print("| preset | batch | launch (tile elements, tiles/split, warps) | us | GB/s | torch step us |")
-    print("| --- | ---: | --- | ---: | ---: | ---: |")
-    for preset, batch in itertools.product(args.presets.split(","), ints(args.batches)):
-        sweep(preset, batch, device, ints(args.tile_elements), ints(args.tiles), ints(args.warps))
+    print("| preset | batch | entries | launch (tile elements, tiles/split, warps) | us | GB/s | torch step us |")
+    print("| --- | ---: | --- | --- | ---: | ---: | ---: |")
+    for preset, batch, entries in itertools.product(args.presets.split(","), ints(args.batches),
+                                                    args.entries.split(",")):
+        sweep(preset, batch, device, getattr(torch, entries), ints(args.tile_elements), ints(args.tiles),
+              ints(args.warps))
 
 
-def sweep(preset: str, batch: int, device: torch.device, tile_elements: list[int], tiles_per_split: list[int],
-          warps: list[int]) -> None:
+def sweep(preset: str, batch: int, device: torch.device, entry_dtype: torch.dtype, tile_elements: list[int],
+          tiles_per_split: list[int], warps: list[int]) -> None:
     import triton.testing
 
     from mm_rec.ops.memory_step import triton_kernels as kernels
 
-    model, state = layer_and_state(preset, batch, device)
+    model, state = layer_and_state(preset, batch, device, entry_dtype)
     mixer, layer = model.blocks[0].mixer, state.layers[0]
     K, m = model.config.num_memories, model.config.mem_dim
     q, k, v = (torch.randn(batch, K, m, device=device, dtype=torch.bfloat16) for _ in range(3))
@@ -81,7 +89,7 @@ def sweep(preset: str, batch: int, device: torch.device, tile_elements: list[int
         for elements, tiles, num_warps in itertools.product(tile_elements, tiles_per_split, warps):
             kernels._TILE_ELEMENTS, kernels._TILES_PER_SPLIT, kernels._NUM_WARPS = elements, tiles, num_warps
             us = triton.testing.do_bench_cudagraph(fused) * 1e3
-            print(f"| {preset} | {batch} | {elements}, {tiles}, {num_warps} | {us:.1f} | "
+            print(f"| {preset} | {batch} | {str(entry_dtype)[6:]} | {elements}, {tiles}, {num_warps} | {us:.1f} | "
                   f"{state_bytes(state) / us / 1e3:.0f} | {torch_us:.1f} |", flush=True)
 
 if __name__ == "__main__":

@@ -33,8 +33,8 @@
 #   OUT=/tmp/h200 bash scripts/h200_session.sh followup   # alone: the 7b compiled step, bench_layer 7b
 #   OUT=/tmp/h200 bash scripts/h200_session.sh delta      # alone: delta-rule GPU tests (its Triton pass), then
 #                                                       # bench_layer 7b with the Triton pass / the torch pass
-#   OUT=/tmp/h200 bash scripts/h200_session.sh verify     # alone: delta-rule and memory GPU tests, then
-#                                                       # phase profiles' two profiles, the Transformer timed beside
+#   OUT=/tmp/h200 bash scripts/h200_session.sh verify     # alone: delta-rule, memory and decode GPU tests, the
+#                                                       # compiled decoding step (bf16 / fp32 entries), profiled
 #   OUT=/tmp/h200 bash scripts/h200_session.sh profiles   # alone: where the time goes: the 7b compiled decoding
 #                                                       # step and the 7b layer at 1 x 32K, kernel profiles
 # DEADLINE (default 580): the second of the phase by which every step has stopped.
@@ -304,15 +304,18 @@ delta)
     finish
     ;;
 verify)
-    # Alone on the GPU: the delta rule's and the memory's GPU tests, then phase profiles with the
-    # Transformer's layer timed in the same run (one call instead of delta + profiles).
+    # Alone on the GPU: the GPU tests of the delta rule, the memory and decoding; the compiled decoding step
+    # (7b, 1b; batch 1) with the window's and ring's entries in bf16 and in fp32, profiled; the memory step's
+    # launch sweep for both entry dtypes; WITH_LAYER=1: bench_layer 7b beside the Transformer, profiled.
     timeout $(left ${TEST_LIMIT:-120}) python3 -m pytest -q tests/ops/delta_rule tests/core/test_memory_gpu.py \
         tests/ops/memory_step tests/test_decode_gpu.py -rf > "$OUT/tests.txt" 2>&1
     timeout $(left 240) python3 benchmarks/bench_generate.py --new-tokens 48 --prefill synthetic --prompts 2K \
         --methods mmrec-step,mmrec-step-fp32-entries --presets 7b,1b --batches 1 --compile --profile 40 \
         > "$OUT/generate_profile.txt" 2>&1
-    timeout $(left 300) python3 benchmarks/bench_layer.py --preset 7b --shapes 4x2048,1x32768 --iters 3 --warmup 1 \
-        --layers mmrec,transformer --compile --profile ${PROFILE:-30} \
+    timeout $(left 150) python3 benchmarks/bench_memory_step.py --presets 7b,1b --batches 1,8 \
+        --tile-elements 4096,8192,16384 --tiles 1 --warps 4,8 > "$OUT/bench_memory_step.txt" 2>&1
+    [ -n "${WITH_LAYER:-}" ] && timeout $(left 300) python3 benchmarks/bench_layer.py --preset 7b \
+        --shapes 4x2048,1x32768 --iters 3 --warmup 1 --layers mmrec,transformer --compile --profile ${PROFILE:-30} \
         --json "$RUNS/layer_7b_verify.json" > "$OUT/bench_layer.log" 2>&1
     finish
     ;;
