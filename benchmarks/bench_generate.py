@@ -4,7 +4,7 @@ Hugging Face Llama of the same sizes and the memory-bandwidth floor, in the same
     python benchmarks/bench_generate.py [--presets 1b,7b] [--batches 1,8,64] [--prompts 2K,32K,128K]
                                         [--new-tokens 64] [--methods mmrec-step,mmrec-forward,hf-llama]
                                         [--prefill forward|synthetic] [--compile] [--quantize none,int8,int4]
-                                        [--profile 30] [--device cuda] [--json out.json]
+                                        [--profile 30] [--rounds 3] [--device cuda] [--json out.json]
 
 Per preset (random weights, bf16; the MM-Rec state fp32), weight format (`--quantize`), batch size B and
 prompt length L:
@@ -154,9 +154,9 @@ def quantized(model: torch.nn.Module, weights: str, group_size: int) -> torch.nn
     return model
 
 
-def state_bytes_per_row(model: MMRecModel, device: torch.device) -> int:
-    """Bytes of one row's decode state (its window and ring entries in `decode_entry_dtype`)."""
-    state = DecodeState.from_memory_state(model.init_state(1, device=device), model.config, model.decode_entry_dtype())
+def state_bytes_per_row(model: MMRecModel, device: torch.device, entry_dtype: torch.dtype | None) -> int:
+    """Bytes of one row's decode state, its window and ring entries in `entry_dtype` (None: the state's)."""
+    state = DecodeState.from_memory_state(model.init_state(1, device=device), model.config, entry_dtype)
     return sum(t.numel() * t.element_size() for layer in state.layers for t in layer.tensors().values())
 
 
@@ -237,12 +237,23 @@ def run_mmrec(model: MMRecModel, methods: list[str], batch: int, prompt: int, ar
         "mmrec-forward": lambda: model.generate_stream(last, args.new_tokens, temperature=0, state=memory,
                                                        use_step=False),
     }
+    records = {method: dict(method=method, batch=batch, prompt=prompt, prefill_gib=prefill_gib) for method in methods}
+    timings: dict[str, list[tuple[float, float | None]]] = {method: [] for method in methods}
+    for _ in range(args.rounds):  # the methods in turns, so a drift of the machine's speed slows them alike
+        for method in methods:
+            if "error" not in records[method]:
+                timed = guarded(lambda stream=streams[method]: time_stream(stream(), device, args.skip),
+                                records[method])
+                if timed[0] is not None:
+                    timings[method].append(timed)
     results = []
     for method in methods:
-        record = dict(method=method, batch=batch, prompt=prompt, prefill_gib=prefill_gib)
-        ms, peak = guarded(lambda stream=streams[method]: time_stream(stream(), device, args.skip), record)
-        if ms is not None:
+        record = records[method]
+        if timings[method]:
+            ms, peak = min(timings[method], key=lambda timed: timed[0])  # the least disturbed round
             record.update(ms_per_token=ms, peak_gib=peak)
+            if args.rounds > 1:
+                record["ms_per_round"] = [round(timed[0], 4) for timed in timings[method]]
             if args.profile:  # where the step's time goes: one more stream, under the profiler
                 title = (f"{method}, batch {batch}, prompt {prompt}: {args.new_tokens} tokens "
                          f"(the first {args.skip} include capture{' and compilation' if args.compile else ''})")
@@ -346,6 +357,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, help="int4: inputs per scale and zero")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                         help="cpu: a check of this script with a small preset (no GPU result)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time the MM-Rec methods this many times, in turns (A B A B ...), and keep each one's "
+                             "fastest round: a same-run comparison that the machine's drift does not bias")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also print the N kernels with the most device time over one more stream of each "
                              "MM-Rec method (torch.profiler; totals over --new-tokens tokens)")
@@ -361,6 +375,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if sorted(set(weight_formats) - set(WEIGHTS)):
         raise SystemExit(f"--quantize: unknown {sorted(set(weight_formats) - set(WEIGHTS))}; choose from {WEIGHTS}")
     batches, prompts = parse_sizes(args.batches, "--batches"), parse_sizes(args.prompts, "--prompts")
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds {args.rounds}: must be at least 1")
     if args.coordinate_descent:
         if not args.compile:
             raise SystemExit("--coordinate-descent tunes compiled kernels: add --compile")
@@ -380,12 +396,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if mmrec_methods:
                 model = quantized(build_mmrec(config, device), weights, args.group_size)
                 floor_ms = parameter_bytes(model) / bandwidth * 1e3
-                state_mib = state_bytes_per_row(model, device) / 2**20
+                state_mib = {entries: state_bytes_per_row(model, device, entries) / 2**20
+                             for entries in (model.decode_entry_dtype(), None)}
                 for batch in batches:
                     for prompt in prompts:
                         for r in run_mmrec(model, mmrec_methods, batch, prompt, args, device):
+                            entries = None if r["method"] == "mmrec-step-fp32-entries" else model.decode_entry_dtype()
                             results.append({**r, "preset": preset, "weights": weights, "floor_ms": floor_ms,
-                                            "ctx_mib_per_row": state_mib})
+                                            "ctx_mib_per_row": state_mib[entries]})
                             print(json.dumps(results[-1]), flush=True)
                 del model
                 gc.collect()

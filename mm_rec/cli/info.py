@@ -8,6 +8,7 @@ import torch
 
 from mm_rec.blocks.mm_rec_block import layer_flops_per_token
 from mm_rec.cli.common import HelpFormatter, add_recipe_arguments, recipe_from_args
+from mm_rec.core.decode_state import ENTRIES
 from mm_rec.loading import build_model
 from mm_rec.utils.debugging import COMPONENTS, component_label, component_name
 
@@ -52,8 +53,10 @@ def run(args: argparse.Namespace) -> int:
     if hasattr(model, "init_state"):
         state = model.init_state(1, device="meta")
         floats = sum(t.numel() for k, t in state.state_dict().items() if k != "position")
-        print(f"recurrent state per sequence: {floats:,} values ({floats * 4 / 2**20:.1f} MiB in fp32), "
-              "independent of the sequence length; per layer:")
+        entries = sum(t.numel() for layer in state.layers for name, t in layer.tensors().items() if name in ENTRIES)
+        print(f"recurrent state per sequence: {floats:,} values ({floats * 4 / 2**20:.1f} MiB in fp32; "
+              f"{(floats * 4 - entries * 2) / 2**20:.1f} MiB decoding with bf16 weights, the window's and ring's "
+              "keys and values in bf16), independent of the sequence length; per layer:")
         for piece, tensor in state.layers[0].tensors().items():
             print(f"  {piece:<18} {str(list(tensor.shape[1:])):<22} {tensor.numel():>12,}")
         cost = layer_flops_per_token(cfg)
