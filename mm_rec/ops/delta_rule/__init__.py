@@ -47,18 +47,23 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alph
     if initial_state is not None and initial_state.shape != (B, K, mv, mk):
         raise ValueError(f"initial_state must be [B, K, m_v, m_k] = {(B, K, mv, mk)}, got {tuple(initial_state.shape)}")
     acc = compute_dtype(q, k, v, initial_state)
+    # half inputs: the chunk loop's matmuls take half operands (fp32 accumulation, fp32 state), so q, k, v
+    # stay half (their rows copied once, in half) and the chunked form widens them where it adds or scales
+    half = v.dtype if v.dtype in (torch.bfloat16, torch.float16) and q.dtype == k.dtype == v.dtype else None
 
-    def rows(x: torch.Tensor) -> torch.Tensor:  # [B, T, K, ...] -> [B * K, T, ...] in acc
-        return x.to(acc).transpose(1, 2).reshape(B * K, T, *x.shape[3:])
+    def rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # [B, T, K, ...] -> [B * K, T, ...] in dtype
+        return x.to(dtype).transpose(1, 2).reshape(B * K, T, *x.shape[3:])
 
     S0 = (initial_state.to(acc) if initial_state is not None else q.new_zeros(B, K, mv, mk, dtype=acc))
-    args = (rows(q), rows(k), rows(v), rows(log_alpha), rows(beta), S0.reshape(B * K, mv, mk))
     if backend == "sequential":
-        o, S = delta_rule_sequential(*args)
+        args = (rows(q, acc), rows(k, acc), rows(v, acc), rows(log_alpha, acc), rows(beta, acc))
+        o, S = delta_rule_sequential(*args, S0.reshape(B * K, mv, mk))
         o, S = o.to(acc), S.to(acc)
-    else:  # half inputs: the chunk loop's matmuls take half operands (fp32 accumulation, fp32 state)
-        half = v.dtype if v.dtype in (torch.bfloat16, torch.float16) else None
-        o, S = delta_rule_chunked(*args, matmul_dtype=half, chain=_chain_for(backend, q, acc, mk))
+    else:
+        inputs = half or acc
+        args = (rows(q, inputs), rows(k, inputs), rows(v, inputs), rows(log_alpha, acc), rows(beta, acc))
+        o, S = delta_rule_chunked(*args, S0.reshape(B * K, mv, mk), matmul_dtype=half,
+                                  chain=_chain_for(backend, q, acc, mk))
     o = o.view(B, K, T, mv).transpose(1, 2)
     return o.to(v.dtype), S.view(B, K, mv, mk)
 

@@ -23,7 +23,8 @@ Two implementations of the same function, and its one-token step:
 * `delta_rule_step`: one token in the correction form (decoding), O(m_v m_k).
 
 Shapes: q, k [N, T, m_k]; v [N, T, m_v]; log_alpha, beta [N, T]; S_0 [N, m_v, m_k] (N = batch rows
-times banks). Returns o [N, T, m_v] and S_T [N, m_v, m_k], in the inputs' (promoted) dtype.
+times banks). Returns o [N, T, m_v] and S_T [N, m_v, m_k] in the state's dtype (that of log_alpha; q, k, v may be
+half, the products' operands).
 """
 
 from __future__ import annotations
@@ -79,19 +80,22 @@ def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_al
                        matmul_dtype: torch.dtype | None = None, chain=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunkwise-parallel form (see the module docstring) with a hand-derived backward (`_ChunkedDeltaRule`).
 
-    The decays and the triangular solve are computed in the inputs' dtype; every product (the chunk's
-    K K^T, Q K^T, (I + A)^{-1} [e^g K | V], P [W | U_v], [W | U_v]^T K_end, the outputs' Q_s S^T, and
-    their backward) multiplies in `matmul_dtype` (default: the same), with results in the inputs' dtype
-    (on CUDA straight from the fp32 accumulator), while the state S and its recursion's sums stay in
-    the inputs' dtype: with bf16 inputs that is fp32 S, bf16 operands. Where the state map is applied in
-    factors (m > 2L), its correction (S W^T) K_end and the backward's products with the states
-    (dO^T Q_s, dO S, K_end dS'^T, ...) multiply in `matmul_dtype` too, as fla's chunked kernels multiply
-    their fp32 state cast to the inputs' type: with fp32 operands these GEMMs took a fifth of a 7b
-    layer's time on an H100 (docs/benchmarks.md). Everything else in the backward runs in the inputs'
-    dtype.
+    log_alpha, beta and initial_state give the state's dtype; q, k, v may come in `matmul_dtype` (a half
+    type: then no copy of theirs is made for the products, and the element-wise math widens them as it
+    reads them). The decays and the triangular solve are computed in the state's dtype; every product
+    (the chunk's K K^T, Q K^T, (I + A)^{-1} [e^g K | V], P [W | U_v], [W | U_v]^T K_end, the outputs'
+    Q_s S^T, and their backward) multiplies in `matmul_dtype` (default: the state's dtype), each operand
+    cast once, with results in the state's dtype (on CUDA straight from the fp32 accumulator), as are the
+    state S and its recursion's sums: with bf16 inputs that is fp32 S, bf16 operands. Where the state
+    map is applied in factors (m > 2L), its correction (S W^T) K_end and the backward's products with
+    the states (dO^T Q_s, dO S, K_end dS'^T, ...) multiply in `matmul_dtype` too, as fla's chunked
+    kernels multiply their fp32 state cast to the inputs' type: with fp32 operands these GEMMs took a
+    fifth of a 7b layer's time on an H100 (docs/benchmarks.md). Everything else in the backward runs in
+    the state's dtype.
 
-    `chain` runs the chunk-to-chunk pass: `chain_states_torch` (default) or the Triton kernel's
-    `chain_states_triton` (same contract; with it the state map is always applied in factors)."""
+    Returns o and S_T in the state's dtype. `chain` runs the chunk-to-chunk pass: `chain_states_torch`
+    (default) or the Triton kernel's `chain_states_triton` (same contract; with it the state map is
+    always applied in factors)."""
     N, T, mk = k.shape
     mv = v.shape[-1]
     L = min(chunk_len or chunk_len_for(T, k.device.type), T)
@@ -101,8 +105,9 @@ def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_al
         q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
         log_alpha, beta = (F.pad(x, (0, pad)) for x in (log_alpha, beta))
     g = _cumsum_last(log_alpha.view(N, n, L))  # chunk-local: never a difference of long sums
+    acc = g.dtype  # the state's
     o, S = _apply_chunked(q.view(N, n, L, mk), k.view(N, n, L, mk), v.view(N, n, L, mv), g, beta.view(N, n, L),
-                          initial_state.to(q.dtype), matmul_dtype or q.dtype, chain or chain_states_torch)
+                          initial_state.to(acc), matmul_dtype or acc, chain or chain_states_torch)
     return o.reshape(N, n * L, mv)[:, :T], S
 
 
@@ -229,32 +234,36 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         ctx.autocast = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
         mk = k.shape[-1]
         L = k.shape[2]
+        acc = g.dtype  # the state's; q, k, v may be in the products' dtype already (then never copied)
         causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
         decay = (g[..., :, None] - g[..., None, :]).masked_fill_(~causal, float("-inf")).exp_()  # D
         # the chunk's products take the matmul dtype's operands too (as fla's kernels multiply), with fp32
-        # results; the triangular solve and the decays stay in the inputs' dtype
-        kk = _product(k, k.transpose(-1, -2), low, q.dtype)
-        qk = _product(q, k.transpose(-1, -2), low, q.dtype)
+        # results; the triangular solve and the decays stay in the state's dtype. An operand that several
+        # products take is cast once.
+        k_low = k.to(low)
+        kk = _product(k_low, k_low.transpose(-1, -2), low, acc)
+        qk = _product(q, k_low.transpose(-1, -2), low, acc)
         # (I + A)^{-1}, formed once: the forward multiplies by it and the backward by its transpose
         # (a matmul each, cheaper than two triangular solves). solve_triangular(unitriangular=True)
         # reads only the strictly lower triangle, so the diagonal of beta D o K K^T can stay as it is.
         A = kk * decay * beta[..., :, None]
-        eye = torch.eye(L, dtype=q.dtype, device=q.device).expand_as(A)
+        eye = torch.eye(L, dtype=acc, device=q.device).expand_as(A)
         inverse = torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)
         exp_g = torch.exp(g)[..., None]
-        rhs = beta[..., None] * torch.cat([exp_g * k, v], dim=-1)  # [N, n, L, mk + mv]
-        solved = _product(inverse, rhs, low, q.dtype)  # [W | U_v]
+        rhs = beta[..., None] * torch.cat([exp_g * k, v.to(acc)], dim=-1)  # [N, n, L, mk + mv]
+        solved = _product(inverse, rhs, low, acc)  # [W | U_v]
+        solved_low = solved.to(low)
         attend = decay * qk  # P
         to_end = torch.exp(g[..., -1:] - g)[..., None]
         chunk_decay = torch.exp(g[..., -1])  # [N, n]
         # the chunk-local parts of the recursion, all chunks at once (operands in the matmul dtype)
-        through = _product(attend, solved, low, q.dtype)  # [P W | P U_v]
+        through = _product(attend, solved_low, low, acc)  # [P W | P U_v]
         by_state = exp_g * q - through[..., :mk]  # Q_s [N, n, L, mk]
-        k_end = to_end * k  # K_end
+        k_end = (to_end * k).to(low)  # K_end, as the products take it
         # S M as e^{g_L} S - (S W^T) K_end (see the class docstring); a kernel's pass is always factored
         ctx.factored = 2 * L < mk or chain is not chain_states_torch
         rows = slice(mk, None) if ctx.factored else slice(None)  # R = U_v^T K_end, or [W^T K_end; R]
-        transition = _product(solved[..., rows].transpose(-1, -2), k_end, low, q.dtype)
+        transition = _product(solved_low[..., rows].transpose(-1, -2), k_end, low, acc)
         if ctx.factored:
             R, M = transition, None
         else:
@@ -264,10 +273,10 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         # the state entering each chunk [N, n, mv, mk]; factored, kept only in the operands' dtype, in which
         # every product that takes it multiplies (half inputs: half the bytes written, saved and read)
         if M is None:  # S M + R = e^{g_L} S - (S W^T) K_end + R, chunk after chunk
-            states, S, _ = chain(S0, R, chunk_decay, solved[..., :mk].to(low), k_end.to(low), entering_dtype=low)
+            states, S, _ = chain(S0, R, chunk_decay, solved_low[..., :mk], k_end, entering_dtype=low)
         else:
             states, S = _chain_formed(S0, R, M)
-        o = _product(by_state, states.transpose(-1, -2), low, q.dtype) + through[..., mk:]
+        o = _product(by_state, states.transpose(-1, -2), low, acc) + through[..., mk:]
         ctx.save_for_backward(q, k, v, beta, decay, kk, qk, inverse, solved, attend, by_state, exp_g, to_end,
                               chunk_decay, states, *([] if M is None else [M]))
         return o, S
@@ -288,23 +297,26 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         mk = k.shape[-1]
         # The incoming gradient is often a strided view (the caller's transposes, an expanded sum):
         # batched matmuls with it would fall back to a copy and a GEMM per matrix on the CPU.
-        d_o = d_o.contiguous()
-        k_end = to_end * k
-        W = solved[..., :mk]
-        M_t = M[0].transpose(-1, -2) if M else None
         acc, low = chunk_decay.dtype, ctx.low  # the state's dtype; the products' operands
+        d_o = d_o.contiguous()
+        d_o_low, k_low, q_low, solved_low = d_o.to(low), k.to(low), q.to(low), solved.to(low)  # each cast once
+        k_end = to_end * k
+        k_end_low = k_end.to(low)
+        W = solved_low[..., :mk]
+        M_t = M[0].transpose(-1, -2) if M else None
         # the state's recursion, backwards through the chunks: dS_c = dS_{c+1} M_c^T + dO_c^T Q_s,c;
         # factored (m > 2L, or the Triton pass), the states were saved in the operands' dtype and the
         # gradients after each chunk come back in it: every product below takes them so
-        from_o = _product(d_o.transpose(-1, -2), by_state, low if M_t is None else acc)  # [N, n, mv, mk]
+        from_o = _product((d_o_low if M_t is None else d_o).transpose(-1, -2), by_state,
+                          low if M_t is None else acc)  # [N, n, mv, mk]
         d_S = d_S.to(acc)
         if M_t is None:  # dS' M^T + dO^T Q_s = e^{g_L} dS' - (dS' K_end^T) W + dO^T Q_s, and tr dM = <S, dS'>
-            d_next, d_S, d_chunk_decay = ctx.chain(d_S, from_o, chunk_decay, k_end.to(low), W.to(low),
+            d_next, d_S, d_chunk_decay = ctx.chain(d_S, from_o, chunk_decay, k_end_low, W,
                                                    reverse=True, entering_dtype=low, dot_with=states)
-            d_by_state = _product(d_o, states, low, acc)  # [N, n, L, mk]
+            d_by_state = _product(d_o_low, states, low, acc)  # [N, n, L, mk]
             # with dM = S^T dS' (not formed): -K_end dM^T = -(K_end dS'^T) S, and
             # -W dM + U_v dS' = (U_v - W S^T) dS' (the chunk's corrections U times dS')
-            k_d_next = _product(k_end, d_next.transpose(-1, -2), low, acc)  # [N, n, L, mv]
+            k_d_next = _product(k_end_low, d_next.transpose(-1, -2), low, acc)  # [N, n, L, mv]
             d_solved = torch.cat([-_product(k_d_next, states, low, acc), k_d_next], dim=-1)
             corrections = solved[..., mk:] - _product(W, states.transpose(-1, -2), low, acc)  # U
             d_k_end = _product(corrections, d_next, low, acc)  # [N, n, L, mk]
@@ -316,14 +328,14 @@ class _ChunkedDeltaRule(torch.autograd.Function):
             d_transition = torch.cat([d_M.neg_(), d_next], dim=-2)  # [N, n, mk + mv, mk]
             d_solved = k_end @ d_transition.transpose(-1, -2)
             d_k_end = solved @ d_transition  # [N, n, L, mk]
-        d_through = torch.cat([-d_by_state, d_o], dim=-1)  # [N, n, L, mk + mv]
+        d_through = torch.cat([-d_by_state, d_o.to(acc)], dim=-1).to(low)  # [N, n, L, mk + mv], as products take it
         q_g = exp_g * q
         d_solved = d_solved + _product(attend.transpose(-1, -2), d_through, low, acc)
-        dP = _product(d_through, solved.transpose(-1, -2), low, acc)  # [N, n, L, L]
+        dP = _product(d_through, solved_low.transpose(-1, -2), low, acc)  # [N, n, L, L]
 
         # through the triangular solve: [W | U_v] = (I + A)^{-1} R
         dR = _product(inverse.transpose(-1, -2), d_solved, low, acc)
-        G = _product(dR, solved.transpose(-1, -2), low, acc).mul_(decay).tril_(-1)  # -dA o D, strictly lower
+        G = _product(dR, solved_low.transpose(-1, -2), low, acc).mul_(decay).tril_(-1)  # -dA o D, strictly lower
         Gk = G * kk
         d_kk = G.mul_(-beta[..., :, None])
         d_qk = dP.mul_(decay)
@@ -334,9 +346,9 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         t_end = (d_k_end * k_end).sum(-1)
         d_g = beta * s_k + (d_by_state * q_g).sum(-1) - t_end + E.sum(-1) - E.sum(-2)
         d_g[..., -1] += t_end.sum(-1) + chunk_decay * d_chunk_decay
-        d_k = (_product(d_kk + d_kk.transpose(-1, -2), k, low, acc)
-               + _product(d_qk.transpose(-1, -2), q, low, acc)
+        d_k = (_product(d_kk + d_kk.transpose(-1, -2), k_low, low, acc)
+               + _product(d_qk.transpose(-1, -2), q_low, low, acc)
                + (beta[..., None] * exp_g) * dR_k + to_end * d_k_end)
-        d_q = _product(d_qk, k, low, acc) + exp_g * d_by_state
+        d_q = _product(d_qk, k_low, low, acc) + exp_g * d_by_state
         d_v = beta[..., None] * dR_v
         return d_q, d_k, d_v, d_g, d_beta, d_S, None, None

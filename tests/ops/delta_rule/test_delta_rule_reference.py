@@ -176,6 +176,27 @@ def test_half_inputs_with_the_factored_map_forward_and_backward(dtype):
         assert error < 2e-2, f"{name}: relative error {error:.3g}"
 
 
+@pytest.mark.parametrize("mk", [16, 80], ids=["formed map", "factored map"])
+def test_half_inputs_are_multiplied_as_given_not_widened_first(mk):
+    """q, k, v handed to the chunked form in bf16 (as gated_delta_rule hands them) give bit for bit what
+    they give widened to fp32 first: every product casts its operands to bf16 either way, and the
+    element-wise math widens them as it reads them; only the fp32 copies are saved."""
+    q, k, v, la, b, S0 = (x[0] for x in inputs(B=1, T=100, K=3, mk=mk, mv=12))  # the 3 banks as rows N
+    q, k, v = (x.transpose(0, 1).contiguous() for x in (q, k, v))  # [N, T, m]
+    la, b = (x.t().contiguous() / 10 for x in (la, b))  # [N, T]
+    weights = torch.randn(3, 100, 12), torch.randn(3, 12, mk)
+    results = []
+    for widen in (False, True):
+        halves = [x.to(torch.bfloat16).requires_grad_() for x in (q, k, v)]
+        rest = [x.float().requires_grad_() for x in (la, b, S0)]
+        given = [x.float() if widen else x for x in halves]
+        o, S = delta_rule_chunked(*given, *rest, chunk_len=32, matmul_dtype=torch.bfloat16)
+        loss = (o * weights[0]).sum() + (S * weights[1]).sum()
+        results.append((o, S, *torch.autograd.grad(loss, halves + rest)))
+    for name, got, want in zip(("o", "S", "dq", "dk", "dv", "dlog_alpha", "dbeta", "dS0"), *results):
+        assert got.dtype == want.dtype and torch.equal(got, want), name
+
+
 def test_bad_shapes_are_refused():
     q, k, v, la, b, S0 = inputs()
     with pytest.raises(ValueError, match="log_alpha and beta"):
