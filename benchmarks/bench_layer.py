@@ -14,13 +14,14 @@ F.scaled_dot_product_attention(is_causal=True). Measured in the same run, on the
 
     python benchmarks/bench_layer.py [--preset 7b] [--shapes 4x2048,1x8192,1x32768]
                                      [--iters 10] [--warmup 3] [--compile] [--sdpa auto]
-                                     [--profile 25] [--json results.json]
+                                     [--profile 25] [--profile-copies 15] [--json results.json]
 
 The MM-Rec layer runs in steady state: every piece of its carried state is filled (window,
 ring, kept slots, delta memory; the stream position is 2 S blocks), as in every segment of a long
 stream after its first 2 S blocks. `--profile N`
 also prints, per layer and shape, the N GPU kernels that took the most time in one
-forward+backward (torch.profiler), to see where the time goes.
+forward+backward (torch.profiler), to see where the time goes; `--profile-copies N` with it, the N call
+sites (Python stacks and shapes) of the eager copies and casts with the most time.
 
 Prints a Markdown table (and the MM-Rec / Transformer time ratio per shape) at the end. A shape
 that does not fit in memory is reported as OOM and the run goes on.
@@ -132,8 +133,8 @@ def measure(kind: str, config: MMRecConfig, batch: int, seq: int, args: argparse
     fwd = time_fn(forward, warmup=args.warmup, iters=args.iters, cuda=cuda)
     both = time_fn(forward_backward, warmup=args.warmup, iters=args.iters, cuda=cuda)
     if args.profile:
-        print(kernel_profile(forward_backward, args.profile, f"{kind} {batch}x{seq} (one forward+backward)"),
-              flush=True)
+        print(kernel_profile(forward_backward, args.profile, f"{kind} {batch}x{seq} (one forward+backward)",
+                             copies=args.profile_copies), flush=True)
     peak_gib = None
     if cuda:
         for tensor in [x, *params]:
@@ -208,6 +209,8 @@ def main() -> None:
                         help="restrict the Transformer's attention kernel (auto: PyTorch's choice)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="print the N kernels that take the most time per layer and shape")
+    parser.add_argument("--profile-copies", type=int, default=0, metavar="N",
+                        help="with --profile: also the N call sites of eager copies and casts with the most time")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():

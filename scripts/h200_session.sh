@@ -310,12 +310,13 @@ verify)
     timeout $(left ${TEST_LIMIT:-120}) python3 -m pytest -q tests/ops/delta_rule tests/core/test_memory_gpu.py \
         tests/ops/memory_step tests/test_decode_gpu.py -rf > "$OUT/tests.txt" 2>&1
     timeout $(left 240) python3 benchmarks/bench_generate.py --new-tokens 48 --prefill synthetic --prompts 2K \
-        --methods mmrec-step,mmrec-step-fp32-entries --presets 7b,1b --batches 1 --compile --profile 40 \
+        --methods mmrec-step,mmrec-step-fp32-entries --presets 7b,1b --batches 1 --compile --rounds 2 --profile 40 \
         > "$OUT/generate_profile.txt" 2>&1
     timeout $(left 150) python3 benchmarks/bench_memory_step.py --presets 7b,1b --batches 1,8 \
         --tile-elements 4096,8192,16384 --tiles 1 --warps 4,8 > "$OUT/bench_memory_step.txt" 2>&1
     [ -n "${WITH_LAYER:-}" ] && timeout $(left 300) python3 benchmarks/bench_layer.py --preset 7b \
         --shapes 4x2048,1x32768 --iters 3 --warmup 1 --layers mmrec,transformer --compile --profile ${PROFILE:-30} \
+        --profile-copies 20 \
         --json "$RUNS/layer_7b_verify.json" > "$OUT/bench_layer.log" 2>&1
     finish
     ;;

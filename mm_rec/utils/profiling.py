@@ -278,21 +278,58 @@ def peak_memory(device: torch.device | str) -> PeakMemory:
     return PeakMemory(rss, rss)
 
 
-def kernel_profile(fn: Callable[[], Any], rows: int, title: str) -> str:
+def kernel_profile(fn: Callable[[], Any], rows: int, title: str, copies: int = 0) -> str:
     """The `rows` kernels (device ops on CUDA, CPU ops elsewhere) with the most self time over one call
     of fn, which the caller has warmed up, as torch.profiler's table under a `--- profile: title` line.
-    Kernels replayed from a captured CUDA graph are listed by name like launched ones."""
+    Kernels replayed from a captured CUDA graph are listed by name like launched ones. With `copies`,
+    also the `copies` call sites (Python stacks) of eager copies and casts (`aten::copy_`) with the most
+    time: what a profile's copy rows are, which the kernel table cannot say."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, with_stack=bool(copies), record_shapes=bool(copies)) as prof:
         fn()
         if cuda:
             torch.cuda.synchronize()
     sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=70)
-    return f"--- profile: {title}\n{table}"
+    report = f"--- profile: {title}\n{table}"
+    if copies:
+        report += "\n" + _copy_sites(prof, copies, cuda)
+    return report
+
+
+def _call_site(event) -> str:
+    """The innermost three frames of this package above a profiler event (the Python function events
+    among its ancestors), else the autograd node or outermost op it ran under (the backward runs
+    without a Python stack)."""
+    node, outermost, frames = event, event, []
+    while node is not None:
+        if "mm_rec/" in node.name or "benchmarks/" in node.name:
+            frames.append(node.name.split("/work/")[-1].split("mm_rec/", 1)[-1])
+        elif not frames and ("autograd::engine" in node.name or "Backward" in node.name):
+            return node.name
+        outermost, node = node, node.cpu_parent
+    return " < ".join(frames[:3]) if frames else outermost.name
+
+
+def _copy_sites(prof, rows: int, cuda: bool) -> str:
+    """The `rows` (call site, shape) groups of aten::copy_ with the most self time, one line each: ms,
+    calls, the input shapes and the innermost frames of this package."""
+    sites: dict[tuple[str, str], list[float]] = {}
+    for event in prof.events():
+        if event.name != "aten::copy_":
+            continue
+        key = (_call_site(event), str(event.input_shapes[:2]))
+        time_us = event.self_device_time_total if cuda else event.self_cpu_time_total
+        entry = sites.setdefault(key, [0.0, 0])
+        entry[0] += time_us
+        entry[1] += 1
+    top = sorted(sites.items(), key=lambda item: -item[1][0])[:rows]
+    lines = [f"--- copies by call site ({'device' if cuda else 'CPU'} ms, calls, shapes, frames)"]
+    lines += [f"{t / 1e3:8.3f} ms {n:4d}x  {shapes}  {frames}" for (frames, shapes), (t, n) in top]
+    return "\n".join(lines)
 
 
 def print_report(header: str, table: str, results: Any, json_path: str | None = None) -> None:
