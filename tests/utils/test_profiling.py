@@ -6,10 +6,12 @@ import torch
 from mm_rec import MMRecConfig, MMRecModel
 from mm_rec.core.recurrence import mmrec_recurrence
 from mm_rec.ops import recurrence
+from mm_rec.ops.delta_rule.reference import _product
 from mm_rec.utils.profiling import (
     PEAK_BF16_TFLOPS,
     BlockTimer,
     count_flops,
+    kernel_profile,
     mfu,
     peak_memory,
     time_fn,
@@ -70,3 +72,20 @@ def test_time_fn_and_block_timer():
 def test_peak_memory_on_cpu_reports_resident_size():
     memory = peak_memory("cpu")
     assert memory.allocated_gib > 0 and memory.reserved_gib == memory.allocated_gib
+
+
+def test_kernel_profile_names_the_call_sites_of_copies():
+    """--profile-copies: the casts inside a package function are listed under that function's frame, and
+    those in a backward under its autograd node."""
+    a = torch.randn(3, 8, 8, requires_grad=True)
+    b = torch.randn(3, 8, 8)
+
+    def fn():
+        _product(a, b, torch.float64, torch.float32).sum().backward()
+
+    fn()
+    report = kernel_profile(fn, 5, "casts", copies=10)
+    sites = report.split("--- copies by call site")[1].splitlines()[1:]
+    assert any("delta_rule/reference.py" in line and "_product" in line for line in sites), report
+    assert any("Backward" in line for line in sites), report
+    assert "--- copies by call site" not in kernel_profile(fn, 5, "no casts asked")
