@@ -299,18 +299,17 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         # batched matmuls with it would fall back to a copy and a GEMM per matrix on the CPU.
         acc, low = chunk_decay.dtype, ctx.low  # the state's dtype; the products' operands
         d_o = d_o.contiguous()
-        d_o_low, k_low, q_low, solved_low = d_o.to(low), k.to(low), q.to(low), solved.to(low)  # each cast once
+        k_low, q_low, solved_low = k.to(low), q.to(low), solved.to(low)  # operands of several products: cast once
         k_end = to_end * k
-        k_end_low = k_end.to(low)
-        W = solved_low[..., :mk]
         M_t = M[0].transpose(-1, -2) if M else None
+        d_o_low = d_o.to(low) if M_t is None else d_o  # the factored map's products take it in `low`
         # the state's recursion, backwards through the chunks: dS_c = dS_{c+1} M_c^T + dO_c^T Q_s,c;
         # factored (m > 2L, or the Triton pass), the states were saved in the operands' dtype and the
         # gradients after each chunk come back in it: every product below takes them so
-        from_o = _product((d_o_low if M_t is None else d_o).transpose(-1, -2), by_state,
-                          low if M_t is None else acc)  # [N, n, mv, mk]
+        from_o = _product(d_o_low.transpose(-1, -2), by_state, low if M_t is None else acc)  # [N, n, mv, mk]
         d_S = d_S.to(acc)
         if M_t is None:  # dS' M^T + dO^T Q_s = e^{g_L} dS' - (dS' K_end^T) W + dO^T Q_s, and tr dM = <S, dS'>
+            k_end_low, W = k_end.to(low), solved_low[..., :mk]
             d_next, d_S, d_chunk_decay = ctx.chain(d_S, from_o, chunk_decay, k_end_low, W,
                                                    reverse=True, entering_dtype=low, dot_with=states)
             d_by_state = _product(d_o_low, states, low, acc)  # [N, n, L, mk]
