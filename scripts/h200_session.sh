@@ -20,7 +20,7 @@
 #                                                       # in .whl, device README: pip install --target, PYTHONPATH)
 #   OUT=/tmp/h200 bash scripts/h200_session.sh studies    # sharing the GPU: passkey ablations at 8K/32K, MM-Rec's
 #                                                       # Shakespeare recipe (carry runs/data), the Transformer's
-#                                                       # MQAR at width 64 and lr 1e-2 (WIDTHS=1: the width curve)
+#                                                       # MQAR at width 64 and lr 1e-2
 #   OUT=/tmp/h200 bash scripts/h200_session.sh recall2    # the passkey recipe (beside MM-Rec's LM recipes unless WITH_LM= ), then passkey_paths
 #   OUT=/tmp/h200 bash scripts/h200_session.sh decode_hf  # alone: the Hugging Face Llama beside MM-Rec
 #   OUT=/tmp/h200 bash scripts/h200_session.sh priority   # alone, when one call is all there is:
@@ -36,15 +36,13 @@
 #                                                       # bench_layer 7b with the Triton pass / the torch pass
 #   OUT=/tmp/h200 bash scripts/h200_session.sh verify     # alone: delta-rule, memory and decode GPU tests, the
 #                                                       # compiled decoding step (bf16 / fp32 entries), profiled
-#   OUT=/tmp/h200 bash scripts/h200_session.sh profiles   # alone: where the time goes: the 7b compiled decoding
-#                                                       # step and the 7b layer at 1 x 32K, kernel profiles
 # DEADLINE (default 580): the second of the phase by which every step has stopped.
 #
 # Runs share the GPU (small models leave it mostly idle), so steps, not wall time, compare them.
 # Each run is stopped by a time budget (it then evaluates and writes its results); the results
 # come back in $OUT: logs and runs.tgz (every run's JSON and log; no weights).
 set -u
-PHASE=${1:?usage: h200_session.sh recall|lm|ablations|passkey|widths|cuda|priority|combo|decode|decode_hf|fused|followup|delta|verify|profiles|studies|recall2}
+PHASE=${1:?usage: h200_session.sh recall|lm|ablations|passkey|widths|cuda|priority|combo|decode|decode_hf|fused|followup|delta|verify|studies|recall2}
 OUT=${OUT:-runs/h200-out}
 RUNS=runs/h200
 mkdir -p "$OUT" "$RUNS"
@@ -321,32 +319,16 @@ verify)
         --json "$RUNS/layer_7b_verify.json" > "$OUT/bench_layer.log" 2>&1
     finish
     ;;
-profiles)
-    # Alone on the GPU: kernel profiles for the two open speed targets. The 7b decoding step (61% of the
-    # floor; 70% wanted): the GEMVs' share against the memory kernel's and the small kernels'. The 7b
-    # layer at 1 x 32K (1.72x the Transformer): which fp32 GEMMs remain after the bf16 chunk products.
-    timeout $(left 240) python3 benchmarks/bench_generate.py --new-tokens 48 --prefill synthetic --prompts 2K \
-        --methods mmrec-step --presets 7b --batches 1 --compile --profile 40 > "$OUT/generate_7b_profile.txt" 2>&1
-    timeout $(left 280) python3 benchmarks/bench_layer.py --preset 7b --shapes 1x32768,4x2048 --iters 3 --warmup 1 \
-        --layers mmrec --compile --profile 30 > "$OUT/bench_layer_profile.log" 2>&1
-    finish
-    ;;
 studies)
     # One call for issue 14's open study rows, runs sharing the GPU (at most six: ten ran out of its 80 GB on
     # 2026-12-07): the passkey ablations at 8K and 32K (the recipe and the window and ring off, each for the
     # same $PK_STEPS steps unless the budget stops it first), MM-Rec's Tiny Shakespeare recipe at decay_init
     # 0.5 (carry runs/data; WITH_LM= , empty: none), and the Transformer at width 64 with Zoology's highest
-    # rate (it did not learn MQAR at 2.2e-3). WIDTHS=1 adds the width curve (recorded on 2026-12-07).
+    # rate (it did not learn MQAR at 2.2e-3). The width curve itself (recorded on 2026-12-07) is phase widths.
     BUDGET=${BUDGET:-380}
     export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
     zoology_recipes
     zoology "transformer_w64_lr1e-2" "transformer_w64" 0.01 $BUDGET
-    if [ -n "${WIDTHS:-}" ]; then
-        for width in 64 256; do
-            zoology "mmrec_w${width}_lr2.2e-3" "mmrec_w${width}" 0.0022 $BUDGET
-            zoology "transformer_w${width}_lr2.2e-3" "transformer_w${width}" 0.0022 $BUDGET
-        done
-    fi
     passkey ablate_none configs/passkey_mmrec.yaml $BUDGET --lengths 8k,32k --steps ${PK_STEPS:-1200}
     for ablation in ${PASSKEY_ABLATIONS:-window_size=0 memory_size_M=0}; do
         passkey "ablate_${ablation%%=*}" configs/passkey_mmrec.yaml $BUDGET --lengths 8k,32k \
