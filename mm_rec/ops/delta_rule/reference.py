@@ -24,7 +24,7 @@ Two implementations of the same function, and its one-token step:
 
 Shapes: q, k [N, T, m_k]; v [N, T, m_v]; log_alpha, beta [N, T]; S_0 [N, m_v, m_k] (N = batch rows
 times banks). Returns o [N, T, m_v] and S_T [N, m_v, m_k] in the state's dtype (that of log_alpha; q, k, v may be
-half, the products' operands).
+half, the products' operands: then `delta_rule_chunked`'s o is half too).
 """
 
 from __future__ import annotations
@@ -93,7 +93,11 @@ def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_al
     fifth of a 7b layer's time on an H100 (docs/benchmarks.md). Everything else in the backward runs in
     the state's dtype.
 
-    Returns o and S_T in the state's dtype. `chain` runs the chunk-to-chunk pass: `chain_states_torch`
+    Returns o in the products' dtype (`matmul_dtype`, default the state's: with half inputs o is rounded once
+    from its fp32 sum, as the caller wants it, and its gradient comes back in that dtype) and S_T in the
+    state's dtype. Tensors that are only ever product operands ((I + A)^{-1}, P, [e^g K | V], K_end and, with
+    the map factored, Q_s; in the backward U, [-dQ_s | dO] and d[W | U_v]) are written once, in the operands'
+    dtype, by the element-wise op that makes them. `chain` runs the chunk-to-chunk pass: `chain_states_torch`
     (default) or the Triton kernel's `chain_states_triton` (same contract; with it the state map is
     always applied in factors)."""
     N, T, mk = k.shape
@@ -133,6 +137,12 @@ def _product(a: torch.Tensor, b: torch.Tensor, operands: torch.dtype,
         return torch.bmm(a.flatten(0, -3), b.flatten(0, -3), out_dtype=result).unflatten(0, a.shape[:-2])
     out = a @ b
     return out if result is None else out.to(result)
+
+
+def _like(x: torch.Tensor, dtype: torch.dtype, last: int | None = None) -> torch.Tensor:
+    """An empty contiguous tensor of x's shape (its last dimension `last` if given) in `dtype`: the
+    destination of an element-wise op that writes its result in the dtype its consumers take."""
+    return x.new_empty(*x.shape[:-1], x.shape[-1] if last is None else last, dtype=dtype)
 
 
 _BMM_OUT_DTYPE: bool | None = None
@@ -248,20 +258,28 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         # reads only the strictly lower triangle, so the diagonal of beta D o K K^T can stay as it is.
         A = kk * decay * beta[..., :, None]
         eye = torch.eye(L, dtype=acc, device=q.device).expand_as(A)
-        inverse = torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)
+        # (I + A)^{-1} and P are only ever product operands (here and in the backward): kept in that dtype
+        inverse = torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True).to(low)
+        attend = torch.mul(decay, qk, out=_like(qk, low))  # P
         exp_g = torch.exp(g)[..., None]
-        rhs = beta[..., None] * torch.cat([exp_g * k, v.to(acc)], dim=-1)  # [N, n, L, mk + mv]
+        # diag(beta) [e^g K | V] [N, n, L, mk + mv], written once, as the product takes it (with half inputs
+        # the element-wise casts, concatenations and fp32 copies of these tensors were most of the chunked
+        # form's memory traffic: docs/benchmarks.md)
+        rhs = _like(k, low, mk + v.shape[-1])
+        torch.mul(k, beta[..., None] * exp_g, out=rhs[..., :mk])
+        torch.mul(v, beta[..., None], out=rhs[..., mk:])
         solved = _product(inverse, rhs, low, acc)  # [W | U_v]
         solved_low = solved.to(low)
-        attend = decay * qk  # P
         to_end = torch.exp(g[..., -1:] - g)[..., None]
         chunk_decay = torch.exp(g[..., -1])  # [N, n]
-        # the chunk-local parts of the recursion, all chunks at once (operands in the matmul dtype)
-        through = _product(attend, solved_low, low, acc)  # [P W | P U_v]
-        by_state = exp_g * q - through[..., :mk]  # Q_s [N, n, L, mk]
-        k_end = (to_end * k).to(low)  # K_end, as the products take it
         # S M as e^{g_L} S - (S W^T) K_end (see the class docstring); a kernel's pass is always factored
         ctx.factored = 2 * L < mk or chain is not chain_states_torch
+        # the chunk-local parts of the recursion, all chunks at once (operands in the matmul dtype)
+        through = _product(attend, solved_low, low, acc)  # [P W | P U_v]
+        # Q_s [N, n, L, mk]: factored, only a product operand (kept in that dtype); formed, the backward's
+        # dO^T Q_s multiplies it in the state's dtype
+        by_state = torch.sub(exp_g * q, through[..., :mk], out=_like(q, low if ctx.factored else acc))
+        k_end = torch.mul(k, to_end, out=_like(k, low))  # K_end, as the products take it
         rows = slice(mk, None) if ctx.factored else slice(None)  # R = U_v^T K_end, or [W^T K_end; R]
         transition = _product(solved_low[..., rows].transpose(-1, -2), k_end, low, acc)
         if ctx.factored:
@@ -276,7 +294,9 @@ class _ChunkedDeltaRule(torch.autograd.Function):
             states, S, _ = chain(S0, R, chunk_decay, solved_low[..., :mk], k_end, entering_dtype=low)
         else:
             states, S = _chain_formed(S0, R, M)
-        o = _product(by_state, states.transpose(-1, -2), low, acc) + through[..., mk:]
+        # o in the products' dtype, rounded once from its fp32 sum (the caller's dtype with half inputs)
+        o = torch.add(_product(by_state, states.transpose(-1, -2), low, acc), through[..., mk:],
+                      out=_like(through[..., mk:], low))
         ctx.save_for_backward(q, k, v, beta, decay, kk, qk, inverse, solved, attend, by_state, exp_g, to_end,
                               chunk_decay, states, *([] if M is None else [M]))
         return o, S
@@ -298,39 +318,52 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         # The incoming gradient is often a strided view (the caller's transposes, an expanded sum):
         # batched matmuls with it would fall back to a copy and a GEMM per matrix on the CPU.
         acc, low = chunk_decay.dtype, ctx.low  # the state's dtype; the products' operands
-        d_o = d_o.contiguous()
+        mv = v.shape[-1]
+        d_o = d_o.contiguous()  # in o's dtype, the products' (the caller's transposes make it strided)
         k_low, q_low, solved_low = k.to(low), q.to(low), solved.to(low)  # operands of several products: cast once
-        k_end = to_end * k
         M_t = M[0].transpose(-1, -2) if M else None
-        d_o_low = d_o.to(low) if M_t is None else d_o  # the factored map's products take it in `low`
+        # [-dQ_s | dO] [N, n, L, mk + mv], as the products take it: written once (its left half below)
+        d_through = _like(d_o, low, mk + mv)
+        d_through[..., mk:].copy_(d_o)
         # the state's recursion, backwards through the chunks: dS_c = dS_{c+1} M_c^T + dO_c^T Q_s,c;
         # factored (m > 2L, or the Triton pass), the states were saved in the operands' dtype and the
         # gradients after each chunk come back in it: every product below takes them so
-        from_o = _product(d_o_low.transpose(-1, -2), by_state, low if M_t is None else acc)  # [N, n, mv, mk]
         d_S = d_S.to(acc)
         if M_t is None:  # dS' M^T + dO^T Q_s = e^{g_L} dS' - (dS' K_end^T) W + dO^T Q_s, and tr dM = <S, dS'>
-            k_end_low, W = k_end.to(low), solved_low[..., :mk]
-            d_next, d_S, d_chunk_decay = ctx.chain(d_S, from_o, chunk_decay, k_end_low, W,
+            d_o = d_o.to(low)
+            from_o = _product(d_o.transpose(-1, -2), by_state, low)  # [N, n, mv, mk]
+            k_end = torch.mul(k, to_end, out=_like(k, low))
+            W = solved_low[..., :mk]
+            d_next, d_S, d_chunk_decay = ctx.chain(d_S, from_o, chunk_decay, k_end, W,
                                                    reverse=True, entering_dtype=low, dot_with=states)
-            d_by_state = _product(d_o_low, states, low, acc)  # [N, n, L, mk]
+            d_by_state = _product(d_o, states, low, acc)  # [N, n, L, mk]
             # with dM = S^T dS' (not formed): -K_end dM^T = -(K_end dS'^T) S, and
             # -W dM + U_v dS' = (U_v - W S^T) dS' (the chunk's corrections U times dS')
-            k_d_next = _product(k_end_low, d_next.transpose(-1, -2), low, acc)  # [N, n, L, mv]
-            d_solved = torch.cat([-_product(k_d_next, states, low, acc), k_d_next], dim=-1)
-            corrections = solved[..., mk:] - _product(W, states.transpose(-1, -2), low, acc)  # U
+            k_d_next = _product(k_end, d_next.transpose(-1, -2), low, acc)  # [N, n, L, mv]
+            # U, only a product's operand
+            corrections = torch.sub(solved[..., mk:], _product(W, states.transpose(-1, -2), low, acc),
+                                    out=_like(k_d_next, low))
             d_k_end = _product(corrections, d_next, low, acc)  # [N, n, L, mk]
         else:  # the state map formed: everything in the state's dtype
+            d_o = d_o.to(acc)
+            from_o = _product(d_o.transpose(-1, -2), by_state, acc)  # [N, n, mv, mk]
             d_next, d_S = _chain_formed(d_S, from_o, M_t, reverse=True)
             d_by_state = d_o @ states  # [N, n, L, mk]
             d_M = states.transpose(-1, -2) @ d_next  # [N, n, mk, mk]
             d_chunk_decay = d_M.diagonal(dim1=-2, dim2=-1).sum(-1)  # [N, n]
             d_transition = torch.cat([d_M.neg_(), d_next], dim=-2)  # [N, n, mk + mv, mk]
-            d_solved = k_end @ d_transition.transpose(-1, -2)
+            d_solved = (to_end * k) @ d_transition.transpose(-1, -2)
             d_k_end = solved @ d_transition  # [N, n, L, mk]
-        d_through = torch.cat([-d_by_state, d_o.to(acc)], dim=-1).to(low)  # [N, n, L, mk + mv], as products take it
+        torch.mul(d_by_state, -1, out=d_through[..., :mk])
         q_g = exp_g * q
-        d_solved = d_solved + _product(attend.transpose(-1, -2), d_through, low, acc)
+        from_through = _product(attend.transpose(-1, -2), d_through, low, acc)  # P^T [-dQ_s | dO]
         dP = _product(d_through, solved_low.transpose(-1, -2), low, acc)  # [N, n, L, L]
+        if M_t is None:  # d[W | U_v] = P^T [-dQ_s | dO] + [-(K_end dS'^T) S | K_end dS'^T], as dR's product takes it
+            d_solved = _like(from_through, low)
+            torch.sub(from_through[..., :mk], _product(k_d_next, states, low, acc), out=d_solved[..., :mk])
+            torch.add(from_through[..., mk:], k_d_next, out=d_solved[..., mk:])
+        else:
+            d_solved = d_solved + from_through
 
         # through the triangular solve: [W | U_v] = (I + A)^{-1} R
         dR = _product(inverse.transpose(-1, -2), d_solved, low, acc)
@@ -338,16 +371,18 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         Gk = G * kk
         d_kk = G.mul_(-beta[..., :, None])
         d_qk = dP.mul_(decay)
+        d_qk_low = d_qk.to(low)  # two products' operand
         E = (d_qk * qk).sub_(beta[..., :, None] * Gk)  # dD o D: the gradient of D's exponents
         dR_k, dR_v = dR.split([mk, dR.shape[-1] - mk], dim=-1)
         s_k = (dR_k * k).sum(-1) * exp_g[..., 0]  # [N, n, L]
         d_beta = s_k + (dR_v * v).sum(-1) - Gk.sum(-1)
-        t_end = (d_k_end * k_end).sum(-1)
+        d_k_end = d_k_end.mul_(to_end)  # the gradient reaching K, K_end = e^{g_L - g} K
+        t_end = (d_k_end * k).sum(-1)
         d_g = beta * s_k + (d_by_state * q_g).sum(-1) - t_end + E.sum(-1) - E.sum(-2)
         d_g[..., -1] += t_end.sum(-1) + chunk_decay * d_chunk_decay
         d_k = (_product(d_kk + d_kk.transpose(-1, -2), k_low, low, acc)
-               + _product(d_qk.transpose(-1, -2), q_low, low, acc)
-               + (beta[..., None] * exp_g) * dR_k + to_end * d_k_end)
-        d_q = _product(d_qk, k_low, low, acc) + exp_g * d_by_state
+               + _product(d_qk_low.transpose(-1, -2), q_low, low, acc)
+               + (beta[..., None] * exp_g) * dR_k + d_k_end)
+        d_q = _product(d_qk_low, k_low, low, acc) + exp_g * d_by_state
         d_v = beta[..., None] * dR_v
         return d_q, d_k, d_v, d_g, d_beta, d_S, None, None
