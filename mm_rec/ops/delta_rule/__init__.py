@@ -68,13 +68,13 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alph
     return o.to(v.dtype), S.view(B, K, mv, mk)
 
 
-def _chain_for(backend: str, q: torch.Tensor, acc: torch.dtype, mk: int):
-    """The chunk-to-chunk pass for `backend` (None: the torch loop)."""
+def _chain_for(backend: str, q: torch.Tensor, acc: torch.dtype, mk: int) -> str:
+    """What runs the chunk-to-chunk pass for `backend`: "torch" (the loop) or "triton"."""
     if backend == "torch" or (backend == "auto" and not (q.is_cuda and acc == torch.float32 and triton_available())):
-        return None
-    from mm_rec.ops.delta_rule.triton_kernels import MAX_KEY_DIM, chain_states_triton  # needs Triton
+        return "torch"
+    from mm_rec.ops.delta_rule.triton_kernels import MAX_KEY_DIM  # needs Triton
 
-    return None if backend == "auto" and mk > MAX_KEY_DIM else chain_states_triton
+    return "torch" if backend == "auto" and mk > MAX_KEY_DIM else "triton"
 
 
 def delta_rule_flops(batch: int, seq_len: int, banks: int, key_dim: int, value_dim: int,

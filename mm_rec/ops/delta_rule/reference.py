@@ -29,6 +29,8 @@ half, the products' operands: then `delta_rule_chunked`'s o is half too).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -77,7 +79,8 @@ def delta_rule_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha
 
 def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
                        beta: torch.Tensor, initial_state: torch.Tensor, chunk_len: int | None = None,
-                       matmul_dtype: torch.dtype | None = None, chain=None) -> tuple[torch.Tensor, torch.Tensor]:
+                       matmul_dtype: torch.dtype | None = None,
+                       chain: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
     """Chunkwise-parallel form (see the module docstring) with a hand-derived backward (`_ChunkedDeltaRule`).
 
     log_alpha, beta and initial_state give the state's dtype; q, k, v may come in `matmul_dtype` (a half
@@ -97,9 +100,9 @@ def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_al
     from its fp32 sum, as the caller wants it, and its gradient comes back in that dtype) and S_T in the
     state's dtype. Tensors that are only ever product operands ((I + A)^{-1}, P, [e^g K | V], K_end and, with
     the map factored, Q_s; in the backward U, [-dQ_s | dO] and d[W | U_v]) are written once, in the operands'
-    dtype, by the element-wise op that makes them. `chain` runs the chunk-to-chunk pass: `chain_states_torch`
-    (default) or the Triton kernel's `chain_states_triton` (same contract; with it the state map is
-    always applied in factors)."""
+    dtype, by the element-wise op that makes them. `chain` names what runs the chunk-to-chunk pass: "torch"
+    (`chain_states_torch`, the default) or "triton" (`chain_states_triton`, same contract; with it the state
+    map is always applied in factors); either runs as one operator, `mm_rec::delta_chain`."""
     N, T, mk = k.shape
     mv = v.shape[-1]
     L = min(chunk_len or chunk_len_for(T, k.device.type), T)
@@ -111,7 +114,7 @@ def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_al
     g = _cumsum_last(log_alpha.view(N, n, L))  # chunk-local: never a difference of long sums
     acc = g.dtype  # the state's
     o, S = _apply_chunked(q.view(N, n, L, mk), k.view(N, n, L, mk), v.view(N, n, L, mv), g, beta.view(N, n, L),
-                          initial_state.to(acc), matmul_dtype or acc, chain or chain_states_torch)
+                          initial_state.to(acc), matmul_dtype or acc, chain)
     return o.reshape(N, n * L, mv)[:, :T], S
 
 
@@ -120,9 +123,27 @@ def _cumsum_last(x: torch.Tensor) -> torch.Tensor:
     return x.cumsum(-1)
 
 
-@torch.compiler.disable  # a loop of small matmuls: compiling it unrolls n steps (minutes at 32K tokens)
 def _apply_chunked(q, k, v, g, beta, S0, low, chain):
+    if TRACE_UNDER_COMPILE and _factored(k.shape[2], k.shape[-1], chain):
+        # every loop is inside the chain's operator: torch.compile traces the rest, forward and backward
+        return _ChunkedDeltaRule.apply(q, k, v, g, beta, S0, low, chain)
+    return _apply_chunked_eagerly(q, k, v, g, beta, S0, low, chain)
+
+
+@torch.compiler.disable  # the formed map's loop in torch: compiling it unrolls n steps (minutes at 32K tokens)
+def _apply_chunked_eagerly(q, k, v, g, beta, S0, low, chain):
     return _ChunkedDeltaRule.apply(q, k, v, g, beta, S0, low, chain)
+
+
+# Under torch.compile the chunked form runs eagerly unless this is set (MMREC_TRACE_DELTA_RULE=1): then, where
+# the state map is factored (the pass one operator, `mm_rec::delta_chain`), the compiler traces its forward
+# and backward and fuses their element-wise work and casts (docs/benchmarks.md: being measured).
+TRACE_UNDER_COMPILE = os.environ.get("MMREC_TRACE_DELTA_RULE", "0") == "1"
+
+
+def _factored(chunk_len: int, key_dim: int, chain: str) -> bool:
+    """Whether the state map is applied in factors (see `_ChunkedDeltaRule`): m_k > 2 L, or the Triton pass."""
+    return 2 * chunk_len < key_dim or chain != "torch"
 
 
 def _product(a: torch.Tensor, b: torch.Tensor, operands: torch.dtype,
@@ -145,9 +166,26 @@ def _like(x: torch.Tensor, dtype: torch.dtype, last: int | None = None) -> torch
     return x.new_empty(*x.shape[:-1], x.shape[-1] if last is None else last, dtype=dtype)
 
 
+def _concat_last(dtype: torch.dtype, *parts) -> torch.Tensor:
+    """torch.cat([op(*args) for op, *args in parts], dim=-1) in `dtype`, written once: eagerly, each op (an
+    element-wise op taking out=) writes its slice of the result in that dtype; under torch.compile (which
+    refuses a strided out=) as a concatenation the compiler fuses into one kernel."""
+    if torch.compiler.is_compiling():
+        return torch.cat([op(*args).to(dtype) for op, *args in parts], dim=-1)
+    shapes = [torch.broadcast_shapes(*(a.shape for a in args if isinstance(a, torch.Tensor))) for _, *args in parts]
+    first = next(a for a in parts[0][1:] if isinstance(a, torch.Tensor))
+    out = first.new_empty(*shapes[0][:-1], sum(shape[-1] for shape in shapes), dtype=dtype)
+    start = 0
+    for (op, *args), shape in zip(parts, shapes):
+        op(*args, out=out[..., start:start + shape[-1]])
+        start += shape[-1]
+    return out
+
+
 _BMM_OUT_DTYPE: bool | None = None
 
 
+@torch.compiler.assume_constant_result  # traced (MMREC_TRACE_DELTA_RULE): probed eagerly, a constant to the graph
 def _bmm_out_dtype() -> bool:
     """Whether this torch's CUDA bmm takes out_dtype (half operands, fp32 result); probed once."""
     global _BMM_OUT_DTYPE
@@ -188,6 +226,34 @@ def chain_states_torch(start: torch.Tensor, add: torch.Tensor, decay: torch.Tens
                             _product(S, left[:, c].transpose(-1, -2), low), right[:, c], low)
 
     return _run_chain(start, left.shape[1], update, reverse, entering_dtype, dot_with)
+
+
+@torch.library.custom_op("mm_rec::delta_chain", mutates_args=())
+def _chain_operator(start: torch.Tensor, add: torch.Tensor, decay: torch.Tensor, left: torch.Tensor,
+                    right: torch.Tensor, reverse: bool, entering_dtype: torch.dtype, dot_with: torch.Tensor | None,
+                    kernel: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The factored pass (`chain_states_torch`'s contract) as one operator, so that torch.compile sees neither
+    its loop nor its kernel launch; `kernel` "torch" or "triton". Without dot_with the third output is empty."""
+    if kernel == "triton":
+        from mm_rec.ops.delta_rule.triton_kernels import chain_states_triton as run  # needs Triton
+    else:
+        run = chain_states_torch
+    entering, final, dots = run(start, add, decay, left, right, reverse, entering_dtype, dot_with)
+    return entering, final, dots if dots is not None else start.new_empty(0)
+
+
+@_chain_operator.register_fake
+def _(start, add, decay, left, right, reverse, entering_dtype, dot_with, kernel):
+    N, n = decay.shape
+    dots = start.new_empty(N, n) if dot_with is not None else start.new_empty(0)
+    return start.new_empty(N, n, *start.shape[-2:], dtype=entering_dtype), torch.empty_like(start), dots
+
+
+def _chain(kernel: str, start, add, decay, left, right, reverse=False, entering_dtype=None, dot_with=None):
+    """`chain_states_torch`'s contract through the operator."""
+    entering, final, dots = torch.ops.mm_rec.delta_chain(start, add, decay, left, right, reverse,
+                                                         entering_dtype or start.dtype, dot_with, kernel)
+    return entering, final, dots if dot_with is not None else None
 
 
 def _chain_formed(start: torch.Tensor, add: torch.Tensor, M: torch.Tensor, reverse: bool = False):
@@ -232,7 +298,7 @@ class _ChunkedDeltaRule(torch.autograd.Function):
     pass applies S M = e^{g_L} S - (S W^T) K_end, 2 L mv mk multiply-adds per chunk instead of
     mv mk^2 (and as many for forming M, and again in the backward). Elsewhere the [mk, mk] matrix
     is cheaper in torch: one product per chunk (`_chain_formed`); the Triton pass (`chain` =
-    `chain_states_triton`) is always factored, its products on tensor cores in the operands' dtype.
+    "triton") is always factored, its products on tensor cores in the operands' dtype.
     The backward runs the same recursion in reverse (dS = dS' M^T + dO^T Q_s), then everything else
     for all chunks at once. The forward saves the per-chunk factors and the states entering each chunk
     ([N, n, mv, mk]), so that nothing is recomputed."""
@@ -265,15 +331,13 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         # diag(beta) [e^g K | V] [N, n, L, mk + mv], written once, as the product takes it (with half inputs
         # the element-wise casts, concatenations and fp32 copies of these tensors were most of the chunked
         # form's memory traffic: docs/benchmarks.md)
-        rhs = _like(k, low, mk + v.shape[-1])
-        torch.mul(k, beta[..., None] * exp_g, out=rhs[..., :mk])
-        torch.mul(v, beta[..., None], out=rhs[..., mk:])
+        rhs = _concat_last(low, (torch.mul, k, beta[..., None] * exp_g), (torch.mul, v, beta[..., None]))
         solved = _product(inverse, rhs, low, acc)  # [W | U_v]
         solved_low = solved.to(low)
         to_end = torch.exp(g[..., -1:] - g)[..., None]
         chunk_decay = torch.exp(g[..., -1])  # [N, n]
         # S M as e^{g_L} S - (S W^T) K_end (see the class docstring); a kernel's pass is always factored
-        ctx.factored = 2 * L < mk or chain is not chain_states_torch
+        ctx.factored = _factored(L, mk, chain)
         # the chunk-local parts of the recursion, all chunks at once (operands in the matmul dtype)
         through = _product(attend, solved_low, low, acc)  # [P W | P U_v]
         # Q_s [N, n, L, mk]: factored, only a product operand (kept in that dtype); formed, the backward's
@@ -291,7 +355,7 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         # the state entering each chunk [N, n, mv, mk]; factored, kept only in the operands' dtype, in which
         # every product that takes it multiplies (half inputs: half the bytes written, saved and read)
         if M is None:  # S M + R = e^{g_L} S - (S W^T) K_end + R, chunk after chunk
-            states, S, _ = chain(S0, R, chunk_decay, solved_low[..., :mk], k_end, entering_dtype=low)
+            states, S, _ = _chain(chain, S0, R, chunk_decay, solved_low[..., :mk], k_end, entering_dtype=low)
         else:
             states, S = _chain_formed(S0, R, M)
         # o in the products' dtype, rounded once from its fp32 sum (the caller's dtype with half inputs)
@@ -318,13 +382,9 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         # The incoming gradient is often a strided view (the caller's transposes, an expanded sum):
         # batched matmuls with it would fall back to a copy and a GEMM per matrix on the CPU.
         acc, low = chunk_decay.dtype, ctx.low  # the state's dtype; the products' operands
-        mv = v.shape[-1]
         d_o = d_o.contiguous()  # in o's dtype, the products' (the caller's transposes make it strided)
         k_low, q_low, solved_low = k.to(low), q.to(low), solved.to(low)  # operands of several products: cast once
         M_t = M[0].transpose(-1, -2) if M else None
-        # [-dQ_s | dO] [N, n, L, mk + mv], as the products take it: written once (its left half below)
-        d_through = _like(d_o, low, mk + mv)
-        d_through[..., mk:].copy_(d_o)
         # the state's recursion, backwards through the chunks: dS_c = dS_{c+1} M_c^T + dO_c^T Q_s,c;
         # factored (m > 2L, or the Triton pass), the states were saved in the operands' dtype and the
         # gradients after each chunk come back in it: every product below takes them so
@@ -334,7 +394,7 @@ class _ChunkedDeltaRule(torch.autograd.Function):
             from_o = _product(d_o.transpose(-1, -2), by_state, low)  # [N, n, mv, mk]
             k_end = torch.mul(k, to_end, out=_like(k, low))
             W = solved_low[..., :mk]
-            d_next, d_S, d_chunk_decay = ctx.chain(d_S, from_o, chunk_decay, k_end, W,
+            d_next, d_S, d_chunk_decay = _chain(ctx.chain, d_S, from_o, chunk_decay, k_end, W,
                                                    reverse=True, entering_dtype=low, dot_with=states)
             d_by_state = _product(d_o, states, low, acc)  # [N, n, L, mk]
             # with dM = S^T dS' (not formed): -K_end dM^T = -(K_end dS'^T) S, and
@@ -354,14 +414,14 @@ class _ChunkedDeltaRule(torch.autograd.Function):
             d_transition = torch.cat([d_M.neg_(), d_next], dim=-2)  # [N, n, mk + mv, mk]
             d_solved = (to_end * k) @ d_transition.transpose(-1, -2)
             d_k_end = solved @ d_transition  # [N, n, L, mk]
-        torch.mul(d_by_state, -1, out=d_through[..., :mk])
+        # [-dQ_s | dO] [N, n, L, mk + mv], as the products take it
+        d_through = _concat_last(low, (torch.mul, d_by_state, -1), (torch.mul, d_o, 1))
         q_g = exp_g * q
         from_through = _product(attend.transpose(-1, -2), d_through, low, acc)  # P^T [-dQ_s | dO]
         dP = _product(d_through, solved_low.transpose(-1, -2), low, acc)  # [N, n, L, L]
         if M_t is None:  # d[W | U_v] = P^T [-dQ_s | dO] + [-(K_end dS'^T) S | K_end dS'^T], as dR's product takes it
-            d_solved = _like(from_through, low)
-            torch.sub(from_through[..., :mk], _product(k_d_next, states, low, acc), out=d_solved[..., :mk])
-            torch.add(from_through[..., mk:], k_d_next, out=d_solved[..., mk:])
+            d_solved = _concat_last(low, (torch.sub, from_through[..., :mk], _product(k_d_next, states, low, acc)),
+                                    (torch.add, from_through[..., mk:], k_d_next))
         else:
             d_solved = d_solved + from_through
 

@@ -34,7 +34,7 @@ _FACTOR_TILE_BYTES = 32768  # one [BLOCK_L, BLOCK_K] tile of left_c or right_c (
 @triton.jit
 def _chain_kernel(
     start_ptr, add_ptr, decay_ptr, left_ptr, right_ptr, entering_ptr, final_ptr, dot_with_ptr, dots_ptr,
-    n, L, MV, MK,
+    n, L, MV, MK, LEFT_STRIDE, RIGHT_STRIDE,
     REVERSE: tl.constexpr, HAS_DOT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
@@ -59,12 +59,12 @@ def _chain_kernel(
         low = state.to(left_ptr.dtype.element_ty)
         update = tl.load(decay_ptr + row * n + c) * state + tl.load(add_ptr + matrix + tile_at, mask=tile_ok,
                                                                     other=0.0).to(state.dtype)
-        factors = (row * n + c).to(tl.int64) * L * MK  # this chunk's [L, MK] factors
+        chunk = (row * n + c).to(tl.int64) * L  # this chunk's [L, MK] factors: their first token
         for l0 in range(0, L, BLOCK_L):
-            at = factors + (l0 + tokens)[:, None] * MK + cols[None, :]
+            at = (chunk + l0 + tokens)[:, None]  # token rows; each factor has its own token stride
             ok = ((l0 + tokens) < L)[:, None] & (cols < MK)[None, :]
-            left = tl.load(left_ptr + at, mask=ok, other=0.0)  # [BLOCK_L, BLOCK_K]
-            right = tl.load(right_ptr + at, mask=ok, other=0.0)
+            left = tl.load(left_ptr + at * LEFT_STRIDE + cols[None, :], mask=ok, other=0.0)  # [BLOCK_L, BLOCK_K]
+            right = tl.load(right_ptr + at * RIGHT_STRIDE + cols[None, :], mask=ok, other=0.0)
             if IEEE:
                 through = tl.dot(low, tl.trans(left), input_precision="ieee", out_dtype=state.dtype)
                 update -= tl.dot(through.to(right.dtype), right, input_precision="ieee", out_dtype=state.dtype)
@@ -73,6 +73,17 @@ def _chain_kernel(
                 update -= tl.dot(through.to(right.dtype), right)
         state = update
     tl.store(final_ptr + row * MV * MK + tile_at, state, mask=tile_ok)
+
+
+def _token_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [N, n, L, m] as the kernel reads it: unit stride along m and tokens evenly spaced across the chunk
+    and row axes (a slice of the last axis, such as W in the chunk's [W | U_v], is read in place), else a
+    contiguous copy."""
+    N, n, L, _ = x.shape
+    token = x.stride(-2)
+    if x.stride(-1) == 1 and x.stride(-3) == L * token and x.stride(-4) == n * L * token:
+        return x
+    return x.contiguous()
 
 
 def chain_states_triton(start: torch.Tensor, add: torch.Tensor, decay: torch.Tensor, left: torch.Tensor,
@@ -85,7 +96,7 @@ def chain_states_triton(start: torch.Tensor, add: torch.Tensor, decay: torch.Ten
         raise ValueError(f"the Triton chain holds rows of the state in registers: m_k <= {MAX_KEY_DIM}, got {mk}")
     dtype = start.dtype
     start, add, decay = start.contiguous(), add.contiguous(), decay.to(dtype).contiguous()
-    left, right = left.contiguous(), right.contiguous()
+    left, right = _token_rows(left), _token_rows(right)
     entering = torch.empty(N, n, mv, mk, dtype=entering_dtype or dtype, device=start.device)
     final = torch.empty_like(start)
     block_k = max(16, triton.next_power_of_2(mk))
@@ -96,7 +107,7 @@ def chain_states_triton(start: torch.Tensor, add: torch.Tensor, decay: torch.Ten
     _chain_kernel[(N, n_vb)](
         start, add, decay, left, right, entering, final,
         dot_with.contiguous() if dot_with is not None else entering, dots if dots is not None else decay,
-        n, L, mv, mk,
+        n, L, mv, mk, left.stride(-2), right.stride(-2),
         REVERSE=reverse, HAS_DOT=dot_with is not None, IEEE=left.dtype == dtype,
         BLOCK_V=block_v, BLOCK_K=block_k, BLOCK_L=block_l, num_warps=4, num_stages=1,
     )

@@ -197,6 +197,48 @@ def test_half_inputs_are_multiplied_as_given_not_widened_first(mk):
         assert got.dtype == want.dtype and torch.equal(got, want), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_traced_under_compile_equals_eager(monkeypatch, dtype):
+    """MMREC_TRACE_DELTA_RULE: with the map factored (m = 80 > 2L) torch.compile traces the chunked form's
+    forward and backward (the pass one opaque operator in both graphs) and computes what the eager form
+    computes: same ops, so the same numbers to rounding (aot_eager: the traced graphs run op by op), under
+    bf16 autocast too, and over an uneven last chunk (T = 100: padded)."""
+    from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
+
+    from mm_rec.ops.delta_rule import reference
+
+    q, k, v, la, b, S0 = inputs(B=2, T=100, K=2, mk=80, mv=24, extreme=False)
+    rows = [x.to(dtype if i < 3 else torch.float32) for i, x in enumerate((q, k, v, la / 10, b, S0))]
+    weights = torch.randn(2, 100, 2, 24), torch.randn(2, 2, 24, 80)
+    graphs = {"forward": [], "backward": []}
+
+    def recording(gm, example_inputs):
+        def compiler(kind):
+            def compile_graph(graph, _):
+                graphs[kind].append([str(node.target) for node in graph.graph.nodes])
+                return make_boxed_func(graph)
+            return compile_graph
+        return aot_module_simplified(gm, example_inputs, fw_compiler=compiler("forward"),
+                                     bw_compiler=compiler("backward"))
+
+    def loss_and_grads(fn):
+        leaves = [x.clone().requires_grad_() for x in rows]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            o, S = fn(*leaves)
+        loss = (o.float() * weights[0]).sum() + (S * weights[1]).sum()
+        return loss, torch.autograd.grad(loss, leaves)
+
+    monkeypatch.setattr(reference, "TRACE_UNDER_COMPILE", True)
+    torch._dynamo.reset()
+    eager = loss_and_grads(gated_delta_rule)
+    traced = loss_and_grads(torch.compile(gated_delta_rule, backend=recording))
+    for kind, found in graphs.items():
+        assert any("mm_rec.delta_chain.default" in graph for graph in found), f"no traced {kind} pass"
+    torch.testing.assert_close(traced[0], eager[0], rtol=1e-5, atol=1e-5)
+    for name, got, want in zip(("dq", "dk", "dv", "dlog_alpha", "dbeta", "dS0"), traced[1], eager[1]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_bad_shapes_are_refused():
     q, k, v, la, b, S0 = inputs()
     with pytest.raises(ValueError, match="log_alpha and beta"):

@@ -31,10 +31,10 @@ def inputs(B, T, K, mk, mv, dtype=torch.float64, extreme=True):
     return random_inputs(B, T, K, mk, mv, dtype, extreme, device=DEVICE)
 
 
-def outputs_and_grads(args, backend):
+def outputs_and_grads(args, backend, delta_rule=gated_delta_rule):
     """o, S and the gradients of a random function of both."""
     args = [x.detach().clone().requires_grad_() for x in args]
-    o, s = gated_delta_rule(*args, backend=backend)
+    o, s = delta_rule(*args, backend=backend)
     gen = torch.Generator().manual_seed(1)
     w_o, w_s = (torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.device) for x in (o, s))
     loss = (o.double().sin() * w_o).sum() + (s.double().cos() * w_s).sum()
@@ -71,7 +71,7 @@ def test_state_carries_across_a_split_off_the_chunk_edge():
 def test_the_pass_equals_the_torch_pass(operands, reverse, monkeypatch):
     """The kernel's contract, directly: the entering states (in the state's dtype, and in the operands'
     half type as the chunked form keeps them), the final state and the Frobenius products, forwards and
-    in reverse, against `chain_states_torch`."""
+    in reverse, against `chain_states_torch`; one factor a strided slice (read in place), one contiguous."""
     small_tiles(monkeypatch)
     from mm_rec.ops.delta_rule.triton_kernels import chain_states_triton
 
@@ -81,6 +81,8 @@ def test_the_pass_equals_the_torch_pass(operands, reverse, monkeypatch):
                             for shape in ((N, mv, mk), (N, n, mv, mk), (N, n, mv, mk)))
     decay = torch.rand(N, n, generator=gen).to(DEVICE)
     left, right = (torch.randn(N, n, L, mk, generator=gen).to(DEVICE, operands) / mk for _ in range(2))
+    # left as the chunked form hands W over: the first mk columns of [W | U_v], read in place by the kernel
+    left = torch.cat([left, torch.randn(N, n, L, 9, generator=gen).to(DEVICE, operands)], dim=-1)[..., :mk]
     tol = dict(rtol=1e-5, atol=1e-5) if operands == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     for entering_dtype in {None, operands}:
         for with_dots in (False, True):
@@ -123,3 +125,24 @@ def test_7b_sizes_on_gpu_match_the_torch_pass():
         for name, a, w in zip(NAMES, got, want):
             error = ((a.double() - w.double()).norm() / w.double().norm()).item()
             assert error < tol, f"{dtype} {name}: relative error {error:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_traced_and_compiled_on_gpu_matches_eager(monkeypatch):
+    """MMREC_TRACE_DELTA_RULE on the GPU: the chunked form with the Triton pass traced and compiled by
+    inductor (its element-wise work fused, its products on half operands with fp32 results) against the same
+    form run eagerly, bf16 inputs at m = 256 under bf16 autocast: within bf16 precision on outputs, state and
+    gradients."""
+    from mm_rec.ops.delta_rule import reference
+
+    q, k, v, la, b, S0 = inputs(2, 300, 4, 256, 256, dtype=torch.float32, extreme=False)
+    args = [q.bfloat16(), k.bfloat16(), v.bfloat16(), la / 30, b, S0]
+    monkeypatch.setattr(reference, "TRACE_UNDER_COMPILE", True)
+    torch._dynamo.reset()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        want = outputs_and_grads(args, "auto")
+        got = outputs_and_grads(args, "auto", torch.compile(gated_delta_rule))
+    for name, a, w in zip(NAMES, got, want):
+        error = ((a.double() - w.double()).norm() / w.double().norm()).item()
+        assert error < 2e-2, f"{name}: relative error {error:.3g}"
