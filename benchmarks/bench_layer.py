@@ -54,6 +54,7 @@ from mm_rec.utils.profiling import (
 )
 
 LAYERS = {"mmrec": "MM-Rec layer", "mmrec-torch-delta": "MM-Rec layer, delta rule's pass in torch",
+          "mmrec-traced-delta": "MM-Rec layer, delta rule traced by the compiler",
           "transformer": "Transformer layer"}  # --layers name -> label
 SDPA_BACKENDS = {
     "flash": [SDPBackend.FLASH_ATTENTION],
@@ -111,6 +112,23 @@ def steady_state(config: MMRecConfig, batch: int, device: str) -> tuple:
 
 
 def measure(kind: str, config: MMRecConfig, batch: int, seq: int, args: argparse.Namespace) -> dict:
+    # mmrec-traced-delta: what MMREC_TRACE_DELTA_RULE=1 sets, for this layer's compile and runs only
+    with _delta_rule_traced(kind == "mmrec-traced-delta"):
+        return _measure(kind, config, batch, seq, args)
+
+
+@contextlib.contextmanager
+def _delta_rule_traced(traced: bool):
+    from mm_rec.ops.delta_rule import reference
+
+    before, reference.TRACE_UNDER_COMPILE = reference.TRACE_UNDER_COMPILE, traced or reference.TRACE_UNDER_COMPILE
+    try:
+        yield
+    finally:
+        reference.TRACE_UNDER_COMPILE = before
+
+
+def _measure(kind: str, config: MMRecConfig, batch: int, seq: int, args: argparse.Namespace) -> dict:
     cuda = args.device == "cuda"
     layer = build_layer(kind, config, args.device)
     inputs = layer_inputs(kind, config, batch, seq, args.device)
@@ -198,7 +216,9 @@ def main() -> None:
     parser.add_argument("--shapes", default="4x2048,1x8192,1x32768", help="comma-separated BxT")
     parser.add_argument("--layers", default="mmrec,transformer",
                         help=f"comma-separated subset of {','.join(LAYERS)} (mmrec-torch-delta: the MM-Rec layer "
-                             "with the delta rule's chunk-to-chunk pass in torch ops, not the Triton kernel)")
+                             "with the delta rule's chunk-to-chunk pass in torch ops, not the Triton kernel; "
+                             "mmrec-traced-delta: with --compile, the delta rule's chunked form traced and "
+                             "fused by the compiler, as MMREC_TRACE_DELTA_RULE=1 sets)")
     parser.add_argument("--iters", type=int, default=10, help="timed calls (median reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls first")
     parser.add_argument("--compile", action="store_true",

@@ -36,6 +36,8 @@
 #                                                       # bench_layer 7b with the Triton pass / the torch pass
 #   OUT=/tmp/h200 bash scripts/h200_session.sh verify     # alone: delta-rule, memory and decode GPU tests, the
 #                                                       # compiled decoding step (bf16 / fp32 entries), profiled
+#   OUT=/tmp/h200 bash scripts/h200_session.sh trace      # alone: delta-rule GPU tests, bench_layer 7b with the
+#                                                       # delta rule eager / traced by the compiler, profiled
 # DEADLINE (default 580): the second of the phase by which every step has stopped.
 #
 # Runs share the GPU (small models leave it mostly idle), so steps, not wall time, compare them.
@@ -302,6 +304,17 @@ delta)
     timeout $(left 400) python3 benchmarks/bench_layer.py --preset 7b --shapes 4x2048,1x32768 --iters 3 --warmup 1 \
         --layers mmrec,mmrec-torch-delta,transformer --compile --profile ${PROFILE:-15} \
         --json "$RUNS/layer_7b_delta.json" > "$OUT/bench_layer.log" 2>&1
+    finish
+    ;;
+trace)
+    # Alone on the GPU: the delta rule's GPU tests (with the traced-and-compiled form against the eager one),
+    # then the 7b layer with the delta rule run eagerly (the default) and traced by the compiler
+    # (MMREC_TRACE_DELTA_RULE=1), beside the Transformer, profiled, the copies placed: is tracing worth
+    # making the default?
+    timeout $(left ${TEST_LIMIT:-200}) python3 -m pytest -q tests/ops/delta_rule -rf > "$OUT/tests.txt" 2>&1
+    timeout $(left 420) python3 benchmarks/bench_layer.py --preset 7b --shapes 4x2048,1x32768 --iters 3 --warmup 1 \
+        --layers mmrec,mmrec-traced-delta,transformer --compile --profile ${PROFILE:-20} --profile-copies 12 \
+        --json "$RUNS/layer_7b_trace.json" > "$OUT/bench_layer.log" 2>&1
     finish
     ;;
 verify)
