@@ -354,6 +354,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--coordinate-descent", action="store_true",
                         help="with --compile: inductor's coordinate-descent tuning of the generated kernels (gpt-fast "
                              "decodes with it; the one-row matmuls are where it may pay; compiles longer)")
+    parser.add_argument("--combo-kernels", action="store_true",
+                        help="with --compile: inductor's combo kernels (independent small kernels of the step "
+                             "launched as one: the batch-1 step runs ~19 fused element-wise kernels a layer)")
     parser.add_argument("--quantize", default="none",
                         help=f"comma-separated weight formats from {WEIGHTS}: a row per format (int4 needs CUDA bf16 "
                              "or the CPU; torchao: pip install 'mm-rec[quant]')")
@@ -386,6 +389,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             raise SystemExit("--coordinate-descent tunes compiled kernels: add --compile")
         import torch._inductor.config as inductor_config
         inductor_config.coordinate_descent_tuning = True
+    if args.combo_kernels:
+        if not args.compile:
+            raise SystemExit("--combo-kernels combines compiled kernels: add --compile")
+        import torch._inductor.config as inductor_config
+        inductor_config.combo_kernels = True
     device = torch.device(args.device)
     torch.manual_seed(0)
     bandwidth = copy_bandwidth(device, gib=1.0 if device.type == "cuda" else 0.25)
@@ -433,7 +441,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"(quantized: {args.quantize}, int4 groups of {args.group_size}); "
               f"copy bandwidth {bandwidth / 1e12:.3f} TB/s; new tokens {args.new_tokens} "
               f"(first {args.skip} not timed); prefill {args.prefill}; compile {args.compile}"
-              f"{' with coordinate-descent tuning' if args.coordinate_descent else ''}\n"
+              f"{' with coordinate-descent tuning' if args.coordinate_descent else ''}"
+              f"{' with combo kernels' if args.combo_kernels else ''}\n"
               f"Command: python {' '.join(sys.argv)}\n")
     print_report(header, markdown(results), results, args.json)
     return results

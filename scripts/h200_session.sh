@@ -36,6 +36,8 @@
 #                                                       # bench_layer 7b with the Triton pass / the torch pass
 #   OUT=/tmp/h200 bash scripts/h200_session.sh verify     # alone: delta-rule, memory and decode GPU tests, the
 #                                                       # compiled decoding step (bf16 / fp32 entries), profiled
+#   OUT=/tmp/h200 bash scripts/h200_session.sh fusion     # alone: the compiled decoding step without / with
+#                                                       # inductor's combo kernels, profiled
 #   OUT=/tmp/h200 bash scripts/h200_session.sh trace      # alone: delta-rule GPU tests, bench_layer 7b with the
 #                                                       # delta rule eager / traced by the compiler, profiled
 # DEADLINE (default 580): the second of the phase by which every step has stopped.
@@ -315,6 +317,17 @@ trace)
     timeout $(left 420) python3 benchmarks/bench_layer.py --preset 7b --shapes 4x2048,1x32768 --iters 3 --warmup 1 \
         --layers mmrec,mmrec-traced-delta,transformer --compile --profile ${PROFILE:-20} --profile-copies 12 \
         --json "$RUNS/layer_7b_trace.json" > "$OUT/bench_layer.log" 2>&1
+    finish
+    ;;
+fusion)
+    # Alone on the GPU: the compiled decoding step (7b, 1b; batch 1, 2K) without and then with inductor's
+    # combo kernels (independent small kernels launched as one; the step runs ~19 element-wise kernels a
+    # layer), each run twice in turns; the second profiled (kernel count and time per token).
+    for combo in "" "--combo-kernels"; do
+        timeout $(left 260) python3 benchmarks/bench_generate.py --new-tokens 48 --prefill synthetic --prompts 2K \
+            --methods mmrec-step --presets 7b,1b --batches 1 --compile --rounds 3 --profile 30 $combo \
+            > "$OUT/generate${combo:+_combo}.txt" 2>&1
+    done
     finish
     ;;
 verify)

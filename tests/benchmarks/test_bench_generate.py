@@ -19,6 +19,12 @@ def test_sizes_parse_with_k_suffixes_and_refuse_nonsense():
         bench_generate.parse_sizes("0", "--batches")
 
 
+@pytest.mark.parametrize("flag", ["--coordinate-descent", "--combo-kernels"])
+def test_compiler_options_without_compile_are_refused(flag):
+    with pytest.raises(SystemExit, match="add --compile"):
+        bench_generate.main(["--device", "cpu", "--presets", "tiny", flag])
+
+
 @pytest.mark.parametrize("prefill", ["forward", "synthetic"])
 def test_the_script_runs_every_mmrec_method_on_the_cpu(prefill, tmp_path, capsys):
     results = bench_generate.main(["--device", "cpu", "--presets", "tiny", "--batches", "1,3", "--prompts", "1,37",
