@@ -35,6 +35,7 @@ import datetime
 import gc
 import json
 import sys
+import traceback
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -175,11 +176,16 @@ def _measure(kind: str, config: MMRecConfig, batch: int, seq: int, args: argpars
 
 
 def run_one(kind: str, config: MMRecConfig, batch: int, seq: int, args: argparse.Namespace) -> dict:
-    """`measure`, with an out-of-memory failure recorded instead of raised; memory freed after."""
+    """`measure`, with a failure (out of memory; a compiler error) recorded as the row instead of raised, so
+    the other layers of the run still report; memory freed after."""
     try:
         result = measure(kind, config, batch, seq, args)
     except torch.cuda.OutOfMemoryError:
         result = {"layer": kind, "batch": batch, "seq_len": seq, "error": "OOM"}
+    except Exception as err:  # noqa: BLE001 - the row says what failed; the traceback goes to stderr
+        traceback.print_exc()
+        first_line = (str(err).splitlines() or [""])[0][:120]
+        result = {"layer": kind, "batch": batch, "seq_len": seq, "error": f"{type(err).__name__}: {first_line}"}
     gc.collect()  # the failed attempt's tensors are garbage once the except block has ended
     if args.device == "cuda":
         torch.cuda.empty_cache()
@@ -198,15 +204,16 @@ def markdown(results: list[dict]) -> str:
         lines.append(f"| {name} | {shape} | {r['params'] / 1e6:.1f} | {r['forward_ms']:.2f} | "
                      f"{r['forward_backward_ms']:.2f} | {r['tflops_per_s']:.2f} | "
                      f"{'' if r['peak_gib'] is None else format(r['peak_gib'], '.2f')} |")
-    lines += ["", "| B x T | MM-Rec / Transformer forward | MM-Rec / Transformer fwd+bwd |", "| --- | ---: | ---: |"]
+    lines += ["", "| B x T | layer | / Transformer forward | / Transformer fwd+bwd |", "| --- | --- | ---: | ---: |"]
     by_shape: dict[tuple[int, int], dict[str, dict]] = {}
     for r in results:
         by_shape.setdefault((r["batch"], r["seq_len"]), {})[r["layer"]] = r
-    for (batch, seq), pair in by_shape.items():
-        m, t = pair.get("mmrec", {}), pair.get("transformer", {})
-        if "forward_ms" in m and "forward_ms" in t:
-            lines.append(f"| {batch} x {seq} | {m['forward_ms'] / t['forward_ms']:.2f} | "
-                         f"{m['forward_backward_ms'] / t['forward_backward_ms']:.2f} |")
+    for (batch, seq), rows in by_shape.items():
+        t = rows.get("transformer", {})
+        for kind, m in rows.items():
+            if kind != "transformer" and "forward_ms" in m and "forward_ms" in t:
+                lines.append(f"| {batch} x {seq} | {LAYERS[kind]} | {m['forward_ms'] / t['forward_ms']:.2f} | "
+                             f"{m['forward_backward_ms'] / t['forward_backward_ms']:.2f} |")
     return "\n".join(lines)
 
 
