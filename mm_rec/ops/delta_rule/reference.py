@@ -379,10 +379,10 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         (q, k, v, beta, decay, kk, qk, inverse, solved, attend, by_state, exp_g, to_end, chunk_decay, states,
          *M) = ctx.saved_tensors
         mk = k.shape[-1]
-        # The incoming gradient is often a strided view (the caller's transposes, an expanded sum):
-        # batched matmuls with it would fall back to a copy and a GEMM per matrix on the CPU.
         acc, low = chunk_decay.dtype, ctx.low  # the state's dtype; the products' operands
-        d_o = d_o.contiguous()  # in o's dtype, the products' (the caller's transposes make it strided)
+        # dO comes in o's dtype (the products'), often a strided view (the caller's transposes, an expanded
+        # sum): batched matmuls with it would fall back to a copy and a GEMM per matrix on the CPU
+        d_o = d_o.contiguous()
         k_low, q_low, solved_low = k.to(low), q.to(low), solved.to(low)  # operands of several products: cast once
         M_t = M[0].transpose(-1, -2) if M else None
         # the state's recursion, backwards through the chunks: dS_c = dS_{c+1} M_c^T + dO_c^T Q_s,c;
@@ -395,7 +395,7 @@ class _ChunkedDeltaRule(torch.autograd.Function):
             k_end = torch.mul(k, to_end, out=_like(k, low))
             W = solved_low[..., :mk]
             d_next, d_S, d_chunk_decay = _chain(ctx.chain, d_S, from_o, chunk_decay, k_end, W,
-                                                   reverse=True, entering_dtype=low, dot_with=states)
+                                                reverse=True, entering_dtype=low, dot_with=states)
             d_by_state = _product(d_o, states, low, acc)  # [N, n, L, mk]
             # with dM = S^T dS' (not formed): -K_end dM^T = -(K_end dS'^T) S, and
             # -W dM + U_v dS' = (U_v - W S^T) dS' (the chunk's corrections U times dS')
