@@ -61,11 +61,13 @@ zoology_recipes() {  # the recipes of scripts/quality_studies.py mqar-zoology
     python3 scripts/quality_studies.py mqar-zoology --dry-run --out "$RUNS" > "$RUNS/mqar_commands.txt" 2>&1
 }
 ZOOLOGY_SETS="--train-sets 64:4:100000,128:8:20000,256:16:20000,256:32:20000,256:64:20000 --test-sets 512:64,256:64,128:8,1024:64"
-zoology() {  # name recipe lr budget: train on Zoology's mix, stop after the epoch crossing the budget
+zoology() {  # name recipe lr budget: train on Zoology's mix, stop after the epoch crossing the budget; a run
+    # whose training_state.pt was carried back (carry runs/h200/mqar-zoology/NAME) continues with --resume
     mkdir -p "$RUNS/mqar-zoology/$1"
+    local resume=; [ -f "$RUNS/mqar-zoology/$1/training_state.pt" ] && resume=--resume
     timeout -s INT $(($4 + 60)) $MMREC eval --task mqar --protocol zoology --train \
         --config "$RUNS/mqar-zoology/recipes/$2.yaml" --lr "$3" --vocab 8192 --seed 0 --time-budget "$4" \
-        $ZOOLOGY_SETS --out "$RUNS/mqar-zoology/$1" > "$RUNS/mqar-zoology/$1/log.txt" 2>&1 &
+        $ZOOLOGY_SETS --out "$RUNS/mqar-zoology/$1" $resume >> "$RUNS/mqar-zoology/$1/log.txt" 2>&1 &
 }
 passkey() {  # name recipe train_budget [overrides]
     local name=$1 recipe=$2 budget=$3; shift 3
@@ -113,6 +115,10 @@ finish() {
     wait
     tar czf "$OUT/runs.tgz" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.distcp' --exclude=tensorboard \
         --exclude=data "$RUNS"
+    # Zoology runs stopped by their budget: their states, to carry back and --resume (16 MiB a file comes back)
+    local states; states=$(grep -l '"stopped": "time_budget"' "$RUNS"/mqar-zoology/*/mqar_results.json 2>/dev/null \
+        | xargs -r -n1 dirname | sed 's|$|/training_state.pt|')
+    if [ -n "$states" ]; then tar czf "$OUT/zoology_states.tgz" $states; fi
     echo "phase $PHASE done in $SECONDS s"
     ls -la "$OUT"
 }

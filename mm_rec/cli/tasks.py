@@ -277,7 +277,8 @@ PROTOCOLS = ("stream", "zoology")
 ZOOLOGY_LR, ZOOLOGY_MAX_EPOCHS, ZOOLOGY_TRAIN_ROWS = 1e-3, 64, 100_000
 # options that belong to one protocol only (dest names); the others are shared
 ZOOLOGY_OPTIONS = ("train_sets", "test_sets", "train_rows", "test_rows", "max_epochs", "train_batch_size", "power_a",
-                   "random_non_queries", "target_accuracy", "compile")
+                   "random_non_queries", "target_accuracy", "compile", "resume")
+TRAINING_STATE = "training_state.pt"  # in --out: the Zoology run's state after its last epoch (--resume)
 STREAM_OPTIONS = ("steps", "train_length", "lengths", "samples", "pairs", "queries", "alpha")
 ZOOLOGY_HELP = f"""\
 Zoology's MQAR protocol: their data (keys from [1, V/2), values from [V/2, V), power-law query
@@ -285,8 +286,10 @@ gaps, answers at the queries), a fixed training set trained for epochs, test cel
 every epoch, early stop above --target-accuracy on the first test cell. Cells are T:P or T:P:ROWS
 (T tokens per row, P key-value pairs). Shared with the stream protocol: --train, --config (its
 model section), --checkpoint, --vocab (default {mqar_zoology.ZOOLOGY_VOCAB}), --lr, --time-budget (stop after the
-epoch that crosses it), --seed, --out (mqar_results.json, rewritten after every epoch).
+epoch that crosses it), --seed, --out (mqar_results.json and the training state, rewritten after every
+epoch: a run stopped by its budget or interrupted continues with the same command and --resume).
   mmrec eval --task mqar --protocol zoology --train --config RECIPE --lr 1e-3 --out DIR
+  mmrec eval --task mqar --protocol zoology --train --config RECIPE --lr 1e-3 --out DIR --resume
   mmrec eval --task mqar --protocol zoology --checkpoint DIR --test-sets 512:64,1024:128"""
 
 
@@ -317,6 +320,10 @@ def add_zoology_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--target-accuracy", metavar="A", type=float,
                        help="stop once the first test cell's accuracy exceeds this (default: 0.99)")
     group.add_argument("--compile", action="store_true", help="torch.compile each block (GPU runs)")
+    group.add_argument("--resume", action="store_true",
+                       help=f"continue the run in --out from its {TRAINING_STATE} (written after every epoch): "
+                            "the remaining epochs as one uninterrupted run; the same options but --time-budget "
+                            "and --compile")
 
 
 def _check_protocol_options(args: argparse.Namespace) -> None:
@@ -347,10 +354,12 @@ def _zoology_config(args: argparse.Namespace) -> mqar_zoology.ZoologyConfig:
     if args.time_budget is not None and not args.time_budget > 0:
         raise ValueError(f"--time-budget {args.time_budget}: must be > 0 seconds")
     training = ("train_sets", "train_rows", "max_epochs", "train_batch_size", "lr", "time_budget", "target_accuracy",
-                "compile")
+                "compile", "resume")
     given = ["--" + name.replace("_", "-") for name in training if getattr(args, name) not in (None, False)]
     if given and not args.train:
         raise ValueError(f"{', '.join(given)}: training options; add --train (without it the model is only scored)")
+    if args.resume and not args.out:
+        raise ValueError("--resume continues the run written in --out: add --out DIR")
     train_sets = mqar_zoology.parse_cells(args.train_sets or mqar_zoology.ZOOLOGY_TRAIN_SETS,
                                           args.train_rows or ZOOLOGY_TRAIN_ROWS, vocab, "--train-sets") \
         if args.train else ()
@@ -427,7 +436,9 @@ def _run_mqar_zoology(args: argparse.Namespace, recipe: dict) -> tuple[dict, nn.
         groups = mqar_zoology.build_train_groups(config, device)
         print("rows per step: " + ", ".join(f"{g.batch_size} at T = {g.seq_len}" for g in groups))
         result = mqar_zoology.train_zoology(model, groups, tests, config,
-                                            on_epoch=(lambda r: _write_json(out, fill(r))) if out else None)
+                                            on_epoch=(lambda r: _write_json(out, fill(r))) if out else None,
+                                            state_path=out.with_name(TRAINING_STATE) if out else None,
+                                            resume=args.resume)
         save_trained(args, model)
         report = fill(result)
         best = "  ".join(f"{name} {acc:.4f}" for name, acc in result.best_accuracy.items())

@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -336,10 +337,18 @@ def evaluate(model: nn.Module, tests: dict[str, tuple[torch.Tensor, torch.Tensor
 
 def train_zoology(model: nn.Module, groups: list[LengthGroup], tests: dict[str, tuple[torch.Tensor, torch.Tensor]],
                   config: ZoologyConfig, log: Callable[[str], None] | None = print,
-                  on_epoch: Callable[[ZoologyResult], None] | None = None) -> ZoologyResult:
+                  on_epoch: Callable[[ZoologyResult], None] | None = None, state_path: Path | None = None,
+                  resume: bool = False) -> ZoologyResult:
     """Train `model` in place on its device for up to config.max_epochs epochs over `groups`,
     scoring `tests` after every epoch (the first test cell decides the early stop); `on_epoch`
-    sees the result after every epoch (e.g. to write it). Returns the curve."""
+    sees the result after every epoch (e.g. to write it). Returns the curve.
+
+    `state_path`: the training state (weights, optimizer, schedule, the shuffles' and the global random
+    generators, the curve) is written there after every epoch. With `resume`, training continues from
+    it: the epochs after the saved one, as one uninterrupted run would have taken them (bit for bit on
+    the CPU), with the time budget counted afresh and `seconds` continuing from the saved total. For a
+    run stopped by its time budget, across processes or machines; the settings must be the same but
+    for the time budget and compile (ValueError otherwise)."""
     if not groups:
         raise ValueError("train_zoology needs training rows (ZoologyConfig.train_sets is empty)")
     device = next(model.parameters()).device
@@ -360,9 +369,16 @@ def train_zoology(model: nn.Module, groups: list[LengthGroup], tests: dict[str, 
                            warmup_steps=warmup, planned_steps=planned)
     device_generator = torch.Generator(device=device).manual_seed(config.seed)
     order_generator = torch.Generator().manual_seed(config.seed)
-    start, step = time.perf_counter(), 0
+    generators = dict(device_generator=device_generator, order_generator=order_generator)
+    first_epoch, step, offset = 1, 0, 0.0
+    if resume:
+        first_epoch, step, offset = _load_training_state(state_path, model, optimizer, scheduler, generators,
+                                                         result, config)
+        if log is not None:
+            log(f"resumed from {state_path} after epoch {first_epoch - 1} (step {step}, {offset:.1f} s)")
+    start = time.perf_counter() - offset
     model.train()
-    for epoch in range(1, config.max_epochs + 1):
+    for epoch in range(first_epoch, config.max_epochs + 1):
         loss_sum = torch.zeros((), device=device)  # summed on the device: one sync per epoch
         batches = epoch_batches(groups, device_generator, order_generator)
         for group, index in batches:
@@ -380,7 +396,7 @@ def train_zoology(model: nn.Module, groups: list[LengthGroup], tests: dict[str, 
         result.curve.append(point)
         if accuracy[config.main_cell] > config.target_accuracy:
             result.stopped = "target"
-        elif config.time_budget_s is not None and point.seconds > config.time_budget_s:
+        elif config.time_budget_s is not None and point.seconds - offset > config.time_budget_s:
             result.stopped = "time_budget"
         elif epoch == config.max_epochs:
             result.stopped = "max_epochs"
@@ -388,6 +404,8 @@ def train_zoology(model: nn.Module, groups: list[LengthGroup], tests: dict[str, 
             cells = "  ".join(f"{name} {acc:.4f}" for name, acc in accuracy.items())
             log(f"epoch {epoch:3d}/{config.max_epochs}  step {step:7d}  loss {point.train_loss:.4f}  "
                 f"accuracy {cells}  lr {scheduler.get_last_lr()[0]:.2e}  {point.seconds:7.1f} s")
+        if state_path is not None:
+            _save_training_state(state_path, model, optimizer, scheduler, generators, result, config, epoch, step)
         if on_epoch is not None:
             on_epoch(result)
         if result.stopped:
@@ -397,6 +415,58 @@ def train_zoology(model: nn.Module, groups: list[LengthGroup], tests: dict[str, 
                   else f"time budget of {config.time_budget_s} s")
         log(f"stopped after epoch {len(result.curve)} of {config.max_epochs} ({step} of {planned} steps): {reason}")
     return result
+
+
+def _resumable_settings(config: ZoologyConfig) -> dict:
+    """The settings a resumed run must share with the saved one (all but the time budget and compile)."""
+    settings = asdict(config)
+    for name in ("time_budget_s", "compile"):
+        settings.pop(name)
+    return settings
+
+
+def _save_training_state(path: Path, model: nn.Module, optimizer, scheduler, generators: dict[str, torch.Generator],
+                         result: ZoologyResult, config: ZoologyConfig, epoch: int, step: int) -> None:
+    """Write the state after `epoch` to `path` so that a reader sees the previous file or this one, whole."""
+    state = dict(format=1, settings=_resumable_settings(config), epoch=epoch, step=step,
+                 seconds=result.curve[-1].seconds, stopped=result.stopped, curve=[asdict(p) for p in result.curve],
+                 model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                 generators={name: g.get_state() for name, g in generators.items()},
+                 cpu_rng=torch.get_rng_state(),
+                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".tmp-{path.name}")
+    torch.save(state, staging)
+    staging.replace(path)
+
+
+def _load_training_state(path: Path | None, model: nn.Module, optimizer, scheduler,
+                         generators: dict[str, torch.Generator], result: ZoologyResult,
+                         config: ZoologyConfig) -> tuple[int, int, float]:
+    """Restore what `_save_training_state` wrote; returns (the next epoch, steps done, seconds trained)."""
+    if path is None or not Path(path).exists():
+        raise ValueError(f"nothing to resume: no training state at {path} (a run with --out writes it after "
+                         "every epoch)")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    saved, wanted = state["settings"], _resumable_settings(config)
+    differ = sorted(name for name in wanted if saved.get(name) != wanted[name])
+    if differ:
+        raise ValueError(f"cannot resume {path}: its settings differ in {', '.join(differ)} (only the time budget "
+                         "and compile may change)")
+    if state["stopped"] in ("target", "max_epochs"):
+        raise ValueError(f"nothing to resume: the run in {path} ended ({state['stopped']}) after epoch "
+                         f"{state['epoch']}")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    for name, generator in generators.items():
+        generator.set_state(state["generators"][name])
+    torch.set_rng_state(state["cpu_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    result.curve[:] = [EpochPoint(**point) for point in state["curve"]]
+    return state["epoch"] + 1, state["step"], state["seconds"]
 
 
 def transformer_cache_size(num_layers: int, hidden_dim: int, seq_len: int) -> int:

@@ -222,6 +222,41 @@ def test_the_loop_runs_every_epoch_and_the_schedule_ends_at_zero(monkeypatch):
     assert result.stopped == "time_budget" and len(result.curve) == 1
 
 
+def test_a_resumed_run_is_the_uninterrupted_run(tmp_path):
+    """Stopped by its time budget after epoch 1, then resumed in a fresh model and optimizer from the state
+    written after that epoch: the same weights (bit for bit), the same curve, as three epochs in one run;
+    a changed setting, a finished run and a missing state are refused."""
+    cpu = torch.device("cpu")
+
+    def run(config, state_path=None, resume=False):
+        torch.manual_seed(0)  # the model's init (a resumed run overwrites it)
+        model = build_model(MMRecConfig(**TINY, dropout=0.1))  # dropout: the global generator is restored too
+        result = train_zoology(model, mqar_zoology.build_train_groups(config, cpu),
+                               mqar_zoology.build_test_sets(config, cpu), config, log=None,
+                               state_path=state_path, resume=resume)
+        return model, result
+
+    whole_model, whole = run(small_config(max_epochs=3))
+    state = tmp_path / "training_state.pt"
+    _, first = run(small_config(max_epochs=3, time_budget_s=1e-9), state)
+    assert first.stopped == "time_budget" and len(first.curve) == 1 and state.exists()
+    resumed_model, resumed = run(small_config(max_epochs=3), state, resume=True)
+    assert resumed.stopped == "max_epochs" and [p.epoch for p in resumed.curve] == [1, 2, 3]
+    assert [(p.step, p.train_loss, p.accuracy) for p in resumed.curve] == \
+        [(p.step, p.train_loss, p.accuracy) for p in whole.curve]
+    assert resumed.curve[0].seconds == first.curve[0].seconds  # the saved epoch's record, kept
+    for a, b in zip(resumed_model.state_dict().values(), whole_model.state_dict().values()):
+        assert torch.equal(a, b)
+
+    with pytest.raises(ValueError, match="ended \\(max_epochs\\) after epoch 3"):
+        run(small_config(max_epochs=3), state, resume=True)
+    _, _ = run(small_config(max_epochs=3, time_budget_s=1e-9), state)
+    with pytest.raises(ValueError, match="settings differ in lr"):
+        run(small_config(max_epochs=3, lr=1e-2), state, resume=True)
+    with pytest.raises(ValueError, match="nothing to resume: no training state"):
+        run(small_config(max_epochs=3), tmp_path / "missing.pt", resume=True)
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_eval_task_arguments(parser)
@@ -250,6 +285,18 @@ def test_cli_trains_writes_the_results_and_rescoring_agrees(tmp_path, capsys):
     assert report["best_accuracy"]["32:4"] == max(p["accuracy"]["32:4"] for p in report["curve"])
     assert capsys.readouterr().out.count("epoch ") >= 2  # one line per epoch
 
+    # the same run cut by its time budget after epoch 1, then resumed: the same curve
+    cut = tmp_path / "cut"
+    train = ["--train", "--config", str(recipe), "--train-sets", "32:4:96,64:8", "--train-rows", "64", "--max-epochs",
+             "2", "--train-batch-size", "32", "--lr", "3e-3", "--out", str(cut)]
+    assert run_eval_task(parse(argv + train + ["--time-budget", "1e-9"])) == 0
+    assert json.loads((cut / "mqar_results.json").read_text())["stopped"] == "time_budget"
+    assert run_eval_task(parse(argv + train + ["--resume"])) == 0
+    resumed = json.loads((cut / "mqar_results.json").read_text())
+    assert resumed["stopped"] == "max_epochs" and resumed["steps"] == 10
+    assert [(p["train_loss"], p["accuracy"]) for p in resumed["curve"]] == \
+        [(p["train_loss"], p["accuracy"]) for p in report["curve"]]
+
     again = tmp_path / "again"
     assert run_eval_task(parse(argv + ["--checkpoint", str(out), "--out", str(again)])) == 0
     rescored = json.loads((again / "mqar_results.json").read_text())["results"]
@@ -272,6 +319,7 @@ def test_state_size_of_the_transformer_is_its_kv_cache():
     (["--train-sets", "64:4"], "--train-sets: options of --protocol zoology"),
     (["--protocol", "zoology", "--no-train", "--max-epochs", "3"], "--max-epochs: training options; add --train"),
     (["--protocol", "zoology", "--vocab", "8192"], "model's vocabulary \\(64\\) is smaller than the task's \\(8192\\)"),
+    (["--protocol", "zoology", "--resume"], "--resume continues the run written in --out: add --out DIR"),
 ])
 def test_cli_errors_are_one_clear_line(tmp_path, capsys, options, message):
     recipe = tmp_path / "recipe.yaml"
