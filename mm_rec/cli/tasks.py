@@ -35,7 +35,8 @@ from torch import nn
 from mm_rec.cli import longdoc
 from mm_rec.config import MMRecConfig, load_mapping
 from mm_rec.evaluation import mqar, mqar_zoology, passkey
-from mm_rec.evaluation.train_task import TaskTrainConfig, train_on_task
+from mm_rec.evaluation.train_task import BatchStream, TaskTrainConfig, train_on_task
+from mm_rec.evaluation.training_state import STATE_FILE
 from mm_rec.loading import build_model, load_model
 from mm_rec.training.config import apply_overrides
 from mm_rec.utils.device import autocast_for, resolve_device, resolve_precision
@@ -84,6 +85,10 @@ def add_eval_task_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--train", action="store_true", help="train on the task first (recipe: <task>.train)")
     group.add_argument("--steps", type=int, help="training steps (overrides the recipe)")
     group.add_argument("--time-budget", type=float, help="stop training after this many seconds")
+    group.add_argument("--resume", action="store_true",
+                       help=f"with --train: continue the run in --out from its {STATE_FILE} (written at every "
+                            "evaluation; zoology: every epoch) as the uninterrupted run would have gone on; the "
+                            "same options but --time-budget (and --compile)")
     group.add_argument("--train-length", type=_length, help="training sequence length (one value; 2k = 2048)")
     group.add_argument("--lengths", type=_lengths, help="evaluation lengths, e.g. 512,2k,32k")
     group.add_argument("--samples", type=int, help="evaluation rows per length (mqar) or prompts per cell (passkey)")
@@ -150,7 +155,9 @@ def _run_mqar(args: argparse.Namespace, recipe: dict) -> tuple[dict, nn.Module]:
             return batch.input_ids, batch.labels
 
         rows = max(1, TOKENS_PER_FORWARD // task.seq_len)
-        curve = train_on_task(model, next_batch, lambda m: mqar.score_mqar(m, held_out, rows).accuracy, train_config)
+        curve = train_on_task(model, BatchStream(next_batch, stream.get_state, stream.set_state),
+                              lambda m: mqar.score_mqar(m, held_out, rows).accuracy, train_config,
+                              **_state_options(args))
         save_trained(args, model)
 
     model.eval()
@@ -201,8 +208,9 @@ def _run_passkey(args: argparse.Namespace, recipe: dict) -> tuple[dict, nn.Modul
             return batch.input_ids, batch.labels
 
         rows = max(1, TOKENS_PER_FORWARD // train_length)
-        curve = train_on_task(model, next_batch, lambda m: passkey.score_passkey(m, held_out, batch_size=rows).accuracy,
-                              train_config)
+        curve = train_on_task(model, BatchStream(next_batch, stream.getstate, stream.setstate),
+                              lambda m: passkey.score_passkey(m, held_out, batch_size=rows).accuracy, train_config,
+                              **_state_options(args))
         save_trained(args, model)
 
     model.eval()
@@ -224,6 +232,11 @@ def _run_passkey(args: argparse.Namespace, recipe: dict) -> tuple[dict, nn.Modul
                   train=asdict(train_config) if args.train else None,
                   curve=[asdict(p) for p in curve] if curve else None)
     return report, model
+
+
+def _state_options(args: argparse.Namespace) -> dict:
+    """train_on_task's state_path (with --out: the run's state, written as it trains) and resume."""
+    return dict(state_path=Path(args.out) / STATE_FILE if args.out else None, resume=getattr(args, "resume", False))
 
 
 def save_trained(args: argparse.Namespace, model: nn.Module) -> None:
@@ -249,6 +262,8 @@ def run_eval_task(args: argparse.Namespace) -> int:
     if args.seed is None:  # a --seed of the caller's parser (add_eval_task_arguments keeps it) may default to None
         args.seed = 0
     _check_protocol_options(args)
+    if getattr(args, "resume", False) and not (args.train and args.out):
+        raise ValueError("--resume continues a training run written in --out: add --train and --out DIR")
     recipe = load_mapping(args.config) if args.config else {}
     if getattr(args, "overrides", None):
         if args.train:
@@ -277,8 +292,7 @@ PROTOCOLS = ("stream", "zoology")
 ZOOLOGY_LR, ZOOLOGY_MAX_EPOCHS, ZOOLOGY_TRAIN_ROWS = 1e-3, 64, 100_000
 # options that belong to one protocol only (dest names); the others are shared
 ZOOLOGY_OPTIONS = ("train_sets", "test_sets", "train_rows", "test_rows", "max_epochs", "train_batch_size", "power_a",
-                   "random_non_queries", "target_accuracy", "compile", "resume")
-TRAINING_STATE = "training_state.pt"  # in --out: the Zoology run's state after its last epoch (--resume)
+                   "random_non_queries", "target_accuracy", "compile")
 STREAM_OPTIONS = ("steps", "train_length", "lengths", "samples", "pairs", "queries", "alpha")
 ZOOLOGY_HELP = f"""\
 Zoology's MQAR protocol: their data (keys from [1, V/2), values from [V/2, V), power-law query
@@ -320,10 +334,6 @@ def add_zoology_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--target-accuracy", metavar="A", type=float,
                        help="stop once the first test cell's accuracy exceeds this (default: 0.99)")
     group.add_argument("--compile", action="store_true", help="torch.compile each block (GPU runs)")
-    group.add_argument("--resume", action="store_true",
-                       help=f"continue the run in --out from its {TRAINING_STATE} (written after every epoch): "
-                            "the remaining epochs as one uninterrupted run; the same options but --time-budget "
-                            "and --compile")
 
 
 def _check_protocol_options(args: argparse.Namespace) -> None:
@@ -354,12 +364,10 @@ def _zoology_config(args: argparse.Namespace) -> mqar_zoology.ZoologyConfig:
     if args.time_budget is not None and not args.time_budget > 0:
         raise ValueError(f"--time-budget {args.time_budget}: must be > 0 seconds")
     training = ("train_sets", "train_rows", "max_epochs", "train_batch_size", "lr", "time_budget", "target_accuracy",
-                "compile", "resume")
+                "compile")
     given = ["--" + name.replace("_", "-") for name in training if getattr(args, name) not in (None, False)]
     if given and not args.train:
         raise ValueError(f"{', '.join(given)}: training options; add --train (without it the model is only scored)")
-    if args.resume and not args.out:
-        raise ValueError("--resume continues the run written in --out: add --out DIR")
     train_sets = mqar_zoology.parse_cells(args.train_sets or mqar_zoology.ZOOLOGY_TRAIN_SETS,
                                           args.train_rows or ZOOLOGY_TRAIN_ROWS, vocab, "--train-sets") \
         if args.train else ()
@@ -437,8 +445,7 @@ def _run_mqar_zoology(args: argparse.Namespace, recipe: dict) -> tuple[dict, nn.
         print("rows per step: " + ", ".join(f"{g.batch_size} at T = {g.seq_len}" for g in groups))
         result = mqar_zoology.train_zoology(model, groups, tests, config,
                                             on_epoch=(lambda r: _write_json(out, fill(r))) if out else None,
-                                            state_path=out.with_name(TRAINING_STATE) if out else None,
-                                            resume=args.resume)
+                                            **_state_options(args))
         save_trained(args, model)
         report = fill(result)
         best = "  ".join(f"{name} {acc:.4f}" for name, acc in result.best_accuracy.items())

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from mm_rec.constants import IGNORE_INDEX
+from mm_rec.evaluation.training_state import load_training_state, save_training_state
 from mm_rec.training.config import TrainingConfig
 from mm_rec.training.optim import build_optimizer, build_scheduler, clip_gradients
 from mm_rec.utils.device import autocast_for
@@ -372,8 +373,14 @@ def train_zoology(model: nn.Module, groups: list[LengthGroup], tests: dict[str, 
     generators = dict(device_generator=device_generator, order_generator=order_generator)
     first_epoch, step, offset = 1, 0, 0.0
     if resume:
-        first_epoch, step, offset = _load_training_state(state_path, model, optimizer, scheduler, generators,
-                                                         result, config)
+        saved = load_training_state(state_path, model, optimizer, scheduler, _resumable_settings(config))
+        if saved["stopped"] in ("target", "max_epochs"):
+            raise ValueError(f"nothing to resume: the run in {state_path} ended ({saved['stopped']}) after epoch "
+                             f"{saved['epoch']}")
+        for name, generator in generators.items():
+            generator.set_state(saved["generators"][name])
+        result.curve[:] = [EpochPoint(**point) for point in saved["curve"]]
+        first_epoch, step, offset = saved["epoch"] + 1, saved["step"], saved["curve"][-1]["seconds"]
         if log is not None:
             log(f"resumed from {state_path} after epoch {first_epoch - 1} (step {step}, {offset:.1f} s)")
     start = time.perf_counter() - offset
@@ -405,7 +412,9 @@ def train_zoology(model: nn.Module, groups: list[LengthGroup], tests: dict[str, 
             log(f"epoch {epoch:3d}/{config.max_epochs}  step {step:7d}  loss {point.train_loss:.4f}  "
                 f"accuracy {cells}  lr {scheduler.get_last_lr()[0]:.2e}  {point.seconds:7.1f} s")
         if state_path is not None:
-            _save_training_state(state_path, model, optimizer, scheduler, generators, result, config, epoch, step)
+            progress = dict(epoch=epoch, step=step, stopped=result.stopped, curve=[asdict(p) for p in result.curve],
+                            generators={name: g.get_state() for name, g in generators.items()})
+            save_training_state(state_path, model, optimizer, scheduler, _resumable_settings(config), progress)
         if on_epoch is not None:
             on_epoch(result)
         if result.stopped:
@@ -423,50 +432,6 @@ def _resumable_settings(config: ZoologyConfig) -> dict:
     for name in ("time_budget_s", "compile"):
         settings.pop(name)
     return settings
-
-
-def _save_training_state(path: Path, model: nn.Module, optimizer, scheduler, generators: dict[str, torch.Generator],
-                         result: ZoologyResult, config: ZoologyConfig, epoch: int, step: int) -> None:
-    """Write the state after `epoch` to `path` so that a reader sees the previous file or this one, whole."""
-    state = dict(format=1, settings=_resumable_settings(config), epoch=epoch, step=step,
-                 seconds=result.curve[-1].seconds, stopped=result.stopped, curve=[asdict(p) for p in result.curve],
-                 model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                 generators={name: g.get_state() for name, g in generators.items()},
-                 cpu_rng=torch.get_rng_state(),
-                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".tmp-{path.name}")
-    torch.save(state, staging)
-    staging.replace(path)
-
-
-def _load_training_state(path: Path | None, model: nn.Module, optimizer, scheduler,
-                         generators: dict[str, torch.Generator], result: ZoologyResult,
-                         config: ZoologyConfig) -> tuple[int, int, float]:
-    """Restore what `_save_training_state` wrote; returns (the next epoch, steps done, seconds trained)."""
-    if path is None or not Path(path).exists():
-        raise ValueError(f"nothing to resume: no training state at {path} (a run with --out writes it after "
-                         "every epoch)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    saved, wanted = state["settings"], _resumable_settings(config)
-    differ = sorted(name for name in wanted if saved.get(name) != wanted[name])
-    if differ:
-        raise ValueError(f"cannot resume {path}: its settings differ in {', '.join(differ)} (only the time budget "
-                         "and compile may change)")
-    if state["stopped"] in ("target", "max_epochs"):
-        raise ValueError(f"nothing to resume: the run in {path} ended ({state['stopped']}) after epoch "
-                         f"{state['epoch']}")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    for name, generator in generators.items():
-        generator.set_state(state["generators"][name])
-    torch.set_rng_state(state["cpu_rng"])
-    if state["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    result.curve[:] = [EpochPoint(**point) for point in state["curve"]]
-    return state["epoch"] + 1, state["step"], state["seconds"]
 
 
 def transformer_cache_size(num_layers: int, hidden_dim: int, seq_len: int) -> int:

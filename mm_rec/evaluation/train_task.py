@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from mm_rec.config import dataclass_from_dict
+from mm_rec.evaluation.training_state import load_training_state, save_training_state
 from mm_rec.training.config import TrainingConfig
 from mm_rec.training.optim import build_optimizer, build_scheduler, clip_gradients
 from mm_rec.utils.device import autocast_for
@@ -66,14 +69,35 @@ class CurvePoint:
     seconds: float  # wall time since the start of training, evaluations included
 
 
-def train_on_task(model: nn.Module, next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
-                  evaluate: Callable[[nn.Module], float], config: TaskTrainConfig,
-                  log: Callable[[str], None] | None = print) -> list[CurvePoint]:
-    """Train `model` in place on its device; return the accuracy curve."""
+@dataclass(frozen=True)
+class BatchStream:
+    """The data of `train_on_task`: the next (input_ids, labels) batch, and the state of the generator behind
+    it, to save and restore (a resumed run draws the batches the stopped one would have drawn)."""
+
+    next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+    get_state: Callable[[], Any] | None = None  # None: the run cannot resume
+    set_state: Callable[[Any], None] | None = None
+
+
+def train_on_task(model: nn.Module, data: BatchStream | Callable[[], tuple[torch.Tensor, torch.Tensor]],
+                  evaluate: Callable[[nn.Module], float],
+                  config: TaskTrainConfig, log: Callable[[str], None] | None = print,
+                  state_path: Path | None = None, resume: bool = False) -> list[CurvePoint]:
+    """Train `model` in place on its device on the batches of `data` (a BatchStream, or a function returning
+    the next batch); return the accuracy curve.
+
+    `state_path`: the training state (mm_rec/evaluation/training_state.py: weights, optimizer, schedule,
+    generators, the curve) is written there at every evaluation point. With `resume` training continues
+    from it, as the uninterrupted run would have (the time budget counted afresh, `seconds` continuing);
+    the settings must be the same but for the time budget."""
     device = next(model.parameters()).device
     optimisation = config.training_config()
     optimizer = build_optimizer(model, optimisation, device)
     scheduler = build_scheduler(optimizer, optimisation)
+    settings = {k: v for k, v in asdict(config).items() if k != "time_budget_s"}
+    data = data if isinstance(data, BatchStream) else BatchStream(data)
+    if (state_path is not None or resume) and data.get_state is None:
+        raise ValueError("saving or resuming a task run needs its batch generator's state (a BatchStream)")
 
     def record(step: int, mean_loss: float) -> CurvePoint:
         model.eval()
@@ -86,11 +110,21 @@ def train_on_task(model: nn.Module, next_batch: Callable[[], tuple[torch.Tensor,
         return point
 
     curve: list[CurvePoint] = []
-    start = time.perf_counter()
+    first, offset = 1, 0.0
+    if resume:
+        saved = load_training_state(state_path, model, optimizer, scheduler, settings)
+        if saved["step"] >= config.steps:
+            raise ValueError(f"nothing to resume: the run in {state_path} ended after its {config.steps} steps")
+        data.set_state(saved["data"])
+        curve = [CurvePoint(**point) for point in saved["curve"]]
+        first, offset = saved["step"] + 1, curve[-1].seconds
+        if log is not None:
+            log(f"resumed from {state_path} after step {saved['step']} ({offset:.1f} s)")
+    start = time.perf_counter() - offset
     loss_sum, loss_count = torch.zeros((), device=device), 0  # summed on the device: no sync per step
     model.train()
-    for step in range(1, config.steps + 1):
-        input_ids, labels = next_batch()
+    for step in range(first, config.steps + 1):
+        input_ids, labels = data.next_batch()
         with autocast_for("auto", device):
             loss = model(input_ids.to(device), labels=labels.to(device), return_logits=False).loss
         optimizer.zero_grad(set_to_none=True)
@@ -99,10 +133,14 @@ def train_on_task(model: nn.Module, next_batch: Callable[[], tuple[torch.Tensor,
         optimizer.step()
         scheduler.step()
         loss_sum, loss_count = loss_sum + loss.detach().float(), loss_count + 1
-        out_of_time = config.time_budget_s is not None and time.perf_counter() - start > config.time_budget_s
+        out_of_time = (config.time_budget_s is not None
+                       and time.perf_counter() - start - offset > config.time_budget_s)
         if step % config.eval_every == 0 or step == config.steps or out_of_time:
             curve.append(record(step, (loss_sum / loss_count).item()))
             loss_sum, loss_count = torch.zeros((), device=device), 0
+            if state_path is not None:
+                progress = dict(step=step, curve=[asdict(p) for p in curve], data=data.get_state())
+                save_training_state(state_path, model, optimizer, scheduler, settings, progress)
         if out_of_time:
             if log is not None:
                 log(f"time budget of {config.time_budget_s} s reached after {step} of {config.steps} steps")

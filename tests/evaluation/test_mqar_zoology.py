@@ -319,7 +319,7 @@ def test_state_size_of_the_transformer_is_its_kv_cache():
     (["--train-sets", "64:4"], "--train-sets: options of --protocol zoology"),
     (["--protocol", "zoology", "--no-train", "--max-epochs", "3"], "--max-epochs: training options; add --train"),
     (["--protocol", "zoology", "--vocab", "8192"], "model's vocabulary \\(64\\) is smaller than the task's \\(8192\\)"),
-    (["--protocol", "zoology", "--resume"], "--resume continues the run written in --out: add --out DIR"),
+    (["--protocol", "zoology", "--resume"], "--resume continues a training run written in --out: add --train and"),
 ])
 def test_cli_errors_are_one_clear_line(tmp_path, capsys, options, message):
     recipe = tmp_path / "recipe.yaml"

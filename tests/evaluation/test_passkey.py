@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from mm_rec import MMRecConfig, MMRecModel
 from mm_rec.baselines.transformer import TransformerModel
@@ -155,6 +156,16 @@ def test_cli_evaluates_a_checkpoint_and_trains(tmp_path, capsys):
     assert [p["step"] for p in report["curve"]] == [2] and report["train_length"] == 180
     assert (tmp_path / "trained" / "model.safetensors").is_file()
     assert "length" in capsys.readouterr().out
+
+    # cut by its time budget after step 1, then --resume: the weights of the uninterrupted run above
+    train = ["--task", "passkey", "--checkpoint", str(tmp_path / "model"), "--train", "--steps", "2", "--train-length",
+             "180", "--lengths", "180", "--depths", "0.5", "--samples", "2", "--out", str(tmp_path / "cut")]
+    assert run_eval_task(parser.parse_args(train + ["--time-budget", "1e-9"])) == 0
+    assert [p["step"] for p in json.loads((tmp_path / "cut" / "passkey_results.json").read_text())["curve"]] == [1]
+    assert run_eval_task(parser.parse_args(train + ["--resume"])) == 0
+    assert [p["step"] for p in json.loads((tmp_path / "cut" / "passkey_results.json").read_text())["curve"]] == [1, 2]
+    whole, resumed = (load_file(tmp_path / run / "model.safetensors") for run in ("trained", "cut"))
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
 def test_cli_changes_a_parameterless_setting_of_a_checkpoint(tmp_path, monkeypatch):

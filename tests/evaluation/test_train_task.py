@@ -68,3 +68,42 @@ def test_the_task_trainer_follows_the_main_trainers_schedule(monkeypatch, tmp_pa
     decays = {group["weight_decay"]: {p.dim() >= 2 for p in group["params"]} for group in optimizer.param_groups}
     assert decays == {0.1: {True}, 0.0: {False}}
 
+
+
+def test_a_resumed_task_run_is_the_uninterrupted_run(tmp_path):
+    """Stopped by its time budget after step 1 with its state written, then resumed in a fresh model and
+    optimizer: the weights after the last step (bit for bit) and the curve from step 4 on are those of one
+    uninterrupted run; the batch generator's state travels with it (a fresh generator would draw other
+    batches), and so does the global one (dropout). A finished run and changed settings are refused."""
+    def run(config, state_path=None, resume=False):
+        model = tiny_model()
+        for module in model.modules():  # dropout on: the global generator matters
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.1
+        generator = torch.Generator().manual_seed(0)
+
+        def next_batch():
+            ids = torch.randint(0, 256, (2, 9), generator=generator)
+            return ids[:, :-1], ids[:, 1:]
+
+        data = train_task.BatchStream(next_batch, generator.get_state, generator.set_state)
+        curve = train_on_task(model, data, lambda m: float(next(m.parameters()).detach().sum()), config, log=None,
+                              state_path=state_path, resume=resume)
+        return model, curve
+
+    config = TaskTrainConfig(steps=6, lr=LR, warmup_steps=2, eval_every=2)
+    whole_model, whole = run(config)
+    state = tmp_path / "training_state.pt"
+    _, first = run(TaskTrainConfig(steps=6, lr=LR, warmup_steps=2, eval_every=2, time_budget_s=1e-9), state)
+    assert [p.step for p in first] == [1] and state.exists()
+    resumed_model, resumed = run(config, state, resume=True)
+    assert [p.step for p in resumed] == [1, 2, 4, 6]
+    assert [(p.loss, p.accuracy) for p in resumed[2:]] == [(p.loss, p.accuracy) for p in whole[1:]]
+    for a, b in zip(resumed_model.state_dict().values(), whole_model.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="ended after its 6 steps"):
+        run(config, state, resume=True)
+    with pytest.raises(ValueError, match="settings differ in lr"):
+        run(TaskTrainConfig(steps=6, lr=2 * LR, warmup_steps=2, eval_every=2), state, resume=True)
+    with pytest.raises(ValueError, match="a BatchStream"):
+        train_on_task(tiny_model(), lambda: None, lambda m: 0.0, config, state_path=state)
