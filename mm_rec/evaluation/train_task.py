@@ -3,7 +3,8 @@
 The optimisation is `mmrec train`'s (mm_rec.training.optim): AdamW with weight decay on matrices
 only, the same warmup + cosine schedule (here down to 10% of the peak rate), the same gradient
 clipping, and the same autocast (bf16 on CUDA, fp32 on CPU). What it leaves out is the data
-pipeline, checkpoints and the non-finite guard, which needs a host sync every step. The loop
+pipeline, checkpoint history (one training state, rewritten at every evaluation, is what a stopped run
+resumes from: training_state.py) and the non-finite guard, which needs a host sync every step. The loop
 knows nothing of the task: `next_batch()` returns (input_ids, labels) with labels already
 shifted, and `evaluate(model)` returns an accuracy, called every `eval_every` steps and after the
 last one; the result is that curve.
