@@ -67,8 +67,10 @@ class ShortConvolution(nn.Module):
             return
         with torch.no_grad():
             self.weight.normal_(0.0, 0.02)
-            for channel, delay in enumerate(self.delays):  # weight[:, k - 1] multiplies x_t
-                self.weight[channel, max(self.kernel_size - 1 - delay, 0)] += 1.0
+            # weight[:, k - 1] multiplies x_t: channel c's tap delays[c] steps back, all channels in one op
+            # (a loop over the 7b preset's 12,288 channels a layer took 20 s to build the model on the meta device)
+            taps = torch.tensor([max(self.kernel_size - 1 - delay, 0) for delay in self.delays])
+            self.weight[torch.arange(len(self.delays)).to(self.weight.device), taps.to(self.weight.device)] += 1.0
 
     def forward(self, x: torch.Tensor, tail: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [B, T, channels], tail [B, k - 1, channels] (None for k = 1) -> (y [B, T, channels], new tail)."""
