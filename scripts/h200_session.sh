@@ -340,9 +340,10 @@ verify)
     # Alone on the GPU: the GPU tests of the delta rule, the memory and decoding; the compiled decoding step
     # (7b, 1b; batch 1) with the window's and ring's entries in bf16 and in fp32, profiled; the memory step's
     # launch sweep for both entry dtypes; WITH_LAYER=1: bench_layer 7b beside the Transformer, profiled.
-    # 120 s ran 96 of the 127 tests on a fresh machine (2026-12-07 22:07): compiles and Triton builds come first
-    timeout $(left ${TEST_LIMIT:-240}) python3 -m pytest -q tests/ops/delta_rule tests/core/test_memory_gpu.py \
-        tests/ops/memory_step tests/test_decode_gpu.py -rf > "$OUT/tests.txt" 2>&1
+    # 120 s ran 96 of the 127 tests on a fresh machine (2026-12-07 22:07): compiles and Triton builds come first;
+    # the delta rule last (its traced-and-compiled test compiles longest)
+    timeout $(left ${TEST_LIMIT:-240}) python3 -m pytest -q tests/ops/memory_step tests/test_decode_gpu.py \
+        tests/core/test_memory_gpu.py tests/ops/delta_rule -rf > "$OUT/tests.txt" 2>&1
     timeout $(left 240) python3 benchmarks/bench_generate.py --new-tokens 48 --prefill synthetic --prompts 2K \
         --methods mmrec-step,mmrec-step-fp32-entries --presets 7b,1b --batches 1 --compile --rounds 2 --profile 40 \
         > "$OUT/generate_profile.txt" 2>&1
