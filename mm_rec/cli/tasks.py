@@ -39,6 +39,7 @@ from mm_rec.evaluation.train_task import BatchStream, TaskTrainConfig, train_on_
 from mm_rec.evaluation.training_state import STATE_FILE
 from mm_rec.loading import build_model, load_model
 from mm_rec.training.config import apply_overrides
+from mm_rec.utils.atomic import replace_file
 from mm_rec.utils.device import autocast_for, resolve_device, resolve_precision
 
 TOKENS_PER_FORWARD = 65536  # evaluation rows per forward = this // sequence length (at least 1)
@@ -396,10 +397,7 @@ def state_size(model: nn.Module, seq_len: int) -> tuple[int, str]:
 
 def _write_json(path: Path, report: dict) -> None:
     """Write `report` so that a reader sees the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".tmp-{path.name}")
-    staging.write_text(json.dumps(report, indent=2) + "\n")
-    staging.replace(path)
+    replace_file(path, lambda staging: staging.write_text(json.dumps(report, indent=2) + "\n"))
 
 
 def _run_mqar_zoology(args: argparse.Namespace, recipe: dict) -> tuple[dict, nn.Module]:

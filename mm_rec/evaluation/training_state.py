@@ -2,8 +2,9 @@
 on where it stopped: `mmrec eval --task ... --train --out DIR --resume`.
 
 One file, `training_state.pt`, rewritten after every evaluation point (written aside, then renamed: a reader
-sees the previous state or the new one, whole): the weights, the optimizer, the schedule, the global random
-generators (dropout), the caller's own generators and progress, and the settings the run was started with.
+sees the previous state or the new one, whole): the weights, the optimizer, the schedule, the process's random
+generators (dropout; as `mmrec train` saves them), the caller's own generators and progress, and the settings
+the run was started with.
 A resumed run must have the same settings but those a caller lets change (its time budget): what it then
 computes is what the uninterrupted run would have computed (tested bit for bit on the CPU).
 """
@@ -16,6 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from mm_rec.training.trainer import rng_state, set_rng_state  # mmrec train's: every generator of the process
+from mm_rec.utils.atomic import replace_file
+
 STATE_FILE = "training_state.pt"
 
 
@@ -25,13 +29,8 @@ def save_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
     caller's: steps, curve, its generators' states, ...) beside the weights, optimizer, schedule and the
     global random generators."""
     state = dict(format=1, settings=settings, progress=progress, model=model.state_dict(),
-                 optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), cpu_rng=torch.get_rng_state(),
-                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".tmp-{path.name}")
-    torch.save(state, staging)
-    staging.replace(path)
+                 optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=rng_state())
+    replace_file(path, lambda staging: torch.save(state, staging))
 
 
 def load_training_state(path: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -49,7 +48,5 @@ def load_training_state(path: Path | None, model: nn.Module, optimizer: torch.op
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["cpu_rng"])
-    if state["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    set_rng_state(state["rng"])
     return state["progress"]

@@ -5,13 +5,15 @@
     commit_directory(staging, final)
 
 The one atomic writer of the package: training checkpoints, distributed (DCP) checkpoints and
-the tokenized-data cache all go through `commit_directory`.
+the tokenized-data cache all go through `commit_directory`; single files (a task run's results and
+training state) through `replace_file`.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -32,6 +34,17 @@ def commit_directory(staging: Path, final: Path) -> None:
     os.replace(staging, final)
     _fsync(final.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def replace_file(final: Path, write: Callable[[Path], None]) -> None:
+    """Make `final` the file that `write(staging)` writes, replacing what is there: a reader sees the
+    old file or the complete new one."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.with_name(f".tmp-{final.name}")
+    write(staging)
+    _fsync(staging)
+    os.replace(staging, final)
 
 
 def _fsync(path: Path) -> None:
