@@ -76,6 +76,9 @@ class MMRecConfig:
     # level2=delta: the last `undecayed_banks` banks keep alpha = 1 (a pure delta rule, which forgets
     # only by overwriting what a new key overlaps), so recall does not fade with distance by decay
     undecayed_banks: int = 0
+    # level2=delta: multiplies every log alpha (alpha -> alpha^s). 1 as trained; below 1 at evaluation, the
+    # banks forget more slowly, for contexts far longer than the training's (a setting without parameters)
+    delta_decay_scale: float = 1.0
     dropout: float = 0.0  # residual dropout on each branch's output (training only; small-data recipes)
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
@@ -137,6 +140,8 @@ class MMRecConfig:
         need(isinstance(self.undecayed_banks, int) and 0 <= self.undecayed_banks <= self.num_memories,
              "undecayed_banks", f"must be an integer in [0, num_memories={self.num_memories}]")
         need(self.undecayed_banks == 0 or self.level2 == "delta", "undecayed_banks", "needs level2=delta")
+        need(isinstance(self.delta_decay_scale, (int, float)) and not isinstance(self.delta_decay_scale, bool)
+             and 0.0 <= self.delta_decay_scale <= 1.0, "delta_decay_scale", "must lie in [0, 1]")
         need(self.chunk_size % self.slots_per_block == 0, "slots_per_block",
              f"must divide chunk_size={self.chunk_size} (each sub-slot covers chunk_size / r tokens)")
         need(self.memory_size_M % self.slots_per_block == 0, "memory_size_M",

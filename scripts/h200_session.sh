@@ -385,7 +385,8 @@ recall2)
     # One call for issue 14's open GPU rows: MM-Rec's two language-model recipes at their decay_init 0.5
     # (carry runs/data; WITH_LM= , empty: none), sharing the GPU with the passkey recipe trained for
     # $BUDGET s and scored at 2K-128K, and (WITH_TRANSFORMER= , empty: not) the Transformer's for as
-    # long at up to 12000 steps; then which read path holds the key (scripts/passkey_paths.py).
+    # long at up to 12000 steps; then the same weights rescored at 32K and 128K ($RESCORE: in fp32, with the
+    # delta banks' decays scaled) and (PATHS=1) which read path holds the key (scripts/passkey_paths.py).
     # (The decode GPU tests and the compiled 1b step were measured on 2026-12-07; phase followup goes on.)
     BUDGET=${BUDGET:-330}
     # MM-Rec only: the Transformers' and MM-Rec's decay_init 0.9 runs are recorded (docs/quality.md, study 3)
@@ -402,7 +403,15 @@ recall2)
     wait
     cp "$RUNS/passkey/mmrec/log.txt" "$OUT/passkey.txt"
     [ -f "$RUNS/passkey/transformer/log.txt" ] && cp "$RUNS/passkey/transformer/log.txt" "$OUT/passkey_transformer.txt"
-    timeout $(left 300) python3 scripts/passkey_paths.py "$RUNS/passkey/mmrec" \
+    # the same weights and prompts at 32K and 128K, each way of $RESCORE (';'-separated eval options): in fp32,
+    # and with the delta banks' decays scaled (alpha^s: slower forgetting than trained)
+    IFS=';' read -ra rescores <<< "${RESCORE-"--precision fp32;--set model.delta_decay_scale=0.5;--set model.delta_decay_scale=0.25"}"
+    for options in "${rescores[@]}"; do
+        echo "== $options" >> "$OUT/passkey.txt"
+        timeout $(left 150) $MMREC eval --task passkey --checkpoint "$RUNS/passkey/mmrec" --seed 0 \
+            --lengths 32k,128k --samples 5 $options 2>&1 | tail -12 >> "$OUT/passkey.txt"
+    done
+    [ -n "${PATHS:-}" ] && timeout $(left 300) python3 scripts/passkey_paths.py "$RUNS/passkey/mmrec" \
         --lengths 32768,131072 --rows 4 --device cuda > "$OUT/passkey_paths.txt" 2>&1
     if [ -n "${WITH_LM-1}" ]; then
         for f in "$RUNS"/lm/*.log; do echo "== $f"; grep -i 'val' "$f" | tail -40; done > "$OUT/lm.txt"

@@ -49,6 +49,7 @@ DECODE_VARIANTS = {  # every switch flipped at least once
     "equal importances": dict(memory_size_M=5, recent_slots=2, keep_init=True),  # as at init: ties decide
     "kept ages capped": dict(memory_size_M=5, recent_slots=2, kept_age_bias="capped"),
     "an undecayed delta bank": dict(undecayed_banks=1),
+    "delta decays scaled": dict(delta_decay_scale=0.25),
 }
 
 

@@ -38,6 +38,7 @@ def test_presets_validate(name):
     ("kept_age_bias", "log", "one of"),
     ("undecayed_banks", 3, "num_memories"),
     ("undecayed_banks", -1, "num_memories"),
+    ("delta_decay_scale", 1.5, r"\[0, 1\]"),
 ])
 def test_invalid_values_name_field_and_rule(field, value, rule):
     with pytest.raises(ValueError, match=rule) as err:

@@ -145,6 +145,7 @@ class HDSHierarchy(nn.Module):
             self.delta_decay_bias = nn.Parameter(torch.empty(K))
             self.delta_write_bias = nn.Parameter(torch.empty(K))
             self.undecayed_banks = config.undecayed_banks  # the last ones keep alpha = 1 exactly
+            self.delta_decay_scale = float(config.delta_decay_scale)  # alpha^s (evaluation at long contexts)
             self.delta_backend = "auto"  # gated_delta_rule's backend (DELTA_BACKENDS): Triton pass on CUDA
         if config.slot_write == "attention":
             self.write_query = nn.Parameter(torch.empty(K, m))
@@ -211,6 +212,8 @@ class HDSHierarchy(nn.Module):
         """The delta rule's (log alpha, beta) [..., K] from the mixer's logits [..., 2K] and the per-bank biases."""
         decay_logits, write_logits = delta_gates.to(acc).unflatten(-1, (2, self.num_memories)).unbind(-2)
         log_alpha = F.logsigmoid(decay_logits + self.delta_decay_bias.to(acc)).clamp(min=self.log_clamp_min)
+        if self.delta_decay_scale != 1.0:
+            log_alpha = log_alpha * self.delta_decay_scale
         if self.undecayed_banks:
             decayed = self.num_memories - self.undecayed_banks
             log_alpha = torch.cat([log_alpha[..., :decayed], torch.zeros_like(log_alpha[..., decayed:])], dim=-1)

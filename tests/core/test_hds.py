@@ -30,6 +30,7 @@ VARIANTS = {
     "equal importances": dict(memory_size_M=5, recent_slots=2, init=True),  # as at init: ties decide
     "kept age capped": dict(memory_size_M=5, recent_slots=2, kept_age_bias="capped"),
     "undecayed delta banks": dict(undecayed_banks=2),
+    "delta decays scaled": dict(delta_decay_scale=0.3),
 }
 
 
@@ -66,6 +67,7 @@ def reference(cfg, hds, attn, q, k, v, gates):
             # level 2
             if cfg.level2 == "delta":
                 alpha = torch.sigmoid(gates[t, bank] + hds.delta_decay_bias[bank]).clamp(min=math.exp(-50))
+                alpha = alpha ** cfg.delta_decay_scale
                 if bank >= K - cfg.undecayed_banks:  # the undecayed banks: a pure delta rule
                     alpha = 1.0
                 beta = torch.sigmoid(gates[t, K + bank] + hds.delta_write_bias[bank])
