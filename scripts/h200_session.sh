@@ -319,10 +319,11 @@ trace)
     # then the 7b layer with the delta rule run eagerly (the default) and traced by the compiler
     # (MMREC_TRACE_DELTA_RULE=1), beside the Transformer, profiled, the copies placed: is tracing worth
     # making the default?
+    # (the timings first: the tests can also run beside a training, phase recall2 with WITH_TESTS=1)
+    timeout $(left ${BENCH_LIMIT:-420}) python3 benchmarks/bench_layer.py --preset 7b --shapes 4x2048,1x32768 \
+        --iters 3 --warmup 1 --layers mmrec,mmrec-traced-delta,transformer --compile --profile ${PROFILE:-20} \
+        --profile-copies 12 --json "$RUNS/layer_7b_trace.json" > "$OUT/bench_layer.log" 2>&1
     timeout $(left ${TEST_LIMIT:-200}) python3 -m pytest -q tests/ops/delta_rule -rf > "$OUT/tests.txt" 2>&1
-    timeout $(left 420) python3 benchmarks/bench_layer.py --preset 7b --shapes 4x2048,1x32768 --iters 3 --warmup 1 \
-        --layers mmrec,mmrec-traced-delta,transformer --compile --profile ${PROFILE:-20} --profile-copies 12 \
-        --json "$RUNS/layer_7b_trace.json" > "$OUT/bench_layer.log" 2>&1
     finish
     ;;
 fusion)
@@ -395,6 +396,10 @@ recall2)
         lm tinystories_mmrec configs/tinystories_bpe.yaml runs/data/tinystories_subset.txt $((DEADLINE - 150))
     fi
     passkey mmrec configs/passkey_mmrec.yaml $BUDGET --lengths 2k,8k,32k,128k
+    if [ -n "${WITH_TESTS:-}" ]; then  # correctness only, beside the training (whose steps, not seconds, count)
+        timeout $(left ${TEST_LIMIT:-240}) python3 -m pytest -q tests/ops/memory_step tests/ops/delta_rule \
+            tests/test_decode_gpu.py tests/core/test_memory_gpu.py -rf > "$OUT/tests.txt" 2>&1 &
+    fi
     if [ -n "${WITH_TRANSFORMER-1}" ]; then
         # the Transformer with the budget it needs at 2K (it learned the CPU-scale task at 384 in ~1500
         # steps; at 2K 2960 steps were not enough): up to 12000 steps in the same $BUDGET s
