@@ -222,7 +222,7 @@ cuda)
         # the variants first and without Triton (whose kernels' precompile took 87 s of the 120 on 2026-12-07,
         # so no variant was reached); each variant's table has the default build and the copy of the same run
         { timeout $(left 200) python3 benchmarks/bench_scan.py --shapes 8x2048x4096,1x32768x4096 --backends cuda \
-              --no-torch --cuda-variants ${CUDA_VARIANTS:-8x4x2,4x8x2,4x4x4,4x8x3}
+              --no-torch --cuda-variants ${CUDA_VARIANTS:-4x8x8,8x16x2,4x16x4}
           timeout $(left 150) python3 benchmarks/bench_scan.py --shapes 8x2048x4096,1x32768x4096 --backends triton,cuda \
               --no-torch; } > "$OUT/bench_scan.txt" 2>&1
     fi
@@ -319,11 +319,22 @@ trace)
     # then the 7b layer with the delta rule run eagerly (the default) and traced by the compiler
     # (MMREC_TRACE_DELTA_RULE=1), beside the Transformer, profiled, the copies placed: is tracing worth
     # making the default?
-    # (the timings first: the tests can also run beside a training, phase recall2 with WITH_TESTS=1)
+    # (the timings first: the tests can also run beside a training, phase recall2 with WITH_TESTS=1).
+    # WITH_CUDA=1: the CUDA extension builds on the CPUs meanwhile, and after the layers (instead of the delta
+    # rule's tests) the CUDA scan's GPU tests and its forward/backward at the two acceptance shapes
+    [ -n "${WITH_CUDA:-}" ] && { cuda_build 200 & }
     timeout $(left ${BENCH_LIMIT:-420}) python3 benchmarks/bench_layer.py --preset 7b --shapes 4x2048,1x32768 \
         --iters 3 --warmup 1 --layers mmrec,mmrec-traced-delta,transformer --compile --profile ${PROFILE:-20} \
         --profile-copies 12 --json "$RUNS/layer_7b_trace.json" > "$OUT/bench_layer.log" 2>&1
-    timeout $(left ${TEST_LIMIT:-200}) python3 -m pytest -q tests/ops/delta_rule -rf > "$OUT/tests.txt" 2>&1
+    if [ -n "${WITH_CUDA:-}" ]; then
+        wait
+        timeout $(left ${TEST_LIMIT:-100}) python3 -m pytest -q -m gpu tests/ops/scan/test_scan_cuda.py -x -rf \
+            > "$OUT/tests.txt" 2>&1
+        timeout $(left 150) python3 benchmarks/bench_scan.py --shapes 8x2048x4096,1x32768x4096 --backends cuda \
+            --no-torch ${CUDA_VARIANTS:+--cuda-variants $CUDA_VARIANTS} > "$OUT/bench_scan.txt" 2>&1
+    else
+        timeout $(left ${TEST_LIMIT:-200}) python3 -m pytest -q tests/ops/delta_rule -rf > "$OUT/tests.txt" 2>&1
+    fi
     finish
     ;;
 fusion)

@@ -3,9 +3,14 @@
 //
 // Work split. A block owns one tile: kTileC = 128 channels of one batch row (a warp's 32 lanes
 // times 4 channels each, so each row of the tile is one 512-byte (fp32) or 256-byte (bf16)
-// coalesced access) and kChunk = kWarps * kSteps consecutive time steps (warp w holds steps
-// w*kSteps .. w*kSteps+kSteps-1 of the chunk in registers). The inputs are read once and h written
-// once: each warp reduces its steps to an aggregate (P, S) with h_out = P h_in + S (P the product
+// coalesced access) and kChunk = kWarps * kSteps consecutive time steps (warp w owns steps
+// w*kSteps .. w*kSteps+kSteps-1 of the chunk). The inputs are read once and h written once: each
+// lane copies its elements of the chunk to shared memory with cp.async (all of a warp's loads in
+// flight at once, none holding a register, so that a multiprocessor keeps the loads of several
+// blocks in flight while others look back or store; on 2026-12-07 the same kernel holding them in
+// registers, 164 a thread, ran one block per multiprocessor at a third of the copy bandwidth),
+// then reads them back twice: each warp reduces its steps to an aggregate (P, S) with
+// h_out = P h_in + S (P the product
 // of the decays, S the state from a zero start; every exponent <= 0, no cumulative log is ever
 // subtracted), the block composes its warps' aggregates, and warp 0 finds the state entering the
 // chunk by decoupled look-back (Merrill & Garland, 2016) over the tiles of earlier chunks: it
@@ -26,8 +31,9 @@
 namespace mmrec_cuda {
 namespace {
 
-// Launch shape; the defaults are the best of `benchmarks/bench_scan.py --cuda-variants` on an H200
-// (the macros exist for that sweep).
+// Launch shape (the macros exist for `benchmarks/bench_scan.py --cuda-variants`). The default: 8 warps of
+// 8 steps, and registers capped for 4 blocks a multiprocessor, as many as the forward's staged inputs
+// (48 KB with fp32 log_a and bf16 b, + 8 KB of aggregates) fit in 228 KB of shared memory.
 #ifndef MMREC_SCAN_WARPS
 #define MMREC_SCAN_WARPS 8
 #endif
@@ -35,10 +41,10 @@ namespace {
 #define MMREC_SCAN_STEPS 8
 #endif
 #ifndef MMREC_SCAN_MIN_BLOCKS
-#define MMREC_SCAN_MIN_BLOCKS 1
+#define MMREC_SCAN_MIN_BLOCKS 4
 #endif
 constexpr int kWarps = MMREC_SCAN_WARPS;  // time slices per block
-constexpr int kSteps = MMREC_SCAN_STEPS;  // time steps per warp (held in registers)
+constexpr int kSteps = MMREC_SCAN_STEPS;  // time steps per warp (staged in shared memory)
 constexpr int kMinBlocks = MMREC_SCAN_MIN_BLOCKS;  // blocks per multiprocessor the registers must allow
 constexpr int kChunk = kWarps * kSteps;  // time steps per block
 constexpr int kLanes = 32;
@@ -60,10 +66,6 @@ Plan make_plan(int64_t B, int64_t T, int64_t D) {
 }
 
 // ------------------------------------------------------------------ element access
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-
 template <typename T> __device__ __forceinline__ T from_float(float x);
 template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
@@ -86,19 +88,6 @@ __device__ __forceinline__ unsigned pack2(float a, float b, __half*) {
     return *reinterpret_cast<unsigned*>(&v);
 }
 
-// Four consecutive channels at p (aligned to 4 elements), streamed (evict-first).
-template <typename T>
-__device__ __forceinline__ void load4_vec(const T* p, float v[kVec]) {
-    if constexpr (std::is_same_v<T, float>) {
-        const float4 q = __ldcs(reinterpret_cast<const float4*>(p));
-        v[0] = q.x; v[1] = q.y; v[2] = q.z; v[3] = q.w;
-    } else {
-        const uint2 q = __ldcs(reinterpret_cast<const uint2*>(p));
-        const float2 lo = unpack2(q.x, static_cast<T*>(nullptr)), hi = unpack2(q.y, static_cast<T*>(nullptr));
-        v[0] = lo.x; v[1] = lo.y; v[2] = hi.x; v[3] = hi.y;
-    }
-}
-
 template <typename T>
 __device__ __forceinline__ void store4_vec(T* p, const float v[kVec]) {
     if constexpr (std::is_same_v<T, float>) {
@@ -111,23 +100,6 @@ __device__ __forceinline__ void store4_vec(T* p, const float v[kVec]) {
     }
 }
 
-// Channels d0..d0+3 of a contiguous row at p (element d0 at p[0]); `VEC` when D % 4 == 0 and the
-// row is 4-element aligned, else element by element with the channels >= D given `fill`.
-template <typename T, bool VEC>
-__device__ __forceinline__ void load_row(const T* p, int64_t valid, float fill, float v[kVec]) {
-    if constexpr (VEC) {
-        if (valid > 0) {
-            load4_vec(p, v);
-        } else {
-#pragma unroll
-            for (int j = 0; j < kVec; ++j) v[j] = fill;
-        }
-    } else {
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) v[j] = j < valid ? to_float(p[j]) : fill;
-    }
-}
-
 template <typename T, bool VEC>
 __device__ __forceinline__ void store_row(T* p, int64_t valid, const float v[kVec]) {
     if constexpr (VEC) {
@@ -136,29 +108,6 @@ __device__ __forceinline__ void store_row(T* p, int64_t valid, const float v[kVe
 #pragma unroll
         for (int j = 0; j < kVec; ++j)
             if (j < valid) p[j] = from_float<T>(v[j]);
-    }
-}
-
-// log_a of channels d0..d0+3 at (batch, t), through the view's strides; 0 (a = 1) for d >= D.
-template <typename TA>
-__device__ __forceinline__ void load_log_a(const LogAView& la, bool vec, int64_t batch, int64_t t, int64_t d0,
-                                           int64_t valid, float v[kVec]) {
-    const TA* base = static_cast<const TA*>(la.data) + batch * la.stride_batch + t * la.stride_time;
-    if (vec) {  // contiguous channels, 4-aligned (checked on the host)
-        if (valid > 0) {
-            load4_vec(base + d0, v);
-        } else {
-#pragma unroll
-            for (int j = 0; j < kVec; ++j) v[j] = 0.f;
-        }
-        return;
-    }
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) {
-        const int64_t d = d0 + j;
-        v[j] = j < valid ? to_float(base[(d / la.channel_inner) * la.stride_outer +
-                                         (d % la.channel_inner) * la.stride_inner])
-                         : 0.f;
     }
 }
 
@@ -277,11 +226,11 @@ __device__ __forceinline__ void block_prefix(const Status& st, int64_t k, int64_
             store_status4(st.H + at, H);
             publish(st.flags + slot, kInclusive, lane);
         }
-        // Entering state of each warp, in processing order.
+        // Entering state of each warp, in processing order (s_in may be sS: each entry is read first).
 #pragma unroll
         for (int i = 0; i < kWarps; ++i) {
-            s_in[order(i)][lane] = make_float4(in[0], in[1], in[2], in[3]);
             const float4 p = sP[order(i)][lane], s = sS[order(i)][lane];
+            s_in[order(i)][lane] = make_float4(in[0], in[1], in[2], in[3]);
             in[0] = fmaf(p.x, in[0], s.x);
             in[1] = fmaf(p.y, in[1], s.y);
             in[2] = fmaf(p.z, in[2], s.z);
@@ -318,10 +267,74 @@ __device__ __forceinline__ void load_state(const float* p, int64_t valid, float 
     for (int j = 0; j < kVec; ++j) v[j] = (p != nullptr && j < valid) ? p[j] : 0.f;
 }
 
+// ------------------------------------------------------------------ staging
+// The block's inputs are copied to shared memory with cp.async (no registers hold them in flight, so a
+// multiprocessor keeps several blocks' loads in flight while others look back or store); the block then
+// reads them twice from there: once for its warps' aggregates, once to write h (or the gradients).
+__device__ __forceinline__ void cp_async(void* smem, const void* gmem, int bytes) {
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    if (bytes == 16) {
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+    } else {
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(s), "l"(gmem));
+    }
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::); }
+
+// Stage channels d0..d0+3 of the contiguous row at g (element d0 at g[0]) into s; channels >= D as 0.
+template <typename T, bool VEC>
+__device__ __forceinline__ void stage_row(T* s, const T* g, int64_t valid) {
+    if constexpr (VEC) {  // 4 elements, 16- or 8-byte aligned (checked on the host)
+        if (valid > 0) {
+            cp_async(s, g, 4 * sizeof(T));
+            return;
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) s[j] = j < valid ? g[j] : from_float<T>(0.f);
+}
+
+// log_a of channels d0..d0+3 at (batch, t) through the view's strides; 0 (a = 1) for d >= D.
+template <typename TA, bool LA_VEC>
+__device__ __forceinline__ void stage_log_a(TA* s, const LogAView& la, int64_t batch, int64_t t, int64_t d0,
+                                            int64_t valid) {
+    const TA* base = static_cast<const TA*>(la.data) + batch * la.stride_batch + t * la.stride_time;
+    if constexpr (LA_VEC) {  // contiguous channels, 4-aligned (checked on the host)
+        stage_row<TA, true>(s, base + d0, valid);
+    } else {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+            const int64_t d = d0 + j;
+            s[j] = j < valid ? base[(d / la.channel_inner) * la.stride_outer + (d % la.channel_inner) * la.stride_inner]
+                             : from_float<TA>(0.f);
+        }
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void read4(const T* s, float v[kVec]) {  // four staged elements, widened
+    if constexpr (std::is_same_v<T, float>) {
+        const float4 q = *reinterpret_cast<const float4*>(s);
+        v[0] = q.x; v[1] = q.y; v[2] = q.z; v[3] = q.w;
+    } else {
+        const uint2 q = *reinterpret_cast<const uint2*>(s);
+        const float2 lo = unpack2(q.x, static_cast<T*>(nullptr)), hi = unpack2(q.y, static_cast<T*>(nullptr));
+        v[0] = lo.x; v[1] = lo.y; v[2] = hi.x; v[3] = hi.y;
+    }
+}
+
+// Shared memory of one block: `Rows` staged arrays of [kChunk, kTileC] (warp w's rows are
+// w*kSteps .. w*kSteps+kSteps-1), dtypes given by the kernel.
+template <typename... T>
+__host__ __device__ constexpr size_t staged_bytes() { return static_cast<size_t>(kChunk) * kTileC * (sizeof(T) + ...); }
+
 // ------------------------------------------------------------------ kernels
-template <typename TA, typename TB, bool VEC>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) scan_fwd_kernel(ScanFwdArgs args, Workspace ws, Plan plan, bool la_vec) {
-    __shared__ float4 sP[kWarps][kLanes], sS[kWarps][kLanes], s_in[kWarps][kLanes];
+template <typename TA, typename TB, bool VEC, bool LA_VEC>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) scan_fwd_kernel(ScanFwdArgs args, Workspace ws, Plan plan) {
+    __shared__ float4 sP[kWarps][kLanes], sS[kWarps][kLanes];  // the warps' aggregates, then (sS) entering states
+    extern __shared__ __align__(16) unsigned char staged[];
+    TA* s_la = reinterpret_cast<TA*>(staged);                                    // [kChunk, kTileC]
+    TB* s_b = reinterpret_cast<TB*>(staged + staged_bytes<TA>());                // [kChunk, kTileC]
     const int warp = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
     const TileCoord c = claim_tile(ws, plan, lane);
     const int64_t k = c.k, tile = c.tile, batch = c.batch, d0 = c.d0;  // k = chunk
@@ -329,29 +342,33 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_fwd_kernel(ScanFwdA
     const int64_t valid = sh.D - d0;
     const int64_t t0 = k * kChunk + warp * kSteps;
     const TB* b = static_cast<const TB*>(args.b) + (batch * sh.T) * sh.D + d0;
+    const int at0 = (warp * kSteps) * kTileC + lane * kVec;  // this lane's first staged element
 
-    float a[kSteps][kVec], x[kSteps][kVec];
-#pragma unroll
+    // every load of the warp's rows issued at once (cp.async does not wait: the loop need not unroll, and
+    // rolled it keeps few address registers); rows past T stage a = 1, b = 0
+#pragma unroll 1
     for (int r = 0; r < kSteps; ++r) {
         const int64_t t = t0 + r;
-        if (t < sh.T) {
-            load_log_a<TA>(args.log_a, la_vec, batch, t, d0, valid, a[r]);
-            load_row<TB, VEC>(b + t * sh.D, valid, 0.f, x[r]);
-        } else {
-#pragma unroll
-            for (int j = 0; j < kVec; ++j) { a[r][j] = 0.f; x[r][j] = 0.f; }
-        }
+        const int at = at0 + r * kTileC;
+        stage_log_a<TA, LA_VEC>(s_la + at, args.log_a, batch, t < sh.T ? t : 0, d0, t < sh.T ? valid : 0);
+        stage_row<TB, VEC>(s_b + at, b + (t < sh.T ? t : 0) * sh.D, t < sh.T ? valid : 0);
     }
+    cp_async_wait_all();
+    __syncwarp();  // each warp reads back only the rows its own lanes staged
+
     float P[kVec], S[kVec];
 #pragma unroll
     for (int j = 0; j < kVec; ++j) { P[j] = 1.f; S[j] = 0.f; }
 #pragma unroll
     for (int r = 0; r < kSteps; ++r) {
+        float a[kVec], x[kVec];
+        read4(s_la + at0 + r * kTileC, a);
+        read4(s_b + at0 + r * kTileC, x);
 #pragma unroll
         for (int j = 0; j < kVec; ++j) {
-            a[r][j] = expf(clamp_log(a[r][j], sh.clamp_min, sh.clamp_max));
-            S[j] = fmaf(a[r][j], S[j], x[r][j]);
-            P[j] *= a[r][j];
+            a[j] = expf(clamp_log(a[j], sh.clamp_min, sh.clamp_max));
+            S[j] = fmaf(a[j], S[j], x[j]);
+            P[j] *= a[j];
         }
     }
     sP[warp][lane] = make_float4(P[0], P[1], P[2], P[3]);
@@ -360,16 +377,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_fwd_kernel(ScanFwdA
 
     float first[kVec];  // h0 (read by the first chunk only)
     load_state(k == 0 && args.h0 != nullptr ? args.h0 + batch * sh.D + d0 : nullptr, valid, first);
-    block_prefix(make_status(ws, plan), k, tile, k + 1 < plan.n_chunks, sP, sS, s_in, first, Forward{});
+    block_prefix(make_status(ws, plan), k, tile, k + 1 < plan.n_chunks, sP, sS, sS, first, Forward{});
 
-    const float4 in = s_in[warp][lane];
+    const float4 in = sS[warp][lane];
     float h[kVec] = {in.x, in.y, in.z, in.w};
     TB* out = static_cast<TB*>(args.h) + (batch * sh.T) * sh.D + d0;
 #pragma unroll
     for (int r = 0; r < kSteps; ++r) {
         const int64_t t = t0 + r;
+        float a[kVec], x[kVec];
+        read4(s_la + at0 + r * kTileC, a);
+        read4(s_b + at0 + r * kTileC, x);
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) h[j] = fmaf(a[r][j], h[j], x[r][j]);
+        for (int j = 0; j < kVec; ++j) h[j] = fmaf(expf(clamp_log(a[j], sh.clamp_min, sh.clamp_max)), h[j], x[j]);
         if (t < sh.T) store_row<TB, VEC>(out + t * sh.D, valid, h);
         if (t == sh.T - 1) {
 #pragma unroll
@@ -379,9 +399,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_fwd_kernel(ScanFwdA
     }
 }
 
-template <typename TA, typename TB, bool VEC>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) scan_bwd_kernel(ScanBwdArgs args, Workspace ws, Plan plan, bool la_vec) {
-    __shared__ float4 sP[kWarps][kLanes], sS[kWarps][kLanes], s_in[kWarps][kLanes];
+template <typename TA, typename TB, bool VEC, bool LA_VEC>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) scan_bwd_kernel(ScanBwdArgs args, Workspace ws, Plan plan) {
+    __shared__ float4 sP[kWarps][kLanes], sS[kWarps][kLanes];  // the warps' aggregates, then (sS) entering states
+    extern __shared__ __align__(16) unsigned char staged[];
+    TA* s_la = reinterpret_cast<TA*>(staged);                                          // log_a_t
+    TB* s_dh = reinterpret_cast<TB*>(staged + staged_bytes<TA>());                     // dh_t
+    TB* s_hp = reinterpret_cast<TB*>(staged + staged_bytes<TA, TB>());                 // h_{t-1} (t >= 1)
     const int warp = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
     const TileCoord c = claim_tile(ws, plan, lane);
     const int64_t k = c.k, tile = c.tile, batch = c.batch, d0 = c.d0;  // k: chunks from the end
@@ -392,34 +416,33 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_bwd_kernel(ScanBwdA
     const int64_t row0 = (batch * sh.T) * sh.D + d0;
     const TB* dh = static_cast<const TB*>(args.dh) + row0;
     const TB* h = static_cast<const TB*>(args.h) + row0;
-    const float* h0 = args.h0 != nullptr ? args.h0 + batch * sh.D + d0 : nullptr;
+    const int at0 = (warp * kSteps) * kTileC + lane * kVec;
 
-    float la[kSteps][kVec], g[kSteps][kVec], hp[kSteps][kVec];  // log_a, dh, h_{t-1}
-#pragma unroll
+#pragma unroll 1
     for (int r = 0; r < kSteps; ++r) {
         const int64_t t = t0 + r;
-        if (t < sh.T) {
-            load_log_a<TA>(args.log_a, la_vec, batch, t, d0, valid, la[r]);
-            load_row<TB, VEC>(dh + t * sh.D, valid, 0.f, g[r]);
-            if (t > 0) {
-                load_row<TB, VEC>(h + (t - 1) * sh.D, valid, 0.f, hp[r]);
-            } else {
-                load_state(h0, valid, hp[r]);
-            }
-        } else {
-#pragma unroll
-            for (int j = 0; j < kVec; ++j) { la[r][j] = 0.f; g[r][j] = 0.f; hp[r][j] = 0.f; }
-        }
+        const int at = at0 + r * kTileC;
+        const bool in_range = t < sh.T;
+        stage_log_a<TA, LA_VEC>(s_la + at, args.log_a, batch, in_range ? t : 0, d0, in_range ? valid : 0);
+        stage_row<TB, VEC>(s_dh + at, dh + (in_range ? t : 0) * sh.D, in_range ? valid : 0);
+        // h_{t-1}; at t = 0 it is h0 (fp32, read in the second pass), staged as nothing
+        stage_row<TB, VEC>(s_hp + at, h + (in_range && t > 0 ? t - 1 : 0) * sh.D, in_range && t > 0 ? valid : 0);
     }
+    cp_async_wait_all();
+    __syncwarp();
+
     float P[kVec], S[kVec];
 #pragma unroll
     for (int j = 0; j < kVec; ++j) { P[j] = 1.f; S[j] = 0.f; }
 #pragma unroll
     for (int r = kSteps - 1; r >= 0; --r) {
+        float la[kVec], g[kVec];
+        read4(s_la + at0 + r * kTileC, la);
+        read4(s_dh + at0 + r * kTileC, g);
 #pragma unroll
         for (int j = 0; j < kVec; ++j) {
-            const float a = expf(clamp_log(la[r][j], sh.clamp_min, sh.clamp_max));
-            S[j] = a * (S[j] + g[r][j]);
+            const float a = expf(clamp_log(la[j], sh.clamp_min, sh.clamp_max));
+            S[j] = a * (S[j] + g[j]);
             P[j] *= a;
         }
     }
@@ -429,27 +452,35 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_bwd_kernel(ScanBwdA
 
     float first[kVec];  // d final_state (read by the last chunk only)
     load_state(k == 0 && args.d_final != nullptr ? args.d_final + batch * sh.D + d0 : nullptr, valid, first);
-    block_prefix(make_status(ws, plan), k, tile, k + 1 < plan.n_chunks, sP, sS, s_in, first, Backward{});
+    block_prefix(make_status(ws, plan), k, tile, k + 1 < plan.n_chunks, sP, sS, sS, first, Backward{});
 
-    const float4 in = s_in[warp][lane];
+    const float4 in = sS[warp][lane];
     float carry[kVec] = {in.x, in.y, in.z, in.w};
     TB* db = static_cast<TB*>(args.db) + row0;
     TA* dla = static_cast<TA*>(args.d_log_a) + row0;
+    const float* h0 = args.h0 != nullptr ? args.h0 + batch * sh.D + d0 : nullptr;
 #pragma unroll
     for (int r = kSteps - 1; r >= 0; --r) {
         const int64_t t = t0 + r;
-        float dlog[kVec];
+        float la[kVec], g[kVec], hp[kVec], dlog[kVec];
+        read4(s_la + at0 + r * kTileC, la);
+        read4(s_dh + at0 + r * kTileC, g);
+        if (t > 0) {
+            read4(s_hp + at0 + r * kTileC, hp);
+        } else {
+            load_state(h0, valid, hp);
+        }
 #pragma unroll
         for (int j = 0; j < kVec; ++j) {
-            const float l = la[r][j];
+            const float l = la[j];
             const float a = expf(clamp_log(l, sh.clamp_min, sh.clamp_max));
-            g[r][j] += carry[j];         // g_t = dh_t + a_{t+1} g_{t+1}
-            carry[j] = a * g[r][j];      // a_t g_t
+            g[j] += carry[j];         // g_t = dh_t + a_{t+1} g_{t+1}
+            carry[j] = a * g[j];      // a_t g_t
             // clamp's gradient: passed where clamp_min <= log_a <= clamp_max, as torch.clamp's
-            dlog[j] = (l >= sh.clamp_min && l <= sh.clamp_max) ? carry[j] * hp[r][j] : 0.f;
+            dlog[j] = (l >= sh.clamp_min && l <= sh.clamp_max) ? carry[j] * hp[j] : 0.f;
         }
         if (t < sh.T) {
-            store_row<TB, VEC>(db + t * sh.D, valid, g[r]);
+            store_row<TB, VEC>(db + t * sh.D, valid, g);
             store_row<TA, VEC>(dla + t * sh.D, valid, dlog);
         }
         if (t == 0) {
@@ -469,21 +500,35 @@ bool log_a_vectorizable(const LogAView& la, int64_t D) {
            reinterpret_cast<uintptr_t>(la.data) % (4 * elem) == 0;
 }
 
+// Launch one kernel instantiation with `smem` bytes of staged inputs (above the 48 KB default: opted in once).
+template <typename Kernel, typename Args>
+cudaError_t launch_kernel(Kernel kernel, size_t smem, int64_t blocks, cudaStream_t stream, const Args& args,
+                          const Workspace& ws, const Plan& plan) {
+    static const cudaError_t opted_in =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (opted_in != cudaSuccess) return opted_in;
+    kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(args, ws, plan);
+    return cudaGetLastError();
+}
+
 template <typename TA, typename TB, typename Args>
-cudaError_t launch(const Args& args, const Workspace& ws, cudaStream_t stream, bool vec, bool la_vec, bool forward) {
+cudaError_t launch(const Args& args, const Workspace& ws, cudaStream_t stream, bool vec, bool la_vec) {
     const Plan plan = make_plan(args.shape.B, args.shape.T, args.shape.D);
     const int64_t blocks = plan.n_tiles * plan.n_chunks;
     if (blocks <= 0) return cudaSuccess;
     if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+    // the contiguous, aligned case (every model call) without the strided paths' index arithmetic
     if constexpr (std::is_same_v<Args, ScanFwdArgs>) {
-        if (vec) scan_fwd_kernel<TA, TB, true><<<blocks, kThreads, 0, stream>>>(args, ws, plan, la_vec);
-        else scan_fwd_kernel<TA, TB, false><<<blocks, kThreads, 0, stream>>>(args, ws, plan, la_vec);
+        const size_t smem = staged_bytes<TA, TB>();
+        if (vec && la_vec) return launch_kernel(scan_fwd_kernel<TA, TB, true, true>, smem, blocks, stream, args, ws, plan);
+        if (vec) return launch_kernel(scan_fwd_kernel<TA, TB, true, false>, smem, blocks, stream, args, ws, plan);
+        return launch_kernel(scan_fwd_kernel<TA, TB, false, false>, smem, blocks, stream, args, ws, plan);
     } else {
-        if (vec) scan_bwd_kernel<TA, TB, true><<<blocks, kThreads, 0, stream>>>(args, ws, plan, la_vec);
-        else scan_bwd_kernel<TA, TB, false><<<blocks, kThreads, 0, stream>>>(args, ws, plan, la_vec);
+        const size_t smem = staged_bytes<TA, TB, TB>();
+        if (vec && la_vec) return launch_kernel(scan_bwd_kernel<TA, TB, true, true>, smem, blocks, stream, args, ws, plan);
+        if (vec) return launch_kernel(scan_bwd_kernel<TA, TB, true, false>, smem, blocks, stream, args, ws, plan);
+        return launch_kernel(scan_bwd_kernel<TA, TB, false, false>, smem, blocks, stream, args, ws, plan);
     }
-    (void)forward;
-    return cudaGetLastError();
 }
 
 // The dtype pairs built: log_a fp32 with any b, or log_a in b's dtype.
@@ -491,16 +536,15 @@ template <typename Args>
 cudaError_t dispatch(const Args& args, DType b_dtype, const Workspace& ws, cudaStream_t stream, bool vec) {
     const bool la_vec = vec && log_a_vectorizable(args.log_a, args.shape.D);
     const DType la = args.log_a.dtype;
-    const bool fwd = std::is_same_v<Args, ScanFwdArgs>;
     if (la == DType::kFloat32) {
         switch (b_dtype) {
-            case DType::kFloat32: return launch<float, float>(args, ws, stream, vec, la_vec, fwd);
-            case DType::kBFloat16: return launch<float, __nv_bfloat16>(args, ws, stream, vec, la_vec, fwd);
-            case DType::kFloat16: return launch<float, __half>(args, ws, stream, vec, la_vec, fwd);
+            case DType::kFloat32: return launch<float, float>(args, ws, stream, vec, la_vec);
+            case DType::kBFloat16: return launch<float, __nv_bfloat16>(args, ws, stream, vec, la_vec);
+            case DType::kFloat16: return launch<float, __half>(args, ws, stream, vec, la_vec);
         }
     } else if (la == b_dtype) {
-        if (la == DType::kBFloat16) return launch<__nv_bfloat16, __nv_bfloat16>(args, ws, stream, vec, la_vec, fwd);
-        return launch<__half, __half>(args, ws, stream, vec, la_vec, fwd);
+        if (la == DType::kBFloat16) return launch<__nv_bfloat16, __nv_bfloat16>(args, ws, stream, vec, la_vec);
+        return launch<__half, __half>(args, ws, stream, vec, la_vec);
     }
     return cudaErrorInvalidValue;
 }
