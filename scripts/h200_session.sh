@@ -327,9 +327,9 @@ trace)
         --iters 3 --warmup 1 --layers mmrec,mmrec-traced-delta,transformer --compile --profile ${PROFILE:-20} \
         --profile-copies 12 --json "$RUNS/layer_7b_trace.json" > "$OUT/bench_layer.log" 2>&1
     if [ -n "${WITH_CUDA:-}" ]; then
-        wait
-        timeout $(left ${TEST_LIMIT:-100}) python3 -m pytest -q -m gpu tests/ops/scan/test_scan_cuda.py -x -rf \
-            > "$OUT/tests.txt" 2>&1
+        wait  # (CUDA_TESTS= , empty: the scan's tests ran in an earlier call on this machine)
+        [ -n "${CUDA_TESTS-1}" ] && timeout $(left ${TEST_LIMIT:-100}) python3 -m pytest -q -m gpu \
+            tests/ops/scan/test_scan_cuda.py -x -rf > "$OUT/tests.txt" 2>&1
         timeout $(left 150) python3 benchmarks/bench_scan.py --shapes 8x2048x4096,1x32768x4096 --backends cuda \
             --no-torch ${CUDA_VARIANTS:+--cuda-variants $CUDA_VARIANTS} > "$OUT/bench_scan.txt" 2>&1
     else
@@ -407,9 +407,12 @@ recall2)
         lm tinystories_mmrec configs/tinystories_bpe.yaml runs/data/tinystories_subset.txt $((DEADLINE - 150))
     fi
     passkey mmrec configs/passkey_mmrec.yaml $BUDGET --lengths 2k,8k,32k,128k
-    if [ -n "${WITH_TESTS:-}" ]; then  # correctness only, beside the training (whose steps, not seconds, count)
-        timeout $(left ${TEST_LIMIT:-240}) python3 -m pytest -q tests/ops/memory_step tests/ops/delta_rule \
-            tests/test_decode_gpu.py tests/core/test_memory_gpu.py -rf > "$OUT/tests.txt" 2>&1 &
+    if [ -n "${WITH_TESTS:-}" ]; then  # correctness only, beside the training (whose steps, not seconds, count):
+        # the CUDA extension's build and its scan's GPU tests, then the delta rule's, the memory's and decoding's
+        { cuda_build 200
+          timeout $(left 120) python3 -m pytest -q -m gpu tests/ops/scan/test_scan_cuda.py -x -rf
+          timeout $(left ${TEST_LIMIT:-240}) python3 -m pytest -q tests/ops/memory_step tests/ops/delta_rule \
+              tests/test_decode_gpu.py tests/core/test_memory_gpu.py -rf; } > "$OUT/tests.txt" 2>&1 &
     fi
     if [ -n "${WITH_TRANSFORMER-1}" ]; then
         # the Transformer with the budget it needs at 2K (it learned the CPU-scale task at 384 in ~1500
