@@ -422,6 +422,9 @@ recall2)
     wait
     cp "$RUNS/passkey/mmrec/log.txt" "$OUT/passkey.txt"
     [ -f "$RUNS/passkey/transformer/log.txt" ] && cp "$RUNS/passkey/transformer/log.txt" "$OUT/passkey_transformer.txt"
+    # WITH_TESTS=1: the CUDA scan (built above) timed alone at the acceptance shapes, its copy in the same run
+    [ -n "${WITH_TESTS:-}" ] && timeout $(left 90) python3 benchmarks/bench_scan.py --shapes 8x2048x4096,1x32768x4096 \
+        --backends cuda --no-torch > "$OUT/bench_scan.txt" 2>&1
     # the same weights and prompts at 32K and 128K, each way of $RESCORE (';'-separated eval options): in fp32,
     # and with the delta banks' decays scaled (alpha^s: slower forgetting than trained)
     IFS=';' read -ra rescores <<< "${RESCORE-"--precision fp32;--set model.delta_decay_scale=0.5;--set model.delta_decay_scale=0.25"}"
