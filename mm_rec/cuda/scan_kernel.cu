@@ -500,13 +500,16 @@ bool log_a_vectorizable(const LogAView& la, int64_t D) {
            reinterpret_cast<uintptr_t>(la.data) % (4 * elem) == 0;
 }
 
-// Launch one kernel instantiation with `smem` bytes of staged inputs (above the 48 KB default: opted in once).
-template <typename Kernel, typename Args>
-cudaError_t launch_kernel(Kernel kernel, size_t smem, int64_t blocks, cudaStream_t stream, const Args& args,
-                          const Workspace& ws, const Plan& plan) {
-    static const cudaError_t opted_in =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (opted_in != cudaSuccess) return opted_in;
+// Launch one kernel instantiation with `smem` bytes of staged inputs (above the 48 KB default: opted in).
+// (Asked at every launch that needs it, not cached: the setting belongs to the current device.)
+template <auto kernel, typename Args>
+cudaError_t launch_kernel(size_t smem, int64_t blocks, cudaStream_t stream, const Args& args, const Workspace& ws,
+                          const Plan& plan) {
+    if (smem > 48 * 1024) {
+        const cudaError_t opted_in =
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+        if (opted_in != cudaSuccess) return opted_in;
+    }
     kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(args, ws, plan);
     return cudaGetLastError();
 }
@@ -520,14 +523,14 @@ cudaError_t launch(const Args& args, const Workspace& ws, cudaStream_t stream, b
     // the contiguous, aligned case (every model call) without the strided paths' index arithmetic
     if constexpr (std::is_same_v<Args, ScanFwdArgs>) {
         const size_t smem = staged_bytes<TA, TB>();
-        if (vec && la_vec) return launch_kernel(scan_fwd_kernel<TA, TB, true, true>, smem, blocks, stream, args, ws, plan);
-        if (vec) return launch_kernel(scan_fwd_kernel<TA, TB, true, false>, smem, blocks, stream, args, ws, plan);
-        return launch_kernel(scan_fwd_kernel<TA, TB, false, false>, smem, blocks, stream, args, ws, plan);
+        if (vec && la_vec) return launch_kernel<scan_fwd_kernel<TA, TB, true, true>>(smem, blocks, stream, args, ws, plan);
+        if (vec) return launch_kernel<scan_fwd_kernel<TA, TB, true, false>>(smem, blocks, stream, args, ws, plan);
+        return launch_kernel<scan_fwd_kernel<TA, TB, false, false>>(smem, blocks, stream, args, ws, plan);
     } else {
         const size_t smem = staged_bytes<TA, TB, TB>();
-        if (vec && la_vec) return launch_kernel(scan_bwd_kernel<TA, TB, true, true>, smem, blocks, stream, args, ws, plan);
-        if (vec) return launch_kernel(scan_bwd_kernel<TA, TB, true, false>, smem, blocks, stream, args, ws, plan);
-        return launch_kernel(scan_bwd_kernel<TA, TB, false, false>, smem, blocks, stream, args, ws, plan);
+        if (vec && la_vec) return launch_kernel<scan_bwd_kernel<TA, TB, true, true>>(smem, blocks, stream, args, ws, plan);
+        if (vec) return launch_kernel<scan_bwd_kernel<TA, TB, true, false>>(smem, blocks, stream, args, ws, plan);
+        return launch_kernel<scan_bwd_kernel<TA, TB, false, false>>(smem, blocks, stream, args, ws, plan);
     }
 }
 
