@@ -38,15 +38,17 @@
 #                                                       # compiled decoding step (bf16 / fp32 entries), profiled
 #   OUT=/tmp/h200 bash scripts/h200_session.sh fusion     # alone: the compiled decoding step without / with
 #                                                       # inductor's combo kernels, profiled
-#   OUT=/tmp/h200 bash scripts/h200_session.sh trace      # alone: delta-rule GPU tests, bench_layer 7b with the
-#                                                       # delta rule eager / traced by the compiler, profiled
+#   OUT=/tmp/h200 bash scripts/h200_session.sh trace      # alone: bench_layer 7b with the delta rule eager /
+#                                                       # traced by the compiler, profiled; delta-rule GPU tests
+#   OUT=/tmp/h200 bash scripts/h200_session.sh scan_trace # alone, short: delta-rule and CUDA scan GPU tests, the
+#                                                       # CUDA scan timed, the 7b layer eager / traced delta rule
 # DEADLINE (default 580): the second of the phase by which every step has stopped.
 #
 # Runs share the GPU (small models leave it mostly idle), so steps, not wall time, compare them.
 # Each run is stopped by a time budget (it then evaluates and writes its results); the results
 # come back in $OUT: logs and runs.tgz (every run's JSON and log; no weights).
 set -u
-PHASE=${1:?usage: h200_session.sh recall|lm|ablations|passkey|widths|cuda|priority|combo|decode|decode_hf|fused|followup|delta|verify|studies|recall2}
+PHASE=${1:?usage: h200_session.sh recall|lm|ablations|passkey|widths|cuda|priority|combo|decode|decode_hf|fused|followup|delta|trace|scan_trace|fusion|verify|studies|recall2}
 OUT=${OUT:-runs/h200-out}
 RUNS=runs/h200
 mkdir -p "$OUT" "$RUNS"
@@ -346,6 +348,22 @@ fusion)
             --methods mmrec-step --presets 7b,1b --batches 1 --compile --rounds 3 --profile 30 $combo \
             > "$OUT/generate${combo:+_combo}.txt" 2>&1
     done
+    finish
+    ;;
+scan_trace)
+    # One short call when little device time is left: the delta rule's GPU tests (the traced-and-compiled form
+    # against eager among them) while the CUDA extension builds on the CPUs, the CUDA scan's GPU tests, the scan
+    # timed alone at the acceptance shapes (its copy in the same run), then the 7b layer with the delta rule
+    # eager and traced (MMREC_TRACE_DELTA_RULE), same run.
+    cuda_build 200 &
+    timeout $(left ${TEST_LIMIT:-150}) python3 -m pytest -q tests/ops/delta_rule -rf > "$OUT/tests.txt" 2>&1
+    wait
+    timeout $(left 80) python3 -m pytest -q -m gpu tests/ops/scan/test_scan_cuda.py -x -rf >> "$OUT/tests.txt" 2>&1
+    timeout $(left 60) python3 benchmarks/bench_scan.py --shapes 8x2048x4096,1x32768x4096 --backends cuda \
+        --no-torch > "$OUT/bench_scan.txt" 2>&1
+    timeout $(left 300) python3 benchmarks/bench_layer.py --preset 7b --shapes ${LAYER_SHAPES:-4x2048,1x32768} \
+        --iters 3 --warmup 1 --layers mmrec,mmrec-traced-delta --compile \
+        --json "$RUNS/layer_7b_trace.json" > "$OUT/bench_layer.log" 2>&1
     finish
     ;;
 verify)
