@@ -351,16 +351,16 @@ fusion)
     finish
     ;;
 scan_trace)
-    # One short call when little device time is left: the delta rule's GPU tests (the traced-and-compiled form
-    # against eager among them) while the CUDA extension builds on the CPUs, the CUDA scan's GPU tests, the scan
-    # timed alone at the acceptance shapes (its copy in the same run), then the 7b layer with the delta rule
-    # eager and traced (MMREC_TRACE_DELTA_RULE), same run.
-    cuda_build 200 &
-    timeout $(left ${TEST_LIMIT:-150}) python3 -m pytest -q tests/ops/delta_rule -rf > "$OUT/tests.txt" 2>&1
-    wait
-    timeout $(left 80) python3 -m pytest -q -m gpu tests/ops/scan/test_scan_cuda.py -x -rf >> "$OUT/tests.txt" 2>&1
+    # One short call when little device time is left: the CUDA extension's build, the CUDA scan's GPU tests, the
+    # scan timed alone at the acceptance shapes (its copy in the same run), the delta rule's GPU tests (the
+    # traced-and-compiled form against eager among them), then the 7b layer with the delta rule eager and traced
+    # (MMREC_TRACE_DELTA_RULE), same run.
+    # (the CUDA scan first: its rewrite is the newest code no GPU has run)
+    cuda_build 120
+    timeout $(left 80) python3 -m pytest -q -m gpu tests/ops/scan/test_scan_cuda.py -x -rf > "$OUT/tests.txt" 2>&1
     timeout $(left 60) python3 benchmarks/bench_scan.py --shapes 8x2048x4096,1x32768x4096 --backends cuda \
         --no-torch > "$OUT/bench_scan.txt" 2>&1
+    timeout $(left ${TEST_LIMIT:-150}) python3 -m pytest -q tests/ops/delta_rule -rf >> "$OUT/tests.txt" 2>&1
     timeout $(left 300) python3 benchmarks/bench_layer.py --preset 7b --shapes ${LAYER_SHAPES:-4x2048,1x32768} \
         --iters 3 --warmup 1 --layers mmrec,mmrec-traced-delta --compile \
         --json "$RUNS/layer_7b_trace.json" > "$OUT/bench_layer.log" 2>&1
