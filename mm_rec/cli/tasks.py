@@ -80,8 +80,8 @@ def add_eval_task_arguments(parser: argparse.ArgumentParser) -> None:
     _add_shared(parser, "--out", help="directory for <task>_results.json (and the model trained with --train)")
     _add_shared(parser, "--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
                 help="with --train: override recipe keys, e.g. --set model.window_size=0 model.level2=mean; with "
-                     "--checkpoint: model settings without parameters of their own, e.g. model.kept_age_bias=capped "
-                     "(the ablations of docs/quality.md)")
+                     "--checkpoint: model settings without parameters of their own, e.g. model.kept_age_bias=capped or "
+                     "model.delta_decay_scale=0.25 (the ablations of docs/quality.md)")
     group = parser.add_argument_group("mqar and passkey")
     group.add_argument("--train", action="store_true", help="train on the task first (recipe: <task>.train)")
     group.add_argument("--steps", type=int, help="training steps (overrides the recipe)")
