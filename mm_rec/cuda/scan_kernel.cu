@@ -510,6 +510,11 @@ cudaError_t launch_kernel(size_t smem, int64_t blocks, cudaStream_t stream, cons
             cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
         if (opted_in != cudaSuccess) return opted_in;
     }
+    // all of the unified L1 as shared memory, so that as many blocks fit as the staging allows (the kernel
+    // reads nothing twice from global memory: L1 has little to cache)
+    const cudaError_t carveout =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+    if (carveout != cudaSuccess) return carveout;
     kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(args, ws, plan);
     return cudaGetLastError();
 }
