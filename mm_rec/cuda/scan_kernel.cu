@@ -323,8 +323,8 @@ __device__ __forceinline__ void read4(const T* s, float v[kVec]) {  // four stag
     }
 }
 
-// Shared memory of one block: `Rows` staged arrays of [kChunk, kTileC] (warp w's rows are
-// w*kSteps .. w*kSteps+kSteps-1), dtypes given by the kernel.
+// Bytes of a block's staged inputs: one [kChunk, kTileC] array per type in T (warp w stages rows
+// w*kSteps .. w*kSteps+kSteps-1; each lane reads back only the elements it staged).
 template <typename... T>
 __host__ __device__ constexpr size_t staged_bytes() { return static_cast<size_t>(kChunk) * kTileC * (sizeof(T) + ...); }
 
