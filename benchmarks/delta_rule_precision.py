@@ -21,13 +21,15 @@ import torch.nn.functional as F
 
 from mm_rec.ops.delta_rule import reference
 
+_product = reference._product
+
 
 def gpu_like_product(a, b, operands, result=None):
     """`reference._product` as CUDA computes it with half operands: rounded operands, fp32 sums and result."""
-    if operands in (torch.bfloat16, torch.float16) and a.dtype != torch.float64:
+    if operands in (torch.bfloat16, torch.float16):
         out = a.to(operands).float() @ b.to(operands).float()
         return out if result is None else out.to(result)
-    return a.to(operands) @ b.to(operands) if result is None else (a.to(operands) @ b.to(operands)).to(result)
+    return _product(a, b, operands, result)
 
 
 def main() -> None:

@@ -142,6 +142,7 @@ class MMRecConfig:
         need(self.undecayed_banks == 0 or self.level2 == "delta", "undecayed_banks", "needs level2=delta")
         need(isinstance(self.delta_decay_scale, (int, float)) and not isinstance(self.delta_decay_scale, bool)
              and 0.0 <= self.delta_decay_scale <= 1.0, "delta_decay_scale", "must lie in [0, 1]")
+        need(self.delta_decay_scale == 1.0 or self.level2 == "delta", "delta_decay_scale", "needs level2=delta")
         need(self.chunk_size % self.slots_per_block == 0, "slots_per_block",
              f"must divide chunk_size={self.chunk_size} (each sub-slot covers chunk_size / r tokens)")
         need(self.memory_size_M % self.slots_per_block == 0, "memory_size_M",

@@ -87,3 +87,10 @@ def test_from_file_yaml_json_and_unknown_keys(tmp_path):
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown preset"):
         MMRecConfig.from_preset("13b")
+
+
+@pytest.mark.parametrize("field, value", [("undecayed_banks", 1), ("delta_decay_scale", 0.5)])
+def test_delta_rule_settings_need_the_delta_rule(field, value):
+    MMRecConfig.from_dict({field: value})  # with level 2 the delta rule (the default): accepted
+    with pytest.raises(ValueError, match="needs level2=delta"):
+        MMRecConfig.from_dict({field: value, "level2": "mean"})

@@ -26,6 +26,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <atomic>
 #include <type_traits>
 
 namespace mmrec_cuda {
@@ -500,21 +501,28 @@ bool log_a_vectorizable(const LogAView& la, int64_t D) {
            reinterpret_cast<uintptr_t>(la.data) % (4 * elem) == 0;
 }
 
-// Launch one kernel instantiation with `smem` bytes of staged inputs (above the 48 KB default: opted in).
-// (Asked at every launch that needs it, not cached: the setting belongs to the current device.)
+// Launch one kernel instantiation with `smem` bytes of staged inputs. Its attributes are set once per device
+// (a template on the kernel itself, so each instantiation keeps its own record): dynamic shared memory above
+// the 48 KB default, and all of the unified L1 as shared memory, so that as many blocks fit as the staging
+// allows (the kernel reads nothing twice from global memory: L1 has little to cache).
 template <auto kernel, typename Args>
 cudaError_t launch_kernel(size_t smem, int64_t blocks, cudaStream_t stream, const Args& args, const Workspace& ws,
                           const Plan& plan) {
-    if (smem > 48 * 1024) {
-        const cudaError_t opted_in =
-            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-        if (opted_in != cudaSuccess) return opted_in;
+    static std::atomic<uint64_t> configured{0};  // bit d: device d done (devices >= 64 are set at every launch)
+    int device = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err != cudaSuccess) return err;
+    const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
+    if (!(configured.load(std::memory_order_relaxed) & bit)) {
+        if (smem > 48 * 1024) {
+            err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+            if (err != cudaSuccess) return err;
+        }
+        err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                   cudaSharedmemCarveoutMaxShared);
+        if (err != cudaSuccess) return err;
+        configured.fetch_or(bit, std::memory_order_relaxed);
     }
-    // all of the unified L1 as shared memory, so that as many blocks fit as the staging allows (the kernel
-    // reads nothing twice from global memory: L1 has little to cache)
-    const cudaError_t carveout =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
-    if (carveout != cudaSuccess) return carveout;
     kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(args, ws, plan);
     return cudaGetLastError();
 }
