@@ -102,8 +102,16 @@ cuda_build() {  # limit: build the CUDA extension (mm_rec/cuda), its first build
 import mm_rec.cuda as c; assert c.load_extension() is not None; print(f'first build {time.time() - t:.1f} s')" \
         > "$OUT/cuda_build.txt" 2>&1
 }
+cuda_scan_tests() {  # limit: the CUDA scan's GPU tests, stopping at the first failure
+    timeout $(left $1) python3 -m pytest -q -m gpu tests/ops/scan/test_scan_cuda.py -x -rf
+}
+cuda_scan_bench() {  # limit [options]: the CUDA scan alone at the acceptance shapes, its copy in the same run
+    local limit=$1; shift
+    timeout $(left $limit) python3 benchmarks/bench_scan.py --shapes 8x2048x4096,1x32768x4096 --backends cuda \
+        --no-torch "$@" > "$OUT/bench_scan.txt" 2>&1
+}
 kernel_gpu_tests() {  # the CUDA scan's, the CUDA recurrence's and the memory's GPU tests
-    timeout $(left 100) python3 -m pytest -q -m gpu tests/ops/scan/test_scan_cuda.py -x -rf
+    cuda_scan_tests 100
     timeout $(left 120) python3 -m pytest -q -m gpu tests/ops/recurrence/test_recurrence_cuda.py -x -rf
     timeout $(left 90) python3 -m pytest -q -m gpu tests/core/test_memory_gpu.py -x -rf
 }
@@ -330,10 +338,8 @@ trace)
         --profile-copies 12 --json "$RUNS/layer_7b_trace.json" > "$OUT/bench_layer.log" 2>&1
     if [ -n "${WITH_CUDA:-}" ]; then
         wait  # (CUDA_TESTS= , empty: the scan's tests ran in an earlier call on this machine)
-        [ -n "${CUDA_TESTS-1}" ] && timeout $(left ${TEST_LIMIT:-100}) python3 -m pytest -q -m gpu \
-            tests/ops/scan/test_scan_cuda.py -x -rf > "$OUT/tests.txt" 2>&1
-        timeout $(left 150) python3 benchmarks/bench_scan.py --shapes 8x2048x4096,1x32768x4096 --backends cuda \
-            --no-torch ${CUDA_VARIANTS:+--cuda-variants $CUDA_VARIANTS} > "$OUT/bench_scan.txt" 2>&1
+        [ -n "${CUDA_TESTS-1}" ] && cuda_scan_tests ${TEST_LIMIT:-100} > "$OUT/tests.txt" 2>&1
+        cuda_scan_bench 150 ${CUDA_VARIANTS:+--cuda-variants $CUDA_VARIANTS}
     else
         timeout $(left ${TEST_LIMIT:-200}) python3 -m pytest -q tests/ops/delta_rule -rf > "$OUT/tests.txt" 2>&1
     fi
@@ -357,9 +363,8 @@ scan_trace)
     # (MMREC_TRACE_DELTA_RULE), same run.
     # (the CUDA scan first: its rewrite is the newest code no GPU has run)
     cuda_build 120
-    timeout $(left 80) python3 -m pytest -q -m gpu tests/ops/scan/test_scan_cuda.py -x -rf > "$OUT/tests.txt" 2>&1
-    timeout $(left 60) python3 benchmarks/bench_scan.py --shapes 8x2048x4096,1x32768x4096 --backends cuda \
-        --no-torch > "$OUT/bench_scan.txt" 2>&1
+    cuda_scan_tests 80 > "$OUT/tests.txt" 2>&1
+    cuda_scan_bench 60
     timeout $(left ${TEST_LIMIT:-150}) python3 -m pytest -q tests/ops/delta_rule -rf >> "$OUT/tests.txt" 2>&1
     timeout $(left 300) python3 benchmarks/bench_layer.py --preset 7b --shapes ${LAYER_SHAPES:-4x2048,1x32768} \
         --iters 3 --warmup 1 --layers mmrec,mmrec-traced-delta --compile \
@@ -428,7 +433,7 @@ recall2)
     if [ -n "${WITH_TESTS:-}" ]; then  # correctness only, beside the training (whose steps, not seconds, count):
         # the CUDA extension's build and its scan's GPU tests, then the delta rule's, the memory's and decoding's
         { cuda_build 200
-          timeout $(left 120) python3 -m pytest -q -m gpu tests/ops/scan/test_scan_cuda.py -x -rf
+          cuda_scan_tests 120
           timeout $(left ${TEST_LIMIT:-240}) python3 -m pytest -q tests/ops/memory_step tests/ops/delta_rule \
               tests/test_decode_gpu.py tests/core/test_memory_gpu.py -rf; } > "$OUT/tests.txt" 2>&1 &
     fi
@@ -441,8 +446,7 @@ recall2)
     cp "$RUNS/passkey/mmrec/log.txt" "$OUT/passkey.txt"
     [ -f "$RUNS/passkey/transformer/log.txt" ] && cp "$RUNS/passkey/transformer/log.txt" "$OUT/passkey_transformer.txt"
     # WITH_TESTS=1: the CUDA scan (built above) timed alone at the acceptance shapes, its copy in the same run
-    [ -n "${WITH_TESTS:-}" ] && timeout $(left 90) python3 benchmarks/bench_scan.py --shapes 8x2048x4096,1x32768x4096 \
-        --backends cuda --no-torch > "$OUT/bench_scan.txt" 2>&1
+    [ -n "${WITH_TESTS:-}" ] && cuda_scan_bench 90
     # the same weights and prompts at 32K and 128K, each way of $RESCORE (';'-separated eval options): in fp32,
     # and with the delta banks' decays scaled (alpha^s: slower forgetting than trained)
     IFS=';' read -ra rescores <<< "${RESCORE-"--precision fp32;--set model.delta_decay_scale=0.5;--set model.delta_decay_scale=0.25"}"
